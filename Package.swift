@@ -1,0 +1,87 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let package = Package(
+    name: "Umbra",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "umbra", targets: ["umbra"]),
+        .library(name: "BlockIO", targets: ["BlockIO"]),
+        .library(name: "SnapshotEngine", targets: ["SnapshotEngine"]),
+        .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
+        .library(name: "NBDServer", targets: ["NBDServer"]),
+        .library(name: "ShadowCopy", targets: ["ShadowCopy"]),
+        .library(name: "UmbraTestSupport", targets: ["UmbraTestSupport"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        .target(
+            name: "BlockIO",
+            dependencies: [.product(name: "SystemPackage", package: "swift-system")]
+        ),
+        .target(
+            name: "SnapshotEngine",
+            dependencies: ["BlockIO", .product(name: "Logging", package: "swift-log")]
+        ),
+        .target(
+            name: "NBDProtocol",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "NBDProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
+            name: "ShadowCopy",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .systemLibrary(
+            name: "CNBD",
+            pkgConfig: "libnbd",
+            providers: [.apt(["libnbd-dev"])]
+        ),
+        .target(
+            name: "UmbraTestSupport",
+            dependencies: ["BlockIO", "SnapshotEngine", "CNBD"]
+        ),
+        .executableTarget(
+            name: "umbra",
+            dependencies: [
+                "BlockIO", "SnapshotEngine", "NBDProtocol", "NBDServer", "ShadowCopy",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(name: "BlockIOTests", dependencies: ["BlockIO", "UmbraTestSupport"]),
+        .testTarget(name: "SnapshotEngineTests", dependencies: ["SnapshotEngine", "UmbraTestSupport"]),
+        .testTarget(
+            name: "NBDProtocolTests",
+            dependencies: [
+                "NBDProtocol",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "UmbraTestSupport"]),
+        .testTarget(name: "ShadowCopyTests", dependencies: ["ShadowCopy", "UmbraTestSupport"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,1 @@
+// BlockIO: see ARCHITECTURE.md for what this module owns.

@@ -1,0 +1,1 @@
+// NBDProtocol: see ARCHITECTURE.md for what this module owns.

@@ -1,0 +1,1 @@
+// NBDServer: see ARCHITECTURE.md for what this module owns.

@@ -1,0 +1,1 @@
+// ShadowCopy: see ARCHITECTURE.md for what this module owns.

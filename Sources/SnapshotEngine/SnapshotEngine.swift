@@ -1,0 +1,1 @@
+// SnapshotEngine: see ARCHITECTURE.md for what this module owns.

@@ -1,0 +1,1 @@
+print("umbra: not yet built")
