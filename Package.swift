@@ -21,9 +21,10 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
     ],
     targets: [
+        .target(name: "CBlockIO"),
         .target(
             name: "BlockIO",
-            dependencies: [.product(name: "SystemPackage", package: "swift-system")]
+            dependencies: ["CBlockIO", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .target(
             name: "SnapshotEngine",

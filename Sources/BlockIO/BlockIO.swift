@@ -1,1 +1,0 @@
-// BlockIO: see ARCHITECTURE.md for what this module owns.

@@ -1,0 +1,71 @@
+// The storage under a volume, a diff store or the catalog: a random-access byte array with explicit
+// durability. `FileStorage` is a file or block device; `SimulatedStorage` is memory that forgets
+// unsynced writes when its simulated machine crashes. Calls block; the engine runs them through an
+// `IOExecutor` so they never stall an event loop or the cooperative pool.
+
+/// A byte-addressable file or device. Implementations are safe to call from several threads at once
+/// for disjoint ranges; overlapping concurrent writes land in some order, as with pwrite(2).
+public protocol BlockStorage: AnyObject, Sendable {
+    /// Where this storage lives, for messages.
+    var path: String { get }
+
+    /// The current size in bytes.
+    func size() throws(BlockIOError) -> ByteCount
+
+    /// Fills `buffer` with the bytes at `offset`; bytes past the end read as zero.
+    func read(fromAbsoluteOffset offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer) throws(BlockIOError)
+
+    /// Like `read`, but only if the bytes can be had without waiting for the device (they are cached).
+    /// Returns false, having read nothing useful, when they cannot.
+    func readIfCached(
+        fromAbsoluteOffset offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer
+    ) throws(BlockIOError) -> Bool
+
+    /// Writes all of `bytes` at `offset`, extending the file if needed.
+    func write(toAbsoluteOffset offset: ByteOffset, _ bytes: UnsafeRawBufferPointer) throws(BlockIOError)
+
+    /// Makes every completed write durable (fdatasync).
+    func synchronize() throws(BlockIOError)
+
+    /// Sets the size (ftruncate); new bytes read as zero.
+    func resize(to size: ByteCount) throws(BlockIOError)
+
+    /// Makes the range read as zero and gives its space back where the file system can (punch hole).
+    func discard(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
+
+    /// Makes the range read as zero, keeping it allocated.
+    func writeZeroes(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
+
+    /// Reserves space for the range, extending the size if it lies past the end. A hint: storage that
+    /// cannot preallocate does nothing.
+    func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
+
+    /// The start of the next allocated data at or after `offset`, or nil if only holes follow
+    /// (SEEK_DATA). Storage that cannot tell reports everything as data.
+    func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset?
+
+    /// The start of the next hole at or after `offset`; the end of the storage counts as a hole
+    /// (SEEK_HOLE).
+    func nextHole(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset
+}
+
+/// One megabyte of zeros, shared, for writing zeros where the file system cannot zero a range itself.
+nonisolated(unsafe) let zeroBlock: UnsafeRawBufferPointer = {
+    let block = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 20, alignment: 4096)
+    block.initializeMemory(as: UInt8.self, repeating: 0)
+    return UnsafeRawBufferPointer(block)
+}()
+
+extension BlockStorage {
+    /// Writes zeros with plain writes, a megabyte at a time.
+    func writeZeroesByWriting(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        var position = offset.rawValue
+        let end = offset.rawValue + count.rawValue
+        while position < end {
+            let step = min(UInt64(zeroBlock.count), end - position)
+            try write(
+                toAbsoluteOffset: ByteOffset(position), UnsafeRawBufferPointer(rebasing: zeroBlock[0..<Int(step)]))
+            position += step
+        }
+    }
+}

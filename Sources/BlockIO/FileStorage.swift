@@ -1,0 +1,157 @@
+// A file or block device opened for buffered I/O. The descriptor is closed only when the last
+// reference goes away, never while another thread may still be using it: a closed-and-reused
+// descriptor number would send a read to the wrong file.
+
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+public final class FileStorage: BlockStorage {
+    public let path: String
+    public let isBlockDevice: Bool
+    private let descriptor: Int32
+    private let closed = Atomic<Bool>(false)
+    /// Set once punching holes failed with EOPNOTSUPP, so later discards write zeros directly.
+    private let cannotPunchHoles = Atomic<Bool>(false)
+
+    public init(path: String, mode: StorageOpenMode) throws(BlockIOError) {
+        var flags = O_RDWR
+        switch mode {
+        case .existing: break
+        case .createNew: flags |= O_CREAT | O_EXCL
+        case .createIfMissing: flags |= O_CREAT
+        }
+        let fd = try Syscall.open(path, flags: flags)
+        let status: Syscall.FileStatus
+        do {
+            status = try Syscall.status(fd, path: path)
+        } catch {
+            Syscall.close(fd)
+            throw error
+        }
+        guard status.isRegularFile || status.isBlockDevice else {
+            Syscall.close(fd)
+            throw BlockIOError(.system(.invalidArgument), operation: "open (not a file or block device)", path: path)
+        }
+        self.path = path
+        self.descriptor = fd
+        self.isBlockDevice = status.isBlockDevice
+    }
+
+    deinit {
+        Syscall.close(descriptor)
+    }
+
+    /// Refuses further I/O. The descriptor itself closes when the last reference is dropped.
+    public func close() {
+        closed.store(true, ordering: .releasing)
+    }
+
+    @inline(__always)
+    private func checkOpen(_ operation: String) throws(BlockIOError) {
+        if closed.load(ordering: .acquiring) { throw BlockIOError(.closed, operation: operation, path: path) }
+    }
+
+    public func size() throws(BlockIOError) -> ByteCount {
+        try checkOpen("fstat")
+        return ByteCount(try Syscall.status(descriptor, path: path).size)
+    }
+
+    public func read(fromAbsoluteOffset offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer)
+        throws(BlockIOError)
+    {
+        try checkOpen("pread")
+        try Syscall.read(descriptor, fromAbsoluteOffset: offset.rawValue, into: buffer, path: path)
+    }
+
+    public func readIfCached(
+        fromAbsoluteOffset offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer
+    ) throws(BlockIOError) -> Bool {
+        try checkOpen("preadv2")
+        guard
+            let count = try Syscall.readIfCached(
+                descriptor, fromAbsoluteOffset: offset.rawValue, into: buffer, path: path)
+        else { return false }
+        if count == buffer.count { return true }
+        // A short read is either the end of the file (the rest reads as zero) or a partly cached
+        // range; let the blocking read settle which.
+        return false
+    }
+
+    public func write(toAbsoluteOffset offset: ByteOffset, _ bytes: UnsafeRawBufferPointer) throws(BlockIOError) {
+        try checkOpen("pwrite")
+        try Syscall.write(descriptor, toAbsoluteOffset: offset.rawValue, bytes, path: path)
+    }
+
+    public func synchronize() throws(BlockIOError) {
+        try checkOpen("fdatasync")
+        try Syscall.dataSync(descriptor, path: path)
+    }
+
+    /// fsync(2), which also makes the size and other metadata durable.
+    public func synchronizeAll() throws(BlockIOError) {
+        try checkOpen("fsync")
+        try Syscall.sync(descriptor, path: path)
+    }
+
+    public func resize(to size: ByteCount) throws(BlockIOError) {
+        try checkOpen("ftruncate")
+        try Syscall.truncate(descriptor, size: size.rawValue, path: path)
+    }
+
+    public func discard(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try checkOpen("discard")
+        guard count.rawValue > 0 else { return }
+        // Punch only whole file-system blocks; zero the unaligned edges by writing.
+        let block: UInt64 = 4096
+        let start = offset.rawValue
+        let end = start + count.rawValue
+        let alignedStart = (start + block - 1) / block * block
+        let alignedEnd = end / block * block
+        guard alignedStart < alignedEnd, !cannotPunchHoles.load(ordering: .relaxed) else {
+            try writeZeroes(at: offset, count: count)
+            return
+        }
+        if !(try Syscall.punchHole(descriptor, offset: alignedStart, length: alignedEnd - alignedStart, path: path)) {
+            cannotPunchHoles.store(true, ordering: .relaxed)
+            try writeZeroes(at: offset, count: count)
+            return
+        }
+        if start < alignedStart { try writeZeroesByWriting(at: offset, count: ByteCount(alignedStart - start)) }
+        if alignedEnd < end { try writeZeroesByWriting(at: ByteOffset(alignedEnd), count: ByteCount(end - alignedEnd)) }
+    }
+
+    public func writeZeroes(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try checkOpen("write zeroes")
+        guard count.rawValue > 0 else { return }
+        // ZERO_RANGE keeps the size; past the end of a regular file, plain writes extend it.
+        if !isBlockDevice, offset.rawValue + count.rawValue > (try size()).rawValue {
+            try writeZeroesByWriting(at: offset, count: count)
+            return
+        }
+        if try Syscall.zeroRange(descriptor, offset: offset.rawValue, length: count.rawValue, path: path) { return }
+        try writeZeroesByWriting(at: offset, count: count)
+    }
+
+    public func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try checkOpen("fallocate")
+        guard count.rawValue > 0, !isBlockDevice else { return }
+        _ = try Syscall.allocate(descriptor, offset: offset.rawValue, length: count.rawValue, path: path)
+    }
+
+    public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {
+        try checkOpen("lseek")
+        if isBlockDevice { return offset }
+        return try Syscall.nextData(descriptor, from: offset.rawValue, path: path).map(ByteOffset.init(rawValue:))
+    }
+
+    public func nextHole(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset {
+        try checkOpen("lseek")
+        if isBlockDevice { return ByteOffset(try Syscall.status(descriptor, path: path).size) }
+        return ByteOffset(try Syscall.nextHole(descriptor, from: offset.rawValue, path: path))
+    }
+}

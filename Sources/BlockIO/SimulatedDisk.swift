@@ -1,0 +1,390 @@
+// An in-memory disk that can crash at any operation and then comes back the way a real one might.
+//
+// Every file keeps two images: what reads see now (the page cache) and what survived the last
+// `synchronize()` (the platter), plus the operations in between. `crash(afterOperations:)` makes the
+// n-th operation from now fail and every later one too; `recovered(using:)` then builds the disk a
+// reboot would find: for each 4 KiB page touched since its last sync, the content after a random
+// prefix of the operations that touched it (write-back reaches pages in any order, but a page carries
+// everything written to it up to the moment it went out), and now and then a page torn at 512-byte
+// sectors between two of those versions. Sizes follow the kept data. Directory operations (create,
+// rename, remove) are durable at once: the real directory fsyncs its parent after each of them.
+
+import Synchronization
+
+public final class SimulatedDisk: Sendable {
+    static let pageSize = 4096
+    static let sectorSize = 512
+
+    enum PendingOperation {
+        case write(offset: Int, bytes: [UInt8])
+        case resize(size: Int)
+    }
+
+    struct File {
+        var current: [UInt8] = []
+        var durable: [UInt8] = []
+        var pending: [PendingOperation] = []
+
+        mutating func apply(_ operation: PendingOperation) {
+            Self.apply(operation, to: &current)
+            pending.append(operation)
+        }
+
+        static func apply(_ operation: PendingOperation, to image: inout [UInt8]) {
+            switch operation {
+            case .write(let offset, let bytes):
+                if image.count < offset + bytes.count {
+                    image.append(contentsOf: repeatElement(0, count: offset + bytes.count - image.count))
+                }
+                image.replaceSubrange(offset..<(offset + bytes.count), with: bytes)
+            case .resize(let size):
+                if size < image.count {
+                    image.removeSubrange(size...)
+                } else {
+                    image.append(contentsOf: repeatElement(0, count: size - image.count))
+                }
+            }
+        }
+    }
+
+    struct State {
+        var files: [String: File] = [:]
+        var directories: Set<String> = [""]
+        var locked = false
+        var operationCount = 0
+        var crashAtOperation: Int?
+        var crashed = false
+    }
+
+    let state: Mutex<State>
+
+    public init() {
+        state = Mutex(State())
+    }
+
+    init(state: State) {
+        self.state = Mutex(state)
+    }
+
+    /// The disk's root directory.
+    public func directory() -> SimulatedDirectory { SimulatedDirectory(disk: self) }
+
+    /// How many operations the disk has performed (reads, writes, syncs, directory changes …).
+    public var operationCount: Int { state.withLock { $0.operationCount } }
+
+    public var hasCrashed: Bool { state.withLock { $0.crashed } }
+
+    /// Makes the `count`-th operation from now fail, and every operation after it.
+    public func crash(afterOperations count: Int) {
+        state.withLock { $0.crashAtOperation = $0.operationCount + max(1, count) }
+    }
+
+    /// Crashes now: every later operation fails.
+    public func crashNow() {
+        state.withLock { $0.crashed = true }
+    }
+
+    /// What a reboot after the crash would find (see the note atop this file). The lock is free.
+    public func recovered(using random: inout some RandomNumberGenerator) -> SimulatedDisk {
+        var snapshot = state.withLock { $0 }
+        for name in snapshot.files.keys.sorted() {
+            var file = snapshot.files[name]!
+            let image = Self.recoveredImage(of: file, using: &random)
+            file = File(current: image, durable: image, pending: [])
+            snapshot.files[name] = file
+        }
+        return SimulatedDisk(
+            state: State(files: snapshot.files, directories: snapshot.directories, locked: false)
+        )
+    }
+
+    /// The bytes a file holds now (as reads see them), for tests.
+    public func contents(of name: String) -> [UInt8]? {
+        state.withLock { $0.files[name]?.current }
+    }
+
+    private static func recoveredImage(of file: File, using random: inout some RandomNumberGenerator) -> [UInt8] {
+        guard !file.pending.isEmpty else { return file.durable }
+        // Each version of the file after 0, 1, … n pending operations, computed lazily per page.
+        var versions: [[UInt8]] = [file.durable]
+        var image = file.durable
+        for operation in file.pending {
+            File.apply(operation, to: &image)
+            versions.append(image)
+        }
+        let maxCount = versions.map(\.count).max() ?? 0
+        // The size: that of a random prefix of the operations, then stretched to cover kept pages.
+        var result = versions[Int.random(in: 0..<versions.count, using: &random)]
+        let pageCount = (maxCount + pageSize - 1) / pageSize
+        for page in 0..<pageCount {
+            let range = (page * pageSize)..<min((page + 1) * pageSize, maxCount)
+            // The operations that touched this page, as indexes into `versions`.
+            var touching: [Int] = [0]
+            for (index, operation) in file.pending.enumerated() where touches(operation, range) {
+                touching.append(index + 1)
+            }
+            guard touching.count > 1 else { continue }
+            let chosen = Int.random(in: 0..<touching.count, using: &random)
+            let newer = versions[touching[chosen]]
+            let older = chosen > 0 && Int.random(in: 0..<4, using: &random) == 0 ? versions[touching[chosen - 1]] : nil
+            for sectorStart in stride(from: range.lowerBound, to: range.upperBound, by: sectorSize) {
+                let sector = sectorStart..<min(sectorStart + sectorSize, range.upperBound)
+                let source = older != nil && Bool.random(using: &random) ? older! : newer
+                for offset in sector {
+                    let byte: UInt8 = offset < source.count ? source[offset] : 0
+                    if offset < result.count {
+                        result[offset] = byte
+                    } else if byte != 0 {
+                        result.append(contentsOf: repeatElement(0, count: offset - result.count))
+                        result.append(byte)
+                    }
+                }
+            }
+        }
+        return result
+    }
+
+    private static func touches(_ operation: PendingOperation, _ range: Range<Int>) -> Bool {
+        switch operation {
+        case .write(let offset, let bytes): offset < range.upperBound && offset + bytes.count > range.lowerBound
+        case .resize(let size): size < range.upperBound
+        }
+    }
+
+    /// Counts one operation, failing it if the disk has crashed or crashes now. `onCrash` runs for the
+    /// operation that crashes (a write may be half done).
+    func perform<T>(
+        _ operation: String, path: String, onCrash: ((inout State) -> Void)? = nil,
+        _ body: (inout State) throws(BlockIOError) -> T
+    ) throws(BlockIOError) -> T {
+        try state.withLock { (state: inout State) throws(BlockIOError) -> T in
+            if state.crashed { throw BlockIOError(.simulatedCrash, operation: operation, path: path) }
+            state.operationCount += 1
+            if let crashAt = state.crashAtOperation, state.operationCount >= crashAt {
+                state.crashed = true
+                onCrash?(&state)
+                throw BlockIOError(.simulatedCrash, operation: operation, path: path)
+            }
+            return try body(&state)
+        }
+    }
+}
+
+/// A file on a `SimulatedDisk`.
+public final class SimulatedStorage: BlockStorage {
+    public let path: String
+    let name: String
+    let disk: SimulatedDisk
+
+    init(disk: SimulatedDisk, name: String) {
+        self.disk = disk
+        self.name = name
+        self.path = "sim:/" + name
+    }
+
+    private func withFile<T>(
+        _ operation: String, onCrash: ((inout SimulatedDisk.File) -> Void)? = nil,
+        _ body: (inout SimulatedDisk.File) throws(BlockIOError) -> T
+    ) throws(BlockIOError) -> T {
+        let name = self.name
+        let path = self.path
+        return try disk.perform(
+            operation, path: path,
+            onCrash: { state in
+                if let onCrash, var file = state.files[name] {
+                    onCrash(&file)
+                    state.files[name] = file
+                }
+            }
+        ) { (state: inout SimulatedDisk.State) throws(BlockIOError) -> T in
+            guard var file = state.files[name] else {
+                throw BlockIOError(.system(.noSuchFileOrDirectory), operation: operation, path: path)
+            }
+            let result = try body(&file)
+            state.files[name] = file
+            return result
+        }
+    }
+
+    public func size() throws(BlockIOError) -> ByteCount {
+        try withFile("fstat") { ByteCount($0.current.count) }
+    }
+
+    public func read(fromAbsoluteOffset offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer)
+        throws(BlockIOError)
+    {
+        try withFile("pread") { file in
+            let start = Int(offset.rawValue)
+            let available = max(0, min(buffer.count, file.current.count - start))
+            if available > 0 {
+                file.current.withUnsafeBytes { source in
+                    buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[start..<(start + available)]))
+                }
+            }
+            if available < buffer.count {
+                UnsafeMutableRawBufferPointer(rebasing: buffer[available...]).initializeMemory(
+                    as: UInt8.self, repeating: 0)
+            }
+        }
+    }
+
+    public func readIfCached(
+        fromAbsoluteOffset offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer
+    ) throws(BlockIOError) -> Bool {
+        try read(fromAbsoluteOffset: offset, into: buffer)
+        return true
+    }
+
+    public func write(toAbsoluteOffset offset: ByteOffset, _ bytes: UnsafeRawBufferPointer) throws(BlockIOError) {
+        let operation = SimulatedDisk.PendingOperation.write(offset: Int(offset.rawValue), bytes: Array(bytes))
+        try withFile("pwrite", onCrash: { $0.pending.append(operation) }) { $0.apply(operation) }
+    }
+
+    public func synchronize() throws(BlockIOError) {
+        try withFile("fdatasync") { file in
+            file.durable = file.current
+            file.pending.removeAll()
+        }
+    }
+
+    public func resize(to size: ByteCount) throws(BlockIOError) {
+        try withFile("ftruncate") { $0.apply(.resize(size: Int(size.rawValue))) }
+    }
+
+    public func discard(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try writeZeroes(at: offset, count: count)
+    }
+
+    public func writeZeroes(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try withFile("fallocate") { file in
+            let start = Int(offset.rawValue)
+            // Zeroing past the end does not extend the file (KEEP_SIZE).
+            let end = min(start + Int(count.rawValue), file.current.count)
+            guard start < end else { return }
+            file.apply(.write(offset: start, bytes: Array(repeating: 0, count: end - start)))
+        }
+    }
+
+    public func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try withFile("fallocate") { file in
+            let end = Int(offset.rawValue + count.rawValue)
+            if end > file.current.count { file.apply(.resize(size: end)) }
+        }
+    }
+
+    public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {
+        try withFile("lseek") { offset.rawValue < UInt64($0.current.count) ? offset : nil }
+    }
+
+    public func nextHole(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset {
+        try withFile("lseek") { ByteOffset(max(UInt64($0.current.count), offset.rawValue)) }
+    }
+}
+
+/// The root directory of a `SimulatedDisk`.
+public struct SimulatedDirectory: StorageDirectory {
+    public let disk: SimulatedDisk
+    public var path: String { "sim:" }
+
+    public init(disk: SimulatedDisk) { self.disk = disk }
+
+    private func parentExists(_ name: String, in state: SimulatedDisk.State) -> Bool {
+        guard let slash = name.lastIndex(of: "/") else { return true }
+        return state.directories.contains(String(name[..<slash]))
+    }
+
+    public func openFile(_ name: String, mode: StorageOpenMode) throws(BlockIOError) -> any BlockStorage {
+        let path = "sim:/" + name
+        try disk.perform("open", path: path) { (state: inout SimulatedDisk.State) throws(BlockIOError) in
+            let exists = state.files[name] != nil
+            switch mode {
+            case .existing where !exists:
+                throw BlockIOError(.system(.noSuchFileOrDirectory), operation: "open", path: path)
+            case .createNew where exists:
+                throw BlockIOError(.system(.fileExists), operation: "open", path: path)
+            default:
+                guard parentExists(name, in: state) else {
+                    throw BlockIOError(.system(.noSuchFileOrDirectory), operation: "open", path: path)
+                }
+                if !exists { state.files[name] = SimulatedDisk.File() }
+            }
+        }
+        return SimulatedStorage(disk: disk, name: name)
+    }
+
+    /// External volumes on a simulated disk are files named by their absolute path.
+    public func openExternal(_ path: String) throws(BlockIOError) -> any BlockStorage {
+        try openFile("external" + path, mode: .existing)
+    }
+
+    public func fileExists(_ name: String) -> Bool {
+        disk.state.withLock { $0.files[name] != nil || $0.directories.contains(name) }
+    }
+
+    public func removeFile(_ name: String) throws(BlockIOError) {
+        try disk.perform("unlink", path: "sim:/" + name) { $0.files[name] = nil }
+    }
+
+    public func makeDirectory(_ name: String) throws(BlockIOError) {
+        try disk.perform("mkdir", path: "sim:/" + name) { (state: inout SimulatedDisk.State) throws(BlockIOError) in
+            guard parentExists(name, in: state) else {
+                throw BlockIOError(.system(.noSuchFileOrDirectory), operation: "mkdir", path: "sim:/" + name)
+            }
+            state.directories.insert(name)
+        }
+    }
+
+    public func removeDirectory(_ name: String) throws(BlockIOError) {
+        try disk.perform("rmdir", path: "sim:/" + name) { (state: inout SimulatedDisk.State) throws(BlockIOError) in
+            let prefix = name + "/"
+            if state.files.keys.contains(where: { $0.hasPrefix(prefix) })
+                || state.directories.contains(where: { $0.hasPrefix(prefix) })
+            {
+                throw BlockIOError(.system(.directoryNotEmpty), operation: "rmdir", path: "sim:/" + name)
+            }
+            state.directories.remove(name)
+        }
+    }
+
+    public func rename(_ source: String, to destination: String) throws(BlockIOError) {
+        try disk.perform("rename", path: "sim:/" + source) { (state: inout SimulatedDisk.State) throws(BlockIOError) in
+            guard let file = state.files.removeValue(forKey: source) else {
+                throw BlockIOError(.system(.noSuchFileOrDirectory), operation: "rename", path: "sim:/" + source)
+            }
+            state.files[destination] = file
+        }
+    }
+
+    public func list(_ name: String) throws(BlockIOError) -> [String] {
+        try disk.perform("readdir", path: "sim:/" + name) { state in
+            let prefix = name.isEmpty ? "" : name + "/"
+            var names = Set<String>()
+            for entry in Array(state.files.keys) + Array(state.directories) where entry.hasPrefix(prefix) {
+                let rest = entry.dropFirst(prefix.count)
+                guard !rest.isEmpty else { continue }
+                names.insert(String(rest.split(separator: "/", maxSplits: 1)[0]))
+            }
+            return names.sorted()
+        }
+    }
+
+    public func lockExclusively() throws(BlockIOError) -> (any DirectoryLock)? {
+        let acquired = try disk.perform("flock", path: "sim:/lock") { state -> Bool in
+            if state.locked { return false }
+            state.locked = true
+            return true
+        }
+        return acquired ? SimulatedLock(disk: disk) : nil
+    }
+}
+
+final class SimulatedLock: DirectoryLock {
+    let disk: SimulatedDisk
+    private let held = Atomic<Bool>(true)
+    init(disk: SimulatedDisk) { self.disk = disk }
+    deinit { release() }
+
+    func release() {
+        if held.exchange(false, ordering: .relaxed) { disk.state.withLock { $0.locked = false } }
+    }
+}

@@ -1,0 +1,305 @@
+// The records of the catalog, the one append-only log that holds all metadata of a data directory
+// (docs/on-disk-format.md is the reference). Replaying the records in order rebuilds the state; no
+// record is ever rewritten in place. Encoding is little-endian, fixed width, with u16-length UTF-8
+// strings; every record is `type u8, length u32, body`.
+
+import BlockIO
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
+
+/// What happens when a volume's diff store reaches its limit.
+public enum DiffStorePolicy: String, Sendable, Codable, CaseIterable {
+    /// Delete the oldest snapshots of the volume until the copy fits (what VSS does).
+    case deleteOldest
+    /// Mark the snapshot that needs the space as failed; the others stay readable.
+    case failSnapshot
+}
+
+/// Where a volume's live data lives.
+public enum VolumeBacking: Sendable, Equatable {
+    /// A sparse file inside the data directory, created and deleted with the volume.
+    case owned
+    /// An existing file or block device; the engine keeps only metadata and the diff store.
+    case external(path: String)
+}
+
+struct VolumeDefinition: Sendable, Equatable {
+    var id: VolumeID
+    var guid: UUID
+    var name: String
+    var size: UInt64
+    var chunkShift: UInt8
+    var backing: VolumeBacking
+    /// The diff store limit in bytes; 0 means unlimited.
+    var diffLimit: UInt64
+    var policy: DiffStorePolicy
+}
+
+struct SnapshotReference: Sendable, Equatable, Hashable {
+    var volume: VolumeID
+    var sequence: SnapshotSequence
+}
+
+struct SetMember: Sendable, Equatable {
+    var volume: VolumeID
+    var snapshotID: UUID
+    var sequence: SnapshotSequence
+}
+
+struct SetDefinition: Sendable, Equatable {
+    var id: UUID
+    /// Nanoseconds since 1970-01-01T00:00:00Z.
+    var createdAtNanoseconds: Int64
+    var members: [SetMember]
+}
+
+enum CatalogRecord: Sendable, Equatable {
+    /// Counters that must survive even when the items that used them are gone (written by compaction).
+    case counters(nextSequence: UInt64, nextVolumeID: UInt32)
+    case volumeCreated(VolumeDefinition)
+    case volumeDeleted(VolumeID)
+    case setCreated(SetDefinition)
+    /// Chunks `firstChunk ..< firstChunk + count` of a volume were preserved for the snapshot at
+    /// `sequence`, in slots `firstSlot ..< firstSlot + count`, or all as zeros when `firstSlot` is zero.
+    case preserved(volume: VolumeID, sequence: SnapshotSequence, firstChunk: UInt64, count: UInt32, firstSlot: DiffSlot)
+    /// The snapshots were deleted, all at once.
+    case snapshotsDeleted([SnapshotReference])
+    /// The snapshot failed (its diff store ran out of space): its copies are handed on as in a
+    /// deletion and it stays listed as failed until deleted.
+    case snapshotFailed(SnapshotReference, reason: String)
+
+    private enum Kind: UInt8 {
+        case counters = 1
+        case volumeCreated = 2
+        case volumeDeleted = 3
+        case setCreated = 4
+        case preserved = 5
+        case snapshotsDeleted = 6
+        case snapshotFailed = 7
+    }
+
+    func encode(into writer: inout BinaryWriter) {
+        var body = BinaryWriter()
+        let kind: Kind
+        switch self {
+        case .counters(let nextSequence, let nextVolumeID):
+            kind = .counters
+            body.u64(nextSequence)
+            body.u32(nextVolumeID)
+        case .volumeCreated(let volume):
+            kind = .volumeCreated
+            body.u32(volume.id.rawValue)
+            body.uuid(volume.guid)
+            body.string(volume.name)
+            body.u64(volume.size)
+            body.u8(volume.chunkShift)
+            switch volume.backing {
+            case .owned:
+                body.u8(0)
+            case .external(let path):
+                body.u8(1)
+                body.string(path)
+            }
+            body.u64(volume.diffLimit)
+            body.u8(volume.policy == .deleteOldest ? 0 : 1)
+        case .volumeDeleted(let volume):
+            kind = .volumeDeleted
+            body.u32(volume.rawValue)
+        case .setCreated(let set):
+            kind = .setCreated
+            body.uuid(set.id)
+            body.i64(set.createdAtNanoseconds)
+            body.u16(UInt16(set.members.count))
+            for member in set.members {
+                body.u32(member.volume.rawValue)
+                body.uuid(member.snapshotID)
+                body.u64(member.sequence.rawValue)
+            }
+        case .preserved(let volume, let sequence, let firstChunk, let count, let firstSlot):
+            kind = .preserved
+            body.u32(volume.rawValue)
+            body.u64(sequence.rawValue)
+            body.u64(firstChunk)
+            body.u32(count)
+            body.u64(firstSlot.rawValue)
+        case .snapshotsDeleted(let references):
+            kind = .snapshotsDeleted
+            body.u32(UInt32(references.count))
+            for reference in references {
+                body.u32(reference.volume.rawValue)
+                body.u64(reference.sequence.rawValue)
+            }
+        case .snapshotFailed(let reference, let reason):
+            kind = .snapshotFailed
+            body.u32(reference.volume.rawValue)
+            body.u64(reference.sequence.rawValue)
+            body.string(reason)
+        }
+        writer.u8(kind.rawValue)
+        writer.u32(UInt32(body.bytes.count))
+        writer.bytes.append(contentsOf: body.bytes)
+    }
+
+    /// Decodes one record. Throws `BinaryReader.Malformed` on anything that does not parse.
+    static func decode(from reader: inout BinaryReader) throws(BinaryReader.Malformed) -> CatalogRecord {
+        let rawKind = try reader.u8()
+        let length = Int(try reader.u32())
+        var body = try reader.subReader(count: length)
+        guard let kind = Kind(rawValue: rawKind) else { throw .init(reason: "unknown record type \(rawKind)") }
+        let record: CatalogRecord
+        switch kind {
+        case .counters:
+            record = .counters(nextSequence: try body.u64(), nextVolumeID: try body.u32())
+        case .volumeCreated:
+            let id = VolumeID(rawValue: try body.u32())
+            let guid = try body.uuid()
+            let name = try body.string()
+            let size = try body.u64()
+            let chunkShift = try body.u8()
+            let backing: VolumeBacking
+            switch try body.u8() {
+            case 0: backing = .owned
+            case 1: backing = .external(path: try body.string())
+            case let other: throw .init(reason: "unknown volume backing \(other)")
+            }
+            let diffLimit = try body.u64()
+            let policy: DiffStorePolicy
+            switch try body.u8() {
+            case 0: policy = .deleteOldest
+            case 1: policy = .failSnapshot
+            case let other: throw .init(reason: "unknown diff store policy \(other)")
+            }
+            record = .volumeCreated(
+                VolumeDefinition(
+                    id: id, guid: guid, name: name, size: size, chunkShift: chunkShift, backing: backing,
+                    diffLimit: diffLimit, policy: policy))
+        case .volumeDeleted:
+            record = .volumeDeleted(VolumeID(rawValue: try body.u32()))
+        case .setCreated:
+            let id = try body.uuid()
+            let createdAt = try body.i64()
+            let count = Int(try body.u16())
+            var members: [SetMember] = []
+            for _ in 0..<count {
+                members.append(
+                    SetMember(
+                        volume: VolumeID(rawValue: try body.u32()), snapshotID: try body.uuid(),
+                        sequence: SnapshotSequence(rawValue: try body.u64())))
+            }
+            record = .setCreated(SetDefinition(id: id, createdAtNanoseconds: createdAt, members: members))
+        case .preserved:
+            record = .preserved(
+                volume: VolumeID(rawValue: try body.u32()), sequence: SnapshotSequence(rawValue: try body.u64()),
+                firstChunk: try body.u64(), count: try body.u32(), firstSlot: DiffSlot(rawValue: try body.u64()))
+        case .snapshotsDeleted:
+            let count = Int(try body.u32())
+            guard count <= body.remaining / 12 else {
+                throw .init(reason: "deletion count \(count) exceeds the record")
+            }
+            var references: [SnapshotReference] = []
+            for _ in 0..<count {
+                references.append(
+                    SnapshotReference(
+                        volume: VolumeID(rawValue: try body.u32()), sequence: SnapshotSequence(rawValue: try body.u64())
+                    ))
+            }
+            record = .snapshotsDeleted(references)
+        case .snapshotFailed:
+            let reference = SnapshotReference(
+                volume: VolumeID(rawValue: try body.u32()), sequence: SnapshotSequence(rawValue: try body.u64()))
+            record = .snapshotFailed(reference, reason: try body.string())
+        }
+        guard body.remaining == 0 else {
+            throw .init(reason: "record type \(rawKind) has \(body.remaining) extra bytes")
+        }
+        return record
+    }
+}
+
+/// Little-endian encoding into a growing byte array.
+struct BinaryWriter {
+    var bytes: [UInt8] = []
+
+    mutating func u8(_ value: UInt8) { bytes.append(value) }
+    mutating func u16(_ value: UInt16) { withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) } }
+    mutating func u32(_ value: UInt32) { withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) } }
+    mutating func u64(_ value: UInt64) { withUnsafeBytes(of: value.littleEndian) { bytes.append(contentsOf: $0) } }
+    mutating func i64(_ value: Int64) { u64(UInt64(bitPattern: value)) }
+    mutating func uuid(_ value: UUID) { bytes.append(contentsOf: value.bytes) }
+    mutating func string(_ value: String) {
+        let utf8 = Array(value.utf8.prefix(Int(UInt16.max)))
+        u16(UInt16(utf8.count))
+        bytes.append(contentsOf: utf8)
+    }
+}
+
+/// Bounds-checked little-endian decoding; running off the end throws, never traps.
+struct BinaryReader {
+    struct Malformed: Error {
+        var reason: String
+    }
+
+    private let bytes: [UInt8]
+    private(set) var position: Int
+    private let end: Int
+
+    init(_ bytes: [UInt8], from start: Int = 0, to end: Int? = nil) {
+        self.bytes = bytes
+        self.position = start
+        self.end = end ?? bytes.count
+    }
+
+    var remaining: Int { end - position }
+
+    private mutating func take(_ count: Int) throws(Malformed) -> Int {
+        guard count >= 0, count <= remaining else {
+            throw Malformed(reason: "needs \(count) bytes at offset \(position) but only \(remaining) remain")
+        }
+        defer { position += count }
+        return position
+    }
+
+    mutating func u8() throws(Malformed) -> UInt8 { bytes[try take(1)] }
+
+    mutating func u16() throws(Malformed) -> UInt16 {
+        let start = try take(2)
+        return UInt16(bytes[start]) | UInt16(bytes[start + 1]) << 8
+    }
+
+    mutating func u32() throws(Malformed) -> UInt32 {
+        let start = try take(4)
+        var value: UInt32 = 0
+        for index in 0..<4 { value |= UInt32(bytes[start + index]) << (8 * index) }
+        return value
+    }
+
+    mutating func u64() throws(Malformed) -> UInt64 {
+        let start = try take(8)
+        var value: UInt64 = 0
+        for index in 0..<8 { value |= UInt64(bytes[start + index]) << (8 * index) }
+        return value
+    }
+
+    mutating func i64() throws(Malformed) -> Int64 { Int64(bitPattern: try u64()) }
+
+    mutating func uuid() throws(Malformed) -> UUID {
+        let start = try take(16)
+        return UUID(bytes: bytes[start..<(start + 16)])!
+    }
+
+    mutating func string() throws(Malformed) -> String {
+        let count = Int(try u16())
+        let start = try take(count)
+        return String(decoding: bytes[start..<(start + count)], as: UTF8.self)
+    }
+
+    /// A reader over the next `count` bytes, which this reader skips.
+    mutating func subReader(count: Int) throws(Malformed) -> BinaryReader {
+        let start = try take(count)
+        return BinaryReader(bytes, from: start, to: start + count)
+    }
+}

@@ -1,0 +1,301 @@
+// A snapshot set in the making: writes held on all its volumes until it is committed or aborted, and
+// never longer than the hold limit.
+//
+// Phases: acquiring (taking each volume's gate, in volume order, then flushing them) → held →
+// committing → finished; or expired, when the watchdog fires first. Exactly one party releases the
+// gates and the store's operation lock on each path: the acquisition itself if it fails, the watchdog
+// if it expires a held set, and commit or abort otherwise. A commit already under way is not
+// interrupted: releasing the writes before the snapshots join their chains would let a write skip its
+// copy.
+
+import BlockIO
+import Synchronization
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
+
+public final class PreparedSnapshotSet: Sendable {
+    private enum Phase {
+        case acquiring
+        case held
+        case committing
+        case finished
+        case expired
+    }
+
+    private struct State {
+        var phase = Phase.acquiring
+        var acquisition: Task<Void, any Error>?
+        var watchdog: Task<Void, Never>?
+    }
+
+    /// The volumes of the set, in name order.
+    public let volumes: [String]
+    let store: SnapshotStore
+    let members: [Volume]
+    let holdLimit: Duration
+    private let state = Mutex(State())
+
+    init(store: SnapshotStore, members: [Volume], holdLimit: Duration) {
+        self.store = store
+        self.members = members
+        self.volumes = members.map(\.name).sorted()
+        self.holdLimit = holdLimit
+    }
+
+    private var expiredError: EngineError {
+        let (seconds, attoseconds) = holdLimit.components
+        return .holdExpired(limitMilliseconds: seconds * 1000 + attoseconds / 1_000_000_000_000_000)
+    }
+
+    /// Takes the gates and flushes; called once by the store, holding its operation lock. On failure
+    /// it has released everything, the operation lock included.
+    func hold() async throws {
+        let configuration = store.context.configuration
+        let members = self.members
+        let io = store.context.io
+        let acquisition = Task(executorPreference: configuration.taskExecutor) {
+            var acquired: [Volume] = []
+            do {
+                for volume in members {
+                    try await volume.gate.acquireExclusive()
+                    acquired.append(volume)
+                }
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for volume in members {
+                        let live = volume.live
+                        group.addTask { try await io.run { try live.synchronize() } }
+                    }
+                    try await group.waitForAll()
+                }
+            } catch {
+                for volume in acquired { volume.gate.releaseExclusive() }
+                throw error
+            }
+        }
+        let clock = configuration.clock
+        let limit = holdLimit
+        let watchdog = Task(executorPreference: configuration.taskExecutor) { [weak self] in
+            do {
+                try await clock.sleep(for: limit)
+            } catch {
+                return
+            }
+            self?.expire()
+        }
+        state.withLock { state in
+            state.acquisition = acquisition
+            state.watchdog = watchdog
+        }
+        do {
+            try await acquisition.value
+        } catch {
+            let expired = state.withLock { state -> Bool in
+                defer { state.phase = .finished }
+                return state.phase == .expired
+            }
+            watchdog.cancel()
+            store.operations.unlock()
+            throw expired ? expiredError : EngineError.wrap(error)
+        }
+        let held = state.withLock { state -> Bool in
+            guard state.phase == .acquiring else { return false }
+            state.phase = .held
+            return true
+        }
+        if !held {
+            // The watchdog fired between the last gate and here.
+            for volume in members { volume.gate.releaseExclusive() }
+            store.operations.unlock()
+            throw expiredError
+        }
+    }
+
+    private func expire() {
+        enum Action {
+            case none
+            case cancelAcquisition(Task<Void, any Error>?)
+            case release
+        }
+        let action = state.withLock { state -> Action in
+            switch state.phase {
+            case .acquiring:
+                state.phase = .expired
+                return .cancelAcquisition(state.acquisition)
+            case .held:
+                state.phase = .expired
+                return .release
+            case .committing, .finished, .expired:
+                return .none
+            }
+        }
+        switch action {
+        case .none:
+            return
+        case .cancelAcquisition(let task):
+            task?.cancel()
+        case .release:
+            releaseAll()
+        }
+        store.context.logger.warning(
+            "a prepared snapshot set held writes past its limit and was aborted",
+            metadata: ["volumes": "\(volumes.joined(separator: ","))", "limit": "\(holdLimit)"])
+    }
+
+    private func releaseAll() {
+        for volume in members { volume.gate.releaseExclusive() }
+        store.operations.unlock()
+    }
+
+    /// Takes the snapshots: one durable record names the set, its GUID, its timestamp and a GUID per
+    /// snapshot; then the snapshots join their volumes' chains and writes are released.
+    public func commit() async throws -> SnapshotSetInfo {
+        let watchdog = try state.withLock { (state: inout State) throws(EngineError) -> Task<Void, Never>? in
+            switch state.phase {
+            case .held:
+                state.phase = .committing
+                return state.watchdog
+            case .expired:
+                throw expiredError
+            case .acquiring, .committing, .finished:
+                throw .holdNotActive
+            }
+        }
+        watchdog?.cancel()
+        defer {
+            state.withLock { $0.phase = .finished }
+            releaseAll()
+        }
+        let configuration = store.context.configuration
+        let setID = configuration.makeIdentifier()
+        let createdAt = SnapshotStore.nanoseconds(configuration.wallClock())
+        let sequences = store.nextSequences(members.count)
+        let snapshotIDs = members.map { _ in configuration.makeIdentifier() }
+        let definition = SetDefinition(
+            id: setID, createdAtNanoseconds: createdAt,
+            members: members.indices.map {
+                SetMember(volume: members[$0].id, snapshotID: snapshotIDs[$0], sequence: sequences[$0])
+            })
+        do {
+            try await store.context.catalog.append([.setCreated(definition)])
+        } catch {
+            throw EngineError.wrap(error)
+        }
+        for (index, volume) in members.enumerated() {
+            volume.metadata.withLock { metadata in
+                metadata.addSnapshot(
+                    SnapshotState(
+                        id: snapshotIDs[index], setID: setID, sequence: sequences[index],
+                        createdAtNanoseconds: createdAt))
+            }
+        }
+        let date = SnapshotStore.date(createdAt)
+        let snapshots = members.indices.map {
+            SnapshotInfo(
+                id: snapshotIDs[$0], setID: setID, volume: members[$0].name, createdAt: date, diffBytes: .zero,
+                state: .ready)
+        }.sorted { $0.volume < $1.volume }
+        store.context.logger.debug(
+            "took snapshot set",
+            metadata: ["set.id": "\(setID.guidString)", "volumes": "\(volumes.joined(separator: ","))"])
+        return SnapshotSetInfo(id: setID, createdAt: date, snapshots: snapshots)
+    }
+
+    /// Gives up the set and releases the writes. Does nothing if it was already committed, aborted or
+    /// expired.
+    public func abort() {
+        let (release, watchdog) = state.withLock { state -> (Bool, Task<Void, Never>?) in
+            guard state.phase == .held else { return (false, nil) }
+            state.phase = .finished
+            return (true, state.watchdog)
+        }
+        watchdog?.cancel()
+        if release { releaseAll() }
+    }
+
+    /// Whether writes are still held for this set.
+    public var isHeld: Bool { state.withLock { $0.phase == .held } }
+}
+
+/// A read-only view of one snapshot.
+public final class SnapshotView: Sendable {
+    public let id: UUID
+    public let setID: UUID
+    public let createdAt: Date
+    let volume: Volume
+    let sequence: SnapshotSequence
+
+    init(volume: Volume, id: UUID, setID: UUID, sequence: SnapshotSequence, createdAt: Date) {
+        self.volume = volume
+        self.id = id
+        self.setID = setID
+        self.sequence = sequence
+        self.createdAt = createdAt
+    }
+
+    public var volumeName: String { volume.name }
+    public var size: ByteCount { volume.size }
+    public var chunkSize: ByteCount { volume.chunkSize }
+    /// The NBD export name: `VOLUME@GUID`.
+    public var exportName: String { "\(volume.name)@\(id.guidString)" }
+
+    /// Reads the snapshot as the volume was when it was taken.
+    public func read(at offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer) async throws {
+        try await volume.readSnapshot(sequence, id: id, at: offset, into: buffer)
+    }
+
+    /// Which parts of a range hold data and which are holes.
+    public func allocation(at offset: ByteOffset, count: ByteCount) async throws -> [AllocationExtent] {
+        try await volume.snapshotAllocation(sequence, id: id, at: offset, count: count)
+    }
+
+    /// The byte ranges that may have changed since this snapshot: on the live volume (`until` nil), or
+    /// in a newer snapshot of the same volume; limited to `within` if given.
+    public func changes(until newer: SnapshotView? = nil, within range: ByteRange? = nil) throws -> [ByteRange] {
+        if let newer {
+            guard newer.volume === volume, newer.sequence > sequence else {
+                throw EngineError.snapshotOrder(
+                    "snapshot \(newer.id.guidString) is not a newer snapshot of the same volume")
+            }
+        }
+        return volume.changes(since: sequence, until: newer?.sequence, within: range)
+    }
+
+    /// Whether the snapshot is still readable.
+    public var isReadable: Bool {
+        volume.metadata.withLock { metadata in
+            metadata.position(of: sequence).map { !metadata.chain[$0].deleting } ?? false
+        }
+    }
+}
+
+extension Volume {
+    /// Reads `count` bytes of the live volume into a new array.
+    public func read(at offset: ByteOffset, count: Int) async throws -> [UInt8] {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)
+        defer { buffer.deallocate() }
+        try await read(at: offset, into: buffer)
+        return Array(buffer)
+    }
+
+    /// Writes `bytes` to the live volume.
+    public func write(at offset: ByteOffset, _ bytes: [UInt8], fua: Bool = false) async throws {
+        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 16)
+        defer { copy.deallocate() }
+        copy.copyBytes(from: bytes)
+        try await write(at: offset, from: UnsafeRawBufferPointer(copy), fua: fua)
+    }
+}
+
+extension SnapshotView {
+    /// Reads `count` bytes of the snapshot into a new array.
+    public func read(at offset: ByteOffset, count: Int) async throws -> [UInt8] {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)
+        defer { buffer.deallocate() }
+        try await read(at: offset, into: buffer)
+        return Array(buffer)
+    }
+}

@@ -1,1 +1,0 @@
-// SnapshotEngine: see ARCHITECTURE.md for what this module owns.
