@@ -72,7 +72,10 @@ let package = Package(
             ]
         ),
         .testTarget(name: "BlockIOTests", dependencies: ["BlockIO", "UmbraTestSupport"]),
-        .testTarget(name: "SnapshotEngineTests", dependencies: ["SnapshotEngine", "UmbraTestSupport"]),
+        .testTarget(
+            name: "SnapshotEngineTests",
+            dependencies: ["SnapshotEngine", "UmbraTestSupport", .product(name: "Logging", package: "swift-log")]
+        ),
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: [
@@ -83,6 +86,8 @@ let package = Package(
         ),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "UmbraTestSupport"]),
         .testTarget(name: "ShadowCopyTests", dependencies: ["ShadowCopy", "UmbraTestSupport"]),
+        // Tests that run the `umbra` executable as a real process.
+        .testTarget(name: "UmbraTests", dependencies: ["umbra", "SnapshotEngine", "BlockIO", "UmbraTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -33,22 +33,40 @@ public final class SimulatedDisk: Sendable {
         static func apply(_ operation: PendingOperation, to image: inout [UInt8]) {
             switch operation {
             case .write(let offset, let bytes):
-                if image.count < offset + bytes.count {
-                    image.append(contentsOf: repeatElement(0, count: offset + bytes.count - image.count))
+                if image.count < offset + bytes.count { resize(&image, to: offset + bytes.count) }
+                image.withUnsafeMutableBytes { target in
+                    bytes.withUnsafeBytes { source in
+                        (target.baseAddress! + offset).copyMemory(from: source.baseAddress!, byteCount: source.count)
+                    }
                 }
-                image.replaceSubrange(offset..<(offset + bytes.count), with: bytes)
             case .resize(let size):
-                if size < image.count {
-                    image.removeSubrange(size...)
-                } else {
-                    image.append(contentsOf: repeatElement(0, count: size - image.count))
+                resize(&image, to: size)
+            }
+        }
+
+        /// Grows (with zeros) or shrinks an image, by whole-buffer copies rather than per element.
+        static func resize(_ image: inout [UInt8], to size: Int) {
+            guard size != image.count else { return }
+            let old = image
+            image = [UInt8](unsafeUninitializedCapacity: size) { buffer, count in
+                let kept = min(size, old.count)
+                old.withUnsafeBytes { source in
+                    if kept > 0 {
+                        UnsafeMutableRawPointer(buffer.baseAddress!).copyMemory(
+                            from: source.baseAddress!, byteCount: kept)
+                    }
                 }
+                if size > kept { (buffer.baseAddress! + kept).initialize(repeating: 0, count: size - kept) }
+                count = size
             }
         }
     }
 
     struct State {
-        var files: [String: File] = [:]
+        /// Files by inode; a name points at an inode, and an open file keeps its inode across renames.
+        var files: [Int: File] = [:]
+        var names: [String: Int] = [:]
+        var nextInode = 1
         var directories: Set<String> = [""]
         var locked = false
         var operationCount = 0
@@ -86,21 +104,21 @@ public final class SimulatedDisk: Sendable {
 
     /// What a reboot after the crash would find (see the note atop this file). The lock is free.
     public func recovered(using random: inout some RandomNumberGenerator) -> SimulatedDisk {
-        var snapshot = state.withLock { $0 }
-        for name in snapshot.files.keys.sorted() {
-            var file = snapshot.files[name]!
-            let image = Self.recoveredImage(of: file, using: &random)
-            file = File(current: image, durable: image, pending: [])
-            snapshot.files[name] = file
+        let snapshot = state.withLock { $0 }
+        var recovered = State(directories: snapshot.directories, locked: false)
+        recovered.nextInode = snapshot.nextInode
+        // Only named files survive a reboot (an unlinked file that was still open is gone).
+        for (name, inode) in snapshot.names.sorted(by: { $0.key < $1.key }) {
+            let image = Self.recoveredImage(of: snapshot.files[inode]!, using: &random)
+            recovered.files[inode] = File(current: image, durable: image, pending: [])
+            recovered.names[name] = inode
         }
-        return SimulatedDisk(
-            state: State(files: snapshot.files, directories: snapshot.directories, locked: false)
-        )
+        return SimulatedDisk(state: recovered)
     }
 
     /// The bytes a file holds now (as reads see them), for tests.
     public func contents(of name: String) -> [UInt8]? {
-        state.withLock { $0.files[name]?.current }
+        state.withLock { state in state.names[name].flatMap { state.files[$0]?.current } }
     }
 
     private static func recoveredImage(of file: File, using random: inout some RandomNumberGenerator) -> [UInt8] {
@@ -130,13 +148,24 @@ public final class SimulatedDisk: Sendable {
             for sectorStart in stride(from: range.lowerBound, to: range.upperBound, by: sectorSize) {
                 let sector = sectorStart..<min(sectorStart + sectorSize, range.upperBound)
                 let source = older != nil && Bool.random(using: &random) ? older! : newer
-                for offset in sector {
-                    let byte: UInt8 = offset < source.count ? source[offset] : 0
-                    if offset < result.count {
-                        result[offset] = byte
-                    } else if byte != 0 {
-                        result.append(contentsOf: repeatElement(0, count: offset - result.count))
-                        result.append(byte)
+                // Past the end of the chosen version the sector reads as zeros; the result only grows
+                // to hold data that is actually there.
+                let available = max(0, min(sector.upperBound, source.count) - sector.lowerBound)
+                if available > 0 && result.count < sector.lowerBound + available {
+                    File.resize(&result, to: sector.lowerBound + available)
+                }
+                result.withUnsafeMutableBytes { target in
+                    source.withUnsafeBytes { from in
+                        if available > 0 {
+                            (target.baseAddress! + sector.lowerBound).copyMemory(
+                                from: from.baseAddress! + sector.lowerBound, byteCount: available)
+                        }
+                        let zeroEnd = min(sector.upperBound, target.count)
+                        let zeroStart = sector.lowerBound + available
+                        if zeroEnd > zeroStart {
+                            (target.baseAddress! + zeroStart).initializeMemory(
+                                as: UInt8.self, repeating: 0, count: zeroEnd - zeroStart)
+                        }
                     }
                 }
             }
@@ -173,12 +202,12 @@ public final class SimulatedDisk: Sendable {
 /// A file on a `SimulatedDisk`.
 public final class SimulatedStorage: BlockStorage {
     public let path: String
-    let name: String
+    let inode: Int
     let disk: SimulatedDisk
 
-    init(disk: SimulatedDisk, name: String) {
+    init(disk: SimulatedDisk, inode: Int, name: String) {
         self.disk = disk
-        self.name = name
+        self.inode = inode
         self.path = "sim:/" + name
     }
 
@@ -186,23 +215,22 @@ public final class SimulatedStorage: BlockStorage {
         _ operation: String, onCrash: ((inout SimulatedDisk.File) -> Void)? = nil,
         _ body: (inout SimulatedDisk.File) throws(BlockIOError) -> T
     ) throws(BlockIOError) -> T {
-        let name = self.name
+        let inode = self.inode
         let path = self.path
         return try disk.perform(
             operation, path: path,
             onCrash: { state in
-                if let onCrash, var file = state.files[name] {
+                if let onCrash, var file = state.files[inode] {
                     onCrash(&file)
-                    state.files[name] = file
+                    state.files[inode] = file
                 }
             }
         ) { (state: inout SimulatedDisk.State) throws(BlockIOError) -> T in
-            guard var file = state.files[name] else {
-                throw BlockIOError(.system(.noSuchFileOrDirectory), operation: operation, path: path)
+            guard state.files[inode] != nil else {
+                throw BlockIOError(.system(.badFileDescriptor), operation: operation, path: path)
             }
-            let result = try body(&file)
-            state.files[name] = file
-            return result
+            // Mutate in place: copying a file image out and back would copy it on every call.
+            return try body(&state.files[inode]!)
         }
     }
 
@@ -265,11 +293,10 @@ public final class SimulatedStorage: BlockStorage {
         }
     }
 
+    /// A hint the simulator does not take: it counts as an operation (so a crash can land on it) but
+    /// reserves nothing, sparing a megabyte-sized image per catalog.
     public func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
-        try withFile("fallocate") { file in
-            let end = Int(offset.rawValue + count.rawValue)
-            if end > file.current.count { file.apply(.resize(size: end)) }
-        }
+        try withFile("fallocate") { _ in }
     }
 
     public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {
@@ -295,21 +322,24 @@ public struct SimulatedDirectory: StorageDirectory {
 
     public func openFile(_ name: String, mode: StorageOpenMode) throws(BlockIOError) -> any BlockStorage {
         let path = "sim:/" + name
-        try disk.perform("open", path: path) { (state: inout SimulatedDisk.State) throws(BlockIOError) in
-            let exists = state.files[name] != nil
-            switch mode {
-            case .existing where !exists:
-                throw BlockIOError(.system(.noSuchFileOrDirectory), operation: "open", path: path)
-            case .createNew where exists:
-                throw BlockIOError(.system(.fileExists), operation: "open", path: path)
-            default:
-                guard parentExists(name, in: state) else {
-                    throw BlockIOError(.system(.noSuchFileOrDirectory), operation: "open", path: path)
+        let inode = try disk.perform("open", path: path) {
+            (state: inout SimulatedDisk.State) throws(BlockIOError) -> Int in
+            if let inode = state.names[name] {
+                guard mode != .createNew else {
+                    throw BlockIOError(.system(.fileExists), operation: "open", path: path)
                 }
-                if !exists { state.files[name] = SimulatedDisk.File() }
+                return inode
             }
+            guard mode != .existing, parentExists(name, in: state) else {
+                throw BlockIOError(.system(.noSuchFileOrDirectory), operation: "open", path: path)
+            }
+            let inode = state.nextInode
+            state.nextInode += 1
+            state.files[inode] = SimulatedDisk.File()
+            state.names[name] = inode
+            return inode
         }
-        return SimulatedStorage(disk: disk, name: name)
+        return SimulatedStorage(disk: disk, inode: inode, name: name)
     }
 
     /// External volumes on a simulated disk are files named by their absolute path.
@@ -318,11 +348,11 @@ public struct SimulatedDirectory: StorageDirectory {
     }
 
     public func fileExists(_ name: String) -> Bool {
-        disk.state.withLock { $0.files[name] != nil || $0.directories.contains(name) }
+        disk.state.withLock { $0.names[name] != nil || $0.directories.contains(name) }
     }
 
     public func removeFile(_ name: String) throws(BlockIOError) {
-        try disk.perform("unlink", path: "sim:/" + name) { $0.files[name] = nil }
+        try disk.perform("unlink", path: "sim:/" + name) { $0.names[name] = nil }
     }
 
     public func makeDirectory(_ name: String) throws(BlockIOError) {
@@ -337,7 +367,7 @@ public struct SimulatedDirectory: StorageDirectory {
     public func removeDirectory(_ name: String) throws(BlockIOError) {
         try disk.perform("rmdir", path: "sim:/" + name) { (state: inout SimulatedDisk.State) throws(BlockIOError) in
             let prefix = name + "/"
-            if state.files.keys.contains(where: { $0.hasPrefix(prefix) })
+            if state.names.keys.contains(where: { $0.hasPrefix(prefix) })
                 || state.directories.contains(where: { $0.hasPrefix(prefix) })
             {
                 throw BlockIOError(.system(.directoryNotEmpty), operation: "rmdir", path: "sim:/" + name)
@@ -348,10 +378,10 @@ public struct SimulatedDirectory: StorageDirectory {
 
     public func rename(_ source: String, to destination: String) throws(BlockIOError) {
         try disk.perform("rename", path: "sim:/" + source) { (state: inout SimulatedDisk.State) throws(BlockIOError) in
-            guard let file = state.files.removeValue(forKey: source) else {
+            guard let inode = state.names.removeValue(forKey: source) else {
                 throw BlockIOError(.system(.noSuchFileOrDirectory), operation: "rename", path: "sim:/" + source)
             }
-            state.files[destination] = file
+            state.names[destination] = inode
         }
     }
 
@@ -359,7 +389,7 @@ public struct SimulatedDirectory: StorageDirectory {
         try disk.perform("readdir", path: "sim:/" + name) { state in
             let prefix = name.isEmpty ? "" : name + "/"
             var names = Set<String>()
-            for entry in Array(state.files.keys) + Array(state.directories) where entry.hasPrefix(prefix) {
+            for entry in Array(state.names.keys) + Array(state.directories) where entry.hasPrefix(prefix) {
                 let rest = entry.dropFirst(prefix.count)
                 guard !rest.isEmpty else { continue }
                 names.insert(String(rest.split(separator: "/", maxSplits: 1)[0]))

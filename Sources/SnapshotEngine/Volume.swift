@@ -353,6 +353,14 @@ public final class Volume: Sendable {
                 }
             }
             if !placed.isEmpty {
+                context.logger.trace(
+                    "preserving chunks",
+                    metadata: [
+                        "volume": "\(name)", "snapshot.sequence": "\(sequence.rawValue)",
+                        "copies":
+                            "\(placed.map { "\($0.chunk)->\($0.slot.isZero ? "zero" : String($0.slot.rawValue))" })",
+                        "unplaced": "\(unplaced)",
+                    ])
                 try await context.catalog.append(
                     Self.records(for: placed.map { ($0.chunk, $0.slot) }, volume: id, sequence: sequence),
                     syncingFirst: dataCopies.isEmpty ? [] : [diff])
@@ -443,6 +451,9 @@ public final class Volume: Sendable {
             return (metadata.chain[position], metadata.policy)
         }
         guard let (snapshot, policy) = victim else { return }
+        context.logger.trace(
+            "reclaiming diff space",
+            metadata: ["volume": "\(name)", "snapshot.sequence": "\(snapshot.sequence.rawValue)"])
         await waitForReaders(of: snapshot.sequence)
         let reference = SnapshotReference(volume: id, sequence: snapshot.sequence)
         let limit = diffLimit?.rawValue ?? 0
@@ -477,6 +488,8 @@ public final class Volume: Sendable {
     /// deletion that freed them is durable, with the gate held (so no copy can be writing a slot).
     func releaseSlots(_ freed: [DiffSlot]) async {
         guard !freed.isEmpty else { return }
+        context.logger.trace(
+            "freeing diff slots", metadata: ["volume": "\(name)", "slots": "\(freed.map(\.rawValue))"])
         let diff = self.diff
         let shift = chunkShift
         let runs = Self.runs(of: freed.map(\.rawValue).sorted())

@@ -1,0 +1,27 @@
+// swift-tools-version: 6.1
+// Umbra's benchmarks: `swift package benchmark` in this directory. A package of its own so that the
+// benchmark tooling (and its malloc interposer) stays out of the product's build.
+import PackageDescription
+
+let package = Package(
+    name: "UmbraBenchmarks",
+    platforms: [.macOS(.v15)],
+    dependencies: [
+        .package(path: ".."),
+        .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.1", traits: ["MallocInterposer"]),
+    ],
+    targets: [
+        .executableTarget(
+            name: "EngineBenchmarks",
+            dependencies: [
+                .product(name: "Benchmark", package: "benchmark"),
+                // By name: the root package's identity is its directory's name, which differs per clone.
+                "SnapshotEngine",
+                "BlockIO",
+            ],
+            path: "Benchmarks/EngineBenchmarks",
+            plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
+        )
+    ],
+    swiftLanguageModes: [.v6]
+)

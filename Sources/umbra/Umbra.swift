@@ -1,0 +1,10 @@
+import ArgumentParser
+
+@main
+struct Umbra: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "umbra",
+        abstract: "Copy-on-write snapshots of block volumes, served over NBD.",
+        subcommands: [EngineShell.self]
+    )
+}

@@ -1,1 +1,0 @@
-print("umbra: not yet built")
