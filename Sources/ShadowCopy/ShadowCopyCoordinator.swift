@@ -63,7 +63,6 @@ struct RequesterID: Hashable, Sendable {
 
 /// What the server needs from a coordinator, whatever its provider and clock.
 protocol SetCoordinating: Actor {
-    var serverName: String { get }
     func registerWriter(_ hello: HelloParams, id: WriterID, sink: @escaping WriterSink) throws -> UUID
     func writerAnswered(_ writer: WriterID, requestID: Int64, answer: WriterAnswer)
     func writerDisconnected(_ writer: WriterID)
