@@ -319,6 +319,9 @@ where C.Duration == Duration {
         return nil
     }
 
+    /// How many requesters wait for the set slot.
+    public var waitingCount: Int { waiting.count }
+
     // MARK: - Driving the machine
 
     private func validate(_ params: CreateSetParams) throws -> Duration {
@@ -387,8 +390,9 @@ where C.Duration == Duration {
         let actions = input(&active.machine, clock.now)
         slot = .running(active)
         syncStatuses()
-        for action in actions { perform(action, set: id) }
+        // The timer is armed before events go out, so a writer that sees an event knows its deadline runs.
         rearmTimer()
+        for action in actions { perform(action, set: id) }
     }
 
     private func syncStatuses() {
