@@ -6,13 +6,19 @@
 // vetoes as non-retryable; a command still running when the event's time is up is terminated and
 // vetoes as a timeout. The command's output (stdout and stderr, last `outputBytesMax` bytes) becomes
 // the veto message. Output goes to a temporary file rather than a pipe, so a chatty command can never
-// block on a full pipe while we wait for it.
+// block on a full pipe while we wait for it. Commands are spawned (not Foundation's `Process`) as the
+// leader of their own process group, so a timeout kills everything the command started; `Process`
+// would also wait for any grandchild still holding its descriptors.
 //
 // An Abort after a successful Freeze runs the thaw command first: an application must never be left
 // frozen because the set failed elsewhere.
 
 import Foundation
 import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 public final class CommandWriter: ShadowCopyWriterDelegate {
     /// The exit status that means "retry later" (EX_TEMPFAIL in sysexits.h).
@@ -22,12 +28,16 @@ public final class CommandWriter: ShadowCopyWriterDelegate {
 
     public let commands: [WriterEvent: String]
     public let shell: String
+    private let clock: any Clock<Duration>
     private let frozenSet = Mutex<UUID?>(nil)
 
-    /// - Parameter commands: the command for each event; events without one are answered at once.
-    public init(commands: [WriterEvent: String], shell: String = "/bin/sh") {
+    /// - Parameters:
+    ///   - commands: the command for each event; events without one are answered at once.
+    ///   - clock: times each command against the event's answer time.
+    public init(commands: [WriterEvent: String], shell: String = "/bin/sh", clock: any Clock<Duration> = ContinuousClock()) {
         self.commands = commands
         self.shell = shell
+        self.clock = clock
     }
 
     public func onIdentify(_ context: WriterEventContext) async throws -> JSONValue? {
@@ -77,7 +87,8 @@ public final class CommandWriter: ShadowCopyWriterDelegate {
             shell: shell,
             command: command,
             environment: environment(for: event, context),
-            timeout: context.timeout
+            timeout: context.timeout,
+            clock: clock
         )
         switch outcome.status {
         case .exited(0):
@@ -117,48 +128,80 @@ public final class CommandWriter: ShadowCopyWriterDelegate {
         case timedOut
     }
 
-    static func execute(shell: String, command: String, environment: [String: String], timeout: Duration)
-        async throws -> (status: Status, output: String)
-    {
-        let outputURL = FileManager.default.temporaryDirectory
-            .appendingPathComponent("umbra-writer-\(UUID().guidString).out")
-        guard FileManager.default.createFile(atPath: outputURL.path, contents: nil) else {
-            throw WriterVeto(.nonRetryable, "Cannot create a temporary file for the command's output.")
-        }
-        defer { try? FileManager.default.removeItem(at: outputURL) }
-        let output = try FileHandle(forWritingTo: outputURL)
-        defer { try? output.close() }
-
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: shell)
-        process.arguments = ["-c", command]
-        process.environment = environment
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = output
-        process.standardError = output
-        let exited = AsyncStream.makeStream(of: Void.self)
-        process.terminationHandler = { _ in exited.continuation.finish() }
+    static func execute(
+        shell: String,
+        command: String,
+        environment: [String: String],
+        timeout: Duration,
+        clock: any Clock<Duration>
+    ) async throws -> (status: Status, output: String) {
+        let outputPath = FileManager.default.temporaryDirectory
+            .appendingPathComponent("umbra-writer-\(UUID().guidString).out").path
+        defer { try? FileManager.default.removeItem(atPath: outputPath) }
+        let pid: pid_t
         do {
-            try process.run()
+            pid = try spawnInOwnGroup(shell: shell, arguments: ["-c", command], environment: environment, outputPath: outputPath)
         } catch {
             throw WriterVeto(.nonRetryable, "'\(command)' could not be started: \(error).")
         }
         let timedOut = Mutex(false)
         let watchdog = Task {
-            guard (try? await Task.sleep(for: timeout)) != nil else { return }
+            guard (try? await clock.sleep(for: timeout)) != nil else { return }
             timedOut.withLock { $0 = true }
-            process.terminate()
+            kill(-pid, SIGKILL)  // the whole group: `sh` and whatever it started
         }
-        for await _ in exited.stream {}
+        let status = await waitForExit(pid)
         watchdog.cancel()
 
-        let data = (try? Data(contentsOf: outputURL)) ?? Data()
+        let data = FileManager.default.contents(atPath: outputPath) ?? Data()
         let text = String(decoding: data.suffix(outputBytesMax), as: UTF8.self)
         if timedOut.withLock({ $0 }) { return (.timedOut, text) }
-        switch process.terminationReason {
-        case .exit: return (.exited(process.terminationStatus), text)
-        case .uncaughtSignal: return (.signalled(process.terminationStatus), text)
-        @unknown default: return (.exited(process.terminationStatus), text)
+        let signal = status & 0x7f
+        return (signal == 0 ? .exited((status >> 8) & 0xff) : .signalled(signal), text)
+    }
+
+    /// Starts `shell arguments…` as the leader of a new process group (so a timeout can stop everything
+    /// it started), stdin from /dev/null, stdout and stderr into `outputPath`. Wraps `posix_spawn`.
+    private static func spawnInOwnGroup(
+        shell: String,
+        arguments: [String],
+        environment: [String: String],
+        outputPath: String
+    ) throws -> pid_t {
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETPGROUP))
+        posix_spawnattr_setpgroup(&attributes, 0)
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+
+        let argv = ([shell] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer { (argv + envp).forEach { free($0) } }
+        var pid: pid_t = 0
+        let result = posix_spawn(&pid, shell, &actions, &attributes, argv, envp)
+        guard result == 0 else { throw PlainSystemError(code: result) }
+        return pid
+    }
+
+    /// Waits for `pid` on a thread of its own (waitpid blocks) and returns its raw wait status.
+    private static func waitForExit(_ pid: pid_t) async -> Int32 {
+        await withCheckedContinuation { continuation in
+            Thread.detachNewThread {
+                var status: Int32 = 0
+                while waitpid(pid, &status, 0) == -1 && errno == EINTR {}
+                continuation.resume(returning: status)
+            }
         }
     }
+}
+
+private struct PlainSystemError: Error, CustomStringConvertible {
+    var code: Int32
+    var description: String { String(cString: strerror(code)) }
 }
