@@ -81,7 +81,14 @@ let package = Package(
             ]
         ),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "UmbraTestSupport"]),
-        .testTarget(name: "ShadowCopyTests", dependencies: ["ShadowCopy", "UmbraTestSupport"]),
+        .testTarget(
+            name: "ShadowCopyTests",
+            dependencies: [
+                "ShadowCopy", "UmbraTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -34,7 +34,9 @@ public final class CommandWriter: ShadowCopyWriterDelegate {
     /// - Parameters:
     ///   - commands: the command for each event; events without one are answered at once.
     ///   - clock: times each command against the event's answer time.
-    public init(commands: [WriterEvent: String], shell: String = "/bin/sh", clock: any Clock<Duration> = ContinuousClock()) {
+    public init(
+        commands: [WriterEvent: String], shell: String = "/bin/sh", clock: any Clock<Duration> = ContinuousClock()
+    ) {
         self.commands = commands
         self.shell = shell
         self.clock = clock
@@ -140,7 +142,8 @@ public final class CommandWriter: ShadowCopyWriterDelegate {
         defer { try? FileManager.default.removeItem(atPath: outputPath) }
         let pid: pid_t
         do {
-            pid = try spawnInOwnGroup(shell: shell, arguments: ["-c", command], environment: environment, outputPath: outputPath)
+            pid = try spawnInOwnGroup(
+                shell: shell, arguments: ["-c", command], environment: environment, outputPath: outputPath)
         } catch {
             throw WriterVeto(.nonRetryable, "'\(command)' could not be started: \(error).")
         }

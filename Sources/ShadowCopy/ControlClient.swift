@@ -53,7 +53,9 @@ public final class ControlClient: Sendable {
     // MARK: - Volumes
 
     public func createVolume(name: String, size: UInt64, chunkSize: UInt64? = nil) async throws -> VolumeInfo {
-        try await call("volume.create", params: CreateVolumeParams(name: name, size: size, chunkSize: chunkSize), as: VolumeInfo.self)
+        try await call(
+            "volume.create", params: CreateVolumeParams(name: name, size: size, chunkSize: chunkSize),
+            as: VolumeInfo.self)
     }
 
     public func listVolumes() async throws -> VolumeList {

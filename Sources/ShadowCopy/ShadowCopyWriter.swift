@@ -132,7 +132,9 @@ public final class ShadowCopyWriter<Delegate: ShadowCopyWriterDelegate>: Sendabl
         do {
             let response = try await connection.request(
                 method: "hello",
-                params: HelloParams(role: .writer, client: "umbra-swift-writer", name: name, instance: instanceRequest, volumes: volumes)
+                params: HelloParams(
+                    role: .writer, client: "umbra-swift-writer", name: name, instance: instanceRequest, volumes: volumes
+                )
             )
             if case .error(let error) = response.kind { throw error }
             let hello = try response.result(HelloResult.self)
@@ -172,7 +174,9 @@ actor WriterSession<Delegate: ShadowCopyWriterDelegate> {
 
     /// Runs one event and returns the line that answers it.
     func handle(_ message: IncomingMessage) async -> ByteBuffer {
-        guard case .request(let method) = message.kind else { return ControlEncoding.result(id: message.id, EmptyResult()) }
+        guard case .request(let method) = message.kind else {
+            return ControlEncoding.result(id: message.id, EmptyResult())
+        }
         guard let event = WriterEvent(rawValue: method) else {
             // Events added in later revisions of this protocol version: acknowledge, as the page says.
             return ControlEncoding.result(id: message.id, EmptyResult())

@@ -30,7 +30,8 @@ private func text(_ frame: ControlFrame) -> String? {
 }
 
 @Suite struct FramingTests {
-    static let input = Array("{\"a\":1}\n\r\n{\"b\":2}\r\n\(String(repeating: "z", count: 40))\n{\"c\":3}\ntrailing".utf8)
+    static let input = Array(
+        "{\"a\":1}\n\r\n{\"b\":2}\r\n\(String(repeating: "z", count: 40))\n{\"c\":3}\ntrailing".utf8)
     static let expected: [String?] = ["{\"a\":1}", "", "{\"b\":2}", nil, "{\"c\":3}"]
 
     /// All at once, byte at a time, and in seeded random pieces give the same frames; the too-long line
@@ -39,7 +40,9 @@ private func text(_ frame: ControlFrame) -> String? {
         let all = frames(Self.input, pieces: [Self.input.count], limit: 32)
         #expect(all.map(text) == Self.expected)
         #expect(all[3] == .oversized)
-        #expect(frames(Self.input, pieces: Array(repeating: 1, count: Self.input.count), limit: 32).map(text) == Self.expected)
+        #expect(
+            frames(Self.input, pieces: Array(repeating: 1, count: Self.input.count), limit: 32).map(text)
+                == Self.expected)
         var random = SeededRandom(seed: 7)
         for _ in 0..<50 {
             let pieces = (0..<Self.input.count).map { _ in Int.random(in: 1...9, using: &random) }
@@ -98,13 +101,18 @@ private func text(_ frame: ControlFrame) -> String? {
 
     /// Absent params decode as `{}` with defaults; wrong types say which field.
     @Test func paramsDecodeWithDefaultsAndClearErrors() throws {
-        let bare = try IncomingMessage.parse(ByteBuffer(string: #"{"id":1,"method":"snapshot.create","params":{"volumes":["a"]}}"#)).get()
+        let bare = try IncomingMessage.parse(
+            ByteBuffer(string: #"{"id":1,"method":"snapshot.create","params":{"volumes":["a"]}}"#)
+        ).get()
         #expect(try bare.params(CreateSetParams.self) == CreateSetParams(volumes: ["a"]))
         let none = try IncomingMessage.parse(ByteBuffer(string: #"{"id":1,"method":"snapshot.list"}"#)).get()
         #expect(try none.params(ListSnapshotsParams.self) == ListSnapshotsParams())
-        let wrong = try IncomingMessage.parse(ByteBuffer(string: #"{"id":1,"method":"x","params":{"volumes":[1]}}"#)).get()
+        let wrong = try IncomingMessage.parse(ByteBuffer(string: #"{"id":1,"method":"x","params":{"volumes":[1]}}"#))
+            .get()
         #expect(throws: ShadowCopyError.self) { try wrong.params(CreateSetParams.self) }
-        let big = try IncomingMessage.parse(ByteBuffer(string: #"{"id":1,"method":"x","params":{"name":"v","size":109951162777600}}"#)).get()
+        let big = try IncomingMessage.parse(
+            ByteBuffer(string: #"{"id":1,"method":"x","params":{"name":"v","size":109951162777600}}"#)
+        ).get()
         #expect(try big.params(CreateVolumeParams.self).size == 100 << 40)
     }
 
@@ -113,14 +121,20 @@ private func text(_ frame: ControlFrame) -> String? {
         let id = UUID(uuidString: "ABCDEF01-2345-6789-ABCD-EF0123456789")!
         let line = String(buffer: ControlEncoding.result(id: .number(1), ChangesParams(volume: "v", since: id)))
         #expect(line == #"{"id":1,"result":{"since":"abcdef01-2345-6789-abcd-ef0123456789","volume":"v"}}"# + "\n")
-        let upper = try IncomingMessage.parse(ByteBuffer(string: #"{"id":1,"method":"x","params":{"volume":"v","since":"ABCDEF01-2345-6789-ABCD-EF0123456789","until":"abcdef01-2345-6789-abcd-ef0123456789"}}"#)).get()
+        let upper = try IncomingMessage.parse(
+            ByteBuffer(
+                string:
+                    #"{"id":1,"method":"x","params":{"volume":"v","since":"ABCDEF01-2345-6789-ABCD-EF0123456789","until":"abcdef01-2345-6789-abcd-ef0123456789"}}"#
+            )
+        ).get()
         let params = try upper.params(ChangesParams.self)
         #expect(params.since == id && params.until == id)
     }
 
     /// An error answer to an unreadable line carries `"id":null`; a veto has code, failure and message.
     @Test func errorsEncodeAsThePageSays() {
-        let unreadable = String(buffer: ControlEncoding.error(ErrorReply(id: nil, error: ShadowCopyError(.badMessage, "Bad."))))
+        let unreadable = String(
+            buffer: ControlEncoding.error(ErrorReply(id: nil, error: ShadowCopyError(.badMessage, "Bad."))))
         #expect(unreadable == #"{"error":{"code":"bad-message","message":"Bad."},"id":null}"# + "\n")
         let veto = String(buffer: ControlEncoding.veto(id: .number(3), failure: .nonRetryable, message: "no"))
         #expect(veto == #"{"error":{"code":"veto","failure":"non-retryable","message":"no"},"id":3}"# + "\n")
@@ -129,7 +143,8 @@ private func text(_ frame: ControlFrame) -> String? {
     /// Identify metadata of any JSON shape survives the trip.
     @Test func metadataRoundTrips() throws {
         let metadata = JSONValue.object([
-            "components": .array([.string("main"), .number(2), .bool(true), .null]), "nested": .object(["a": .number(1.5)]),
+            "components": .array([.string("main"), .number(2), .bool(true), .null]),
+            "nested": .object(["a": .number(1.5)]),
         ])
         let data = try ControlJSON.makeEncoder().encode(IdentifyResult(metadata: metadata))
         #expect(try ControlJSON.makeDecoder().decode(IdentifyResult.self, from: data).metadata == metadata)

@@ -30,7 +30,8 @@ import UmbraTestSupport
             let ids = [UUID(), UUID()]
             #expect(try await client.deleteSnapshots(ids: ids).deleted == ids)
             let since = UUID()
-            #expect(try await client.changes(volume: "db", since: since).extents == [ByteExtent(offset: 0, length: 65536)])
+            #expect(
+                try await client.changes(volume: "db", since: since).extents == [ByteExtent(offset: 0, length: 65536)])
             await #expect(throws: ShadowCopyError(.internal, "engine exploded")) {
                 try await client.changes(volume: "db", since: since, until: UUID())
             }
@@ -47,7 +48,8 @@ import UmbraTestSupport
                 try await raw.helloAsRequester()
                 let list = try await raw.call(#"{"id":"a","method":"snapshot.list","params":{}}"#)
                 #expect(list["id"] as? String == "a")
-                let snapshot = try #require(((list["result"] as? [String: Any])?["snapshots"] as? [[String: Any]])?.first)
+                let snapshot = try #require(
+                    ((list["result"] as? [String: Any])?["snapshots"] as? [[String: Any]])?.first)
                 #expect(Set(snapshot.keys) == ["id", "set", "volume", "export", "createdAt", "diffBytes"])
                 #expect(snapshot["id"] as? String == "0f0e0d0c-0b0a-0908-0706-050403020100")
                 #expect(snapshot["createdAt"] as? String == "2027-01-15T08:00:00Z")
@@ -88,13 +90,18 @@ import UmbraTestSupport
                 #expect(old.errorCode == "unsupported-version")
                 let future = try await raw.call(#"{"id":4,"method":"hello","params":{"version":9,"role":"requester"}}"#)
                 #expect((future["result"] as? [String: Any])?["version"] as? Int == 1)
-                #expect(try await raw.call(#"{"id":5,"method":"hello","params":{"version":1,"role":"requester"}}"#).errorCode == "bad-message")
+                #expect(
+                    try await raw.call(#"{"id":5,"method":"hello","params":{"version":1,"role":"requester"}}"#)
+                        .errorCode == "bad-message")
                 #expect(try await raw.call(#"{"id":6,"method":"snapshot.explode"}"#).errorCode == "unknown-method")
                 let badParams = try await raw.call(#"{"id":7,"method":"snapshot.create","params":{"volumes":"db"}}"#)
                 #expect(badParams.errorCode == "invalid-params")
                 let message = (badParams["error"] as? [String: Any])?["message"] as? String
                 #expect(message?.contains("volumes") == true)
-                #expect(try await raw.call(#"{"id":8,"method":"set.complete","params":{"set":"00000000-0000-0000-0000-000000000000"}}"#).errorCode == "unknown-set")
+                #expect(
+                    try await raw.call(
+                        #"{"id":8,"method":"set.complete","params":{"set":"00000000-0000-0000-0000-000000000000"}}"#
+                    ).errorCode == "unknown-set")
                 // Half a line, then the rest: framing waits for the newline.
                 try await raw.send(#"{"id":9,"meth"#)
                 #expect(try await raw.call(#"od":"ping"}"#)["result"] != nil)
@@ -103,15 +110,19 @@ import UmbraTestSupport
                 #expect(try await raw.receive()["id"] as? Int == 10)
             }
             try await RawConnection.with(fixture.socketPath) { raw in
-                let hello = try await raw.call(#"{"id":1,"method":"hello","params":{"version":1,"role":"writer","name":"w","volumes":["db"]}}"#)
+                let hello = try await raw.call(
+                    #"{"id":1,"method":"hello","params":{"version":1,"role":"writer","name":"w","volumes":["db"]}}"#)
                 #expect(((hello["result"] as? [String: Any])?["instance"] as? String)?.count == 36)
-                #expect(try await raw.call(#"{"id":2,"method":"snapshot.create","params":{"volumes":["db"]}}"#).errorCode == "wrong-role")
+                #expect(
+                    try await raw.call(#"{"id":2,"method":"snapshot.create","params":{"volumes":["db"]}}"#).errorCode
+                        == "wrong-role")
                 #expect(try await raw.call(#"{"id":3,"method":"ping"}"#)["result"] != nil)
                 let missing = try await raw.call(#"{"id":4,"method":"hello","params":{"version":1,"role":"writer"}}"#)
                 #expect(missing.errorCode == "bad-message")
             }
             try await RawConnection.with(fixture.socketPath) { raw in
-                let nameless = try await raw.call(#"{"id":1,"method":"hello","params":{"version":1,"role":"writer","volumes":["db"]}}"#)
+                let nameless = try await raw.call(
+                    #"{"id":1,"method":"hello","params":{"version":1,"role":"writer","volumes":["db"]}}"#)
                 #expect(nameless.errorCode == "invalid-params")
             }
             try await bystander.ping()
@@ -125,14 +136,16 @@ import UmbraTestSupport
         try await ServerFixture.with { fixture in
             let coordinator = ShadowCopyCoordinator(provider: RecordingProvider(), clock: ManualClock())
             await #expect(throws: ShadowCopyError.self) {
-                _ = try await ControlServer.bind(socketPath: fixture.socketPath, coordinator: coordinator, handler: CannedHandler())
+                _ = try await ControlServer.bind(
+                    socketPath: fixture.socketPath, coordinator: coordinator, handler: CannedHandler())
             }
             try await fixture.client().ping()
 
             let stalePath = fixture.directory.appendingPathComponent("stale.sock").path
             try makeStaleSocket(at: stalePath)
             #expect(FileManager.default.fileExists(atPath: stalePath))
-            let server = try await ControlServer.bind(socketPath: stalePath, coordinator: coordinator, handler: CannedHandler())
+            let server = try await ControlServer.bind(
+                socketPath: stalePath, coordinator: coordinator, handler: CannedHandler())
             let task = Task { try await server.run() }
             let client = try await ControlClient.connect(socketPath: stalePath)
             try await client.ping()
@@ -142,9 +155,10 @@ import UmbraTestSupport
             #expect(!FileManager.default.fileExists(atPath: stalePath))
 
             let regular = fixture.directory.appendingPathComponent("file").path
-            FileManager.default.createFile(atPath: regular, contents: Data("keep".utf8))
+            _ = FileManager.default.createFile(atPath: regular, contents: Data("keep".utf8))
             await #expect(throws: ShadowCopyError.self) {
-                _ = try await ControlServer.bind(socketPath: regular, coordinator: coordinator, handler: CannedHandler())
+                _ = try await ControlServer.bind(
+                    socketPath: regular, coordinator: coordinator, handler: CannedHandler())
             }
             #expect(FileManager.default.contents(atPath: regular) == Data("keep".utf8))
         }
@@ -172,7 +186,10 @@ import UmbraTestSupport
             let result = try await client.createSnapshotSet(CreateSetParams(volumes: ["db", "logs"]))
             #expect(!result.crashConsistent)
             #expect(result.writers.first?.metadata == .object(["components": .array([.string("main")])]))
-            #expect(await delegate.events == [.identify, .prepareForBackup, .prepareForSnapshot, .freeze, .thaw, .postSnapshot, .backupComplete])
+            #expect(
+                await delegate.events == [
+                    .identify, .prepareForBackup, .prepareForSnapshot, .freeze, .thaw, .postSnapshot, .backupComplete,
+                ])
             await client.close()
             writerTask.cancel()
             try? await writerTask.value

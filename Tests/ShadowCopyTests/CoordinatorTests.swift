@@ -28,7 +28,9 @@ private struct Fixture {
         )
     }
 
-    func writer(_ id: UInt64, _ name: String, policy: @escaping @Sendable (WriterEvent) -> FakeWriter.Reply = { _ in .succeed })
+    func writer(
+        _ id: UInt64, _ name: String, policy: @escaping @Sendable (WriterEvent) -> FakeWriter.Reply = { _ in .succeed }
+    )
         -> FakeWriter
     {
         FakeWriter(id, name: name, coordinator: coordinator, policy: policy)
@@ -176,15 +178,16 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
         let error = try await expectError(fixture.create())
         #expect(error.code == .writerFailed)
         #expect(error.message.contains("locks held"))
-        #expect(error.details?.failedWriters == [
-            WriterFailureDetails(
-                writer: "pg",
-                instance: error.details!.failedWriters![0].instance,
-                step: .freeze,
-                failure: kind,
-                message: "locks held"
-            )
-        ])
+        #expect(
+            error.details?.failedWriters == [
+                WriterFailureDetails(
+                    writer: "pg",
+                    instance: error.details!.failedWriters![0].instance,
+                    step: .freeze,
+                    failure: kind,
+                    message: "locks held"
+                )
+            ])
         #expect(fixture.provider.calls == [.validate(["db", "logs"])])
         let listed = await fixture.coordinator.listWriters().writers[0]
         #expect(listed.state == .failedAtFreeze && listed.failure == kind && listed.message == "locks held")
@@ -281,7 +284,9 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
         #expect(busy.code == .busy)
 
         let other = RequesterID(rawValue: 6)
-        await #expect(throws: ShadowCopyError.self) { try await fixture.coordinator.completeSet(open.set, requester: other) }
+        await #expect(throws: ShadowCopyError.self) {
+            try await fixture.coordinator.completeSet(open.set, requester: other)
+        }
         let done = try await fixture.coordinator.completeSet(open.set, requester: requester)
         #expect(done.state == .complete)
         #expect(done.writers.map(\.state) == [.stable])
@@ -352,7 +357,10 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
         let fixture = Fixture()
         let instance = UUID()
         try await fixture.writer(1, "pg").register(instance: instance)
-        await #expect(throws: ShadowCopyError(.duplicateWriter, "Writer 'pg' with instance \(instance.guidString) is already connected.")) {
+        await #expect(
+            throws: ShadowCopyError(
+                .duplicateWriter, "Writer 'pg' with instance \(instance.guidString) is already connected.")
+        ) {
             try await fixture.writer(2, "pg2").register(instance: instance)
         }
         await #expect(throws: ShadowCopyError.self) { try await fixture.writer(3, "").register() }

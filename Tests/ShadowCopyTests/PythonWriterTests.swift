@@ -25,7 +25,7 @@ final class PythonWriter: Sendable {
             ["python3", scriptPath, "--socket", fixture.socketPath, "--name", name, "--verbose"]
             + volumes.flatMap { ["--volume", $0] } + arguments
         stderrPath = fixture.directory.appendingPathComponent("\(name)-\(UUID().guidString.prefix(4)).log").path
-        FileManager.default.createFile(atPath: stderrPath, contents: nil)
+        _ = FileManager.default.createFile(atPath: stderrPath, contents: nil)
         process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: stderrPath))
         process.standardOutput = FileHandle.nullDevice
         try process.run()

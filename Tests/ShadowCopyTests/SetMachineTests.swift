@@ -343,7 +343,8 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
     @Test func staleAnswersAreIgnored() {
         var machine = machineWaiting(for: .prepareForBackup)
         #expect(machine.writerSucceeded(w1, event: .identify, metadata: nil, now: at(1)) == [])
-        #expect(machine.writerSucceeded(WriterID(rawValue: 9), event: .prepareForBackup, metadata: nil, now: at(1)) == [])
+        #expect(
+            machine.writerSucceeded(WriterID(rawValue: 9), event: .prepareForBackup, metadata: nil, now: at(1)) == [])
         #expect(machine.writerSucceeded(w1, event: .prepareForBackup, metadata: nil, now: at(1)) == [])
         #expect(machine.writerSucceeded(w1, event: .prepareForBackup, metadata: nil, now: at(1)) == [])
         #expect(machine.writerVetoed(w1, event: .prepareForBackup, failure: .retryable, message: "", now: at(1)) == [])

@@ -33,7 +33,8 @@ struct ServerFixture: Sendable {
             configuration: CoordinatorConfiguration(eventTimeout: eventTimeout)
         )
         let socketPath = directory.appendingPathComponent("control.sock").path
-        let server = try await ControlServer.bind(socketPath: socketPath, coordinator: coordinator, handler: CannedHandler())
+        let server = try await ControlServer.bind(
+            socketPath: socketPath, coordinator: coordinator, handler: CannedHandler())
         let serverTask = Task { try await server.run() }
         let fixture = ServerFixture(
             directory: directory,

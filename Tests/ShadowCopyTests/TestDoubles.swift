@@ -63,7 +63,8 @@ final class RecordingProvider: SnapshotProvider {
                 let id = UUID()
                 return CreatedSnapshot(id: id, volume: volume, export: "\(volume)@\(id.guidString)")
             }
-            let set = CommittedSnapshotSet(id: hold.id, createdAt: Date(timeIntervalSince1970: 1_800_000_000), snapshots: snapshots)
+            let set = CommittedSnapshotSet(
+                id: hold.id, createdAt: Date(timeIntervalSince1970: 1_800_000_000), snapshots: snapshots)
             state.sets[hold.id] = set
             return set
         }
@@ -202,9 +203,15 @@ final class FakeWriter: Sendable {
         switch reply {
         case .succeed:
             let metadata: JSONValue? = delivery.event == .identify ? .object(["writer": .string(name)]) : nil
-            Task { await coordinator.writerAnswered(id, requestID: delivery.requestID, answer: .success(metadata: metadata)) }
+            Task {
+                await coordinator.writerAnswered(
+                    id, requestID: delivery.requestID, answer: .success(metadata: metadata))
+            }
         case .veto(let failure, let message):
-            Task { await coordinator.writerAnswered(id, requestID: delivery.requestID, answer: .veto(failure, message: message)) }
+            Task {
+                await coordinator.writerAnswered(
+                    id, requestID: delivery.requestID, answer: .veto(failure, message: message))
+            }
         case .hang:
             break
         case .disconnect:

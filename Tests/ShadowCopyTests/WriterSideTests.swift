@@ -54,7 +54,9 @@ private func read(_ path: String) -> String {
         await #expect(throws: WriterVeto(.retryable, "'echo busy; exit 75' exited with status 75: busy")) {
             try await writer.onPrepareForSnapshot(context(.prepareForSnapshot))
         }
-        await #expect(throws: WriterVeto(.nonRetryable, "'echo out; echo err >&2; exit 3' exited with status 3: out\nerr")) {
+        await #expect(
+            throws: WriterVeto(.nonRetryable, "'echo out; echo err >&2; exit 3' exited with status 3: out\nerr")
+        ) {
             try await writer.onFreeze(context(.freeze))
         }
         try await writer.onPostSnapshot(context(.postSnapshot))
@@ -125,7 +127,8 @@ private let setJSON = #""set":"00000000-0000-0000-0000-0000000000ff","volumes":[
     @Test func eventsReachTheDelegate() async throws {
         let delegate = RecordingDelegate()
         await delegate.set(.freeze, .veto(.timeout, "flush too slow"))
-        let harness = SessionHarness(session: WriterSession(delegate: delegate, clock: ManualClock(), logger: .init(label: "t")))
+        let harness = SessionHarness(
+            session: WriterSession(delegate: delegate, clock: ManualClock(), logger: .init(label: "t")))
         let identify = try await harness.send(1, "identify", "{\(setJSON)}")
         #expect(((identify["result"] as? [String: Any])?["metadata"] as? [String: Any])?["components"] != nil)
         let veto = try await harness.send(2, "freeze", "{\(setJSON)}")
@@ -146,7 +149,8 @@ private let setJSON = #""set":"00000000-0000-0000-0000-0000000000ff","volumes":[
     @Test func freezeWindowPassingThawsTheApplication() async throws {
         let clock = ManualClock()
         let delegate = RecordingDelegate()
-        let harness = SessionHarness(session: WriterSession(delegate: delegate, clock: clock, logger: .init(label: "t")))
+        let harness = SessionHarness(
+            session: WriterSession(delegate: delegate, clock: clock, logger: .init(label: "t")))
         _ = try await harness.send(1, "freeze", "{\(setJSON),\"freezeWindowMs\":60000}")
         await clock.waitForSleepers(count: 1)
         clock.advance(by: .seconds(60))
