@@ -56,7 +56,9 @@ final class ControlConnection: Sendable {
                 try await channel.executeThenClose { inbound, outbound in
                     connection.state.withLock { $0.outbound = outbound }
                     ready.continuation.finish()
-                    for try await frame in inbound { connection.received(frame) }
+                    for try await frame in inbound {
+                        guard connection.received(frame) else { break }
+                    }
                 }
             } catch {
                 // The connection failed; every waiter learns it below.
@@ -115,17 +117,22 @@ final class ControlConnection: Sendable {
         await reader.withLock { $0 }?.value
     }
 
-    private func received(_ frame: ControlFrame) {
-        guard case .line(let line) = frame, case .success(let message) = IncomingMessage.parse(line) else {
-            return  // the daemon never sends these; nothing sensible to answer
+    /// Handles one frame; false ends the connection.
+    private func received(_ frame: ControlFrame) -> Bool {
+        // A line too long to read may have been an answer someone waits for: give up on the connection
+        // rather than leave them waiting.
+        guard case .line(let line) = frame else { return false }
+        guard case .success(let message) = IncomingMessage.parse(line) else {
+            return true  // the daemon never sends these; nothing sensible to answer
         }
         switch message.kind {
         case .request:
             requestsContinuation.yield(message)
         case .result, .error:
-            guard case .number(let id) = message.id else { return }
+            guard case .number(let id) = message.id else { return true }
             state.withLock { $0.waiting.removeValue(forKey: id) }?.resume(returning: message)
         }
+        return true
     }
 
     private func closed() {

@@ -121,6 +121,9 @@ where C.Duration == Duration {
     private var slot = Slot.free
     private var waiting: [(requester: RequesterID, continuation: CheckedContinuation<Void, any Error>)] = []
     private var writerCountWaiters: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
+    /// `createSet` calls under way per requester, and the requesters among them whose connection closed.
+    private var creating: [RequesterID: Int] = [:]
+    private var departed: Set<RequesterID> = []
     private var isShuttingDown = false
 
     public init(
@@ -224,12 +227,25 @@ where C.Duration == Duration {
 
     func createSet(_ params: CreateSetParams, requester: RequesterID) async throws -> SnapshotSetResult {
         let freezeWindow = try validate(params)
+        creating[requester, default: 0] += 1
+        defer {
+            creating[requester]! -= 1
+            if creating[requester] == 0 {
+                creating[requester] = nil
+                departed.remove(requester)
+            }
+        }
         do {
             try await provider.validateSnapshotSet(volumes: params.volumes)
         } catch {
             throw ShadowCopyError.wrapping(error, as: .providerFailed)
         }
         try await acquireSlot(for: requester, wait: params.wait)
+        // A requester that left while its set was being validated must not get a set nobody will close.
+        guard !departed.contains(requester) else {
+            releaseSlot()
+            throw ShadowCopyError(.connectionClosed, "The requester's connection closed.")
+        }
 
         let participants =
             params.writers
@@ -286,6 +302,7 @@ where C.Duration == Duration {
     }
 
     func requesterDisconnected(_ requester: RequesterID) {
+        if creating[requester] != nil { departed.insert(requester) }
         if let index = waiting.firstIndex(where: { $0.requester == requester }) {
             waiting.remove(at: index).continuation.resume(
                 throwing: ShadowCopyError(.connectionClosed, "The requester's connection closed.")
@@ -333,15 +350,16 @@ where C.Duration == Duration {
         }
         guard !isShuttingDown else { throw ShadowCopyError(.shuttingDown, "The daemon is shutting down.") }
         guard let seconds = params.freezeTimeoutSeconds else { return configuration.freezeWindow }
-        let window = Duration.milliseconds(Int64((seconds * 1000).rounded()))
-        guard seconds.isFinite, window > .zero, window <= configuration.freezeWindowMax else {
+        let secondsMax = Double(configuration.freezeWindowMax.components.seconds)
+        // Range-checked before converting: a client's 1e300 must not trap the daemon.
+        guard seconds.isFinite, seconds >= 0.001, seconds <= secondsMax else {
             throw ShadowCopyError(
                 .invalidParams,
                 "The freeze timeout must be more than 0 and at most"
                     + " \(Machine.seconds(configuration.freezeWindowMax)), not \(seconds) s."
             )
         }
-        return window
+        return .milliseconds(Int64((seconds * 1000).rounded()))
     }
 
     private func acquireSlot(for requester: RequesterID, wait: Bool) async throws {
@@ -465,6 +483,8 @@ where C.Duration == Duration {
         guard var record = writers[writer] else { return }
         record.nextRequestID += 1
         let requestID = record.nextRequestID
+        // Events of earlier sets that were never answered (a hung writer) are forgotten here.
+        record.outstanding = record.outstanding.filter { $0.value.set == machine.id }
         record.outstanding[requestID] = (machine.id, event)
         writers[writer] = record
         let params = WriterEventParams(

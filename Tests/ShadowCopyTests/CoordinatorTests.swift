@@ -269,6 +269,20 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
         #expect(try await expectError(first).code == .aborted)
     }
 
+    /// A requester that leaves while its kept-open set is still being validated gets no set: the slot
+    /// is free again, rather than held by a set nobody can close.
+    @Test func requesterLeavingDuringValidationGetsNoSet() async throws {
+        let fixture = Fixture()
+        fixture.provider.configure { $0.holdValidation = true }
+        let task = fixture.create(CreateSetParams(volumes: ["db"], keepOpen: true))
+        while fixture.provider.calls.isEmpty { await Task.yield() }
+        await fixture.coordinator.requesterDisconnected(requester)
+        fixture.provider.releaseValidation()
+        #expect(try await expectError(task).code == .connectionClosed)
+        #expect(await fixture.coordinator.currentSetID == nil)
+        #expect(try await fixture.create(CreateSetParams(volumes: ["db"])).value.state == .complete)
+    }
+
     /// A kept-open set answers after PostSnapshot with writers waiting for BackupComplete, which they
     /// get when the requester completes the set.
     @Test func keptOpenSetCompletes() async throws {
@@ -346,6 +360,8 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
             CreateSetParams(volumes: []), CreateSetParams(volumes: ["db", "db"]),
             CreateSetParams(volumes: ["db"], freezeTimeoutSeconds: 0),
             CreateSetParams(volumes: ["db"], freezeTimeoutSeconds: 1e9),
+            CreateSetParams(volumes: ["db"], freezeTimeoutSeconds: 1e300),
+            CreateSetParams(volumes: ["db"], freezeTimeoutSeconds: -5),
         ] {
             #expect(try await expectError(fixture.create(params)).code == .invalidParams)
         }

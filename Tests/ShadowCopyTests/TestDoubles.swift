@@ -24,6 +24,9 @@ final class RecordingProvider: SnapshotProvider {
         var failPrepare: (any Error & Sendable)?
         var failCommit: (any Error & Sendable)?
         var failDelete: (any Error & Sendable)?
+        /// While true, validation waits for `releaseValidation()`.
+        var holdValidation = false
+        var validationWaiters: [CheckedContinuation<Void, Never>] = []
     }
 
     let state = Mutex(State())
@@ -37,11 +40,25 @@ final class RecordingProvider: SnapshotProvider {
     func configure(_ body: (inout State) -> Void) { state.withLock { body(&$0) } }
 
     func validateSnapshotSet(volumes: [String]) async throws {
-        let failure = state.withLock { state in
-            state.calls.append(.validate(volumes))
-            return state.failValidate
+        await withCheckedContinuation { continuation in
+            let hold = state.withLock { state in
+                state.calls.append(.validate(volumes))
+                if state.holdValidation { state.validationWaiters.append(continuation) }
+                return state.holdValidation
+            }
+            if !hold { continuation.resume() }
         }
-        if let failure { throw failure }
+        if let failure = state.withLock({ $0.failValidate }) { throw failure }
+    }
+
+    /// Lets every held validation go on, and stops holding new ones.
+    func releaseValidation() {
+        let waiters = state.withLock { state in
+            state.holdValidation = false
+            defer { state.validationWaiters = [] }
+            return state.validationWaiters
+        }
+        for waiter in waiters { waiter.resume() }
     }
 
     func prepareSnapshotSet(id: UUID, volumes: [String]) async throws -> Int {
