@@ -133,7 +133,11 @@ public final class ShadowCopyWriter<Delegate: ShadowCopyWriterDelegate>: Sendabl
             let response = try await connection.request(
                 method: "hello",
                 params: HelloParams(
-                    role: .writer, client: "umbra-swift-writer", name: name, instance: instanceRequest, volumes: volumes
+                    role: .writer,
+                    client: "umbra-swift-writer",
+                    name: name,
+                    instance: instance ?? instanceRequest,
+                    volumes: volumes
                 )
             )
             if case .error(let error) = response.kind { throw error }
@@ -154,6 +158,23 @@ public final class ShadowCopyWriter<Delegate: ShadowCopyWriterDelegate>: Sendabl
         }
         await connection.close()
         await session.connectionLost()
+    }
+
+    /// Runs the writer for good: connects again `retryDelay` after the daemon goes away or cannot be
+    /// reached, keeping the same instance GUID, until the task is cancelled. Throws only when the daemon
+    /// refuses the registration for a reason a retry cannot fix.
+    public func runReconnecting(retryDelay: Duration = .seconds(2)) async throws {
+        let permanent: Set<ControlErrorCode> = [.invalidParams, .unsupportedVersion, .badMessage, .wrongRole]
+        while !Task.isCancelled {
+            do {
+                try await run()
+            } catch let error as ShadowCopyError where permanent.contains(error.code) {
+                throw error
+            } catch {
+                logger.debug("writer connection ended", metadata: ["shadow.error": "\(error)"])
+            }
+            try? await clock.sleep(for: retryDelay)
+        }
     }
 }
 

@@ -297,6 +297,44 @@ import UmbraTestSupport
         }
     }
 
+    /// `runReconnecting` comes back, with the same instance GUID, to a daemon restarted on the same path,
+    /// after the retry delay measured on its clock.
+    @Test func swiftWriterReconnectsToARestartedDaemon() async throws {
+        let path = "/tmp/umbra-\(UUID().guidString.prefix(8)).sock"
+        func serve() async throws -> (ShadowCopyCoordinator<RecordingProvider, ManualClock>, Task<Void, any Error>) {
+            let coordinator = ShadowCopyCoordinator(provider: RecordingProvider(), clock: ManualClock())
+            let server = try await ControlServer.bind(
+                socketPath: path, coordinator: coordinator, handler: CannedHandler())
+            return (coordinator, Task { try await server.run() })
+        }
+        let writerClock = ManualClock()
+        let writer = ShadowCopyWriter(
+            socketPath: path,
+            name: "pg",
+            volumes: ["db"],
+            delegate: RecordingDelegate(),
+            clock: writerClock
+        )
+        let (first, firstServer) = try await serve()
+        let writerTask = Task { try await writer.runReconnecting(retryDelay: .seconds(5)) }
+        await first.waitForWriters(count: 1)
+        let instance = try #require(await first.listWriters().writers.first?.instance)
+        while writer.instance == nil { await Task.yield() }  // the writer has read hello's answer
+        #expect(writer.instance == instance)
+        firstServer.cancel()
+        try? await firstServer.value
+
+        await writerClock.waitForSleepers(count: 1)
+        let (second, secondServer) = try await serve()
+        writerClock.advance(by: .seconds(5))
+        await second.waitForWriters(count: 1)
+        #expect(await second.listWriters().writers.first?.instance == instance)
+        writerTask.cancel()
+        try? await writerTask.value
+        secondServer.cancel()
+        try? await secondServer.value
+    }
+
     /// A kept-open set completes over the socket; a second kept-open set is deleted when its requester's
     /// connection closes.
     @Test func keptOpenSetsOverTheSocket() async throws {
