@@ -84,6 +84,7 @@ class Writer:
         self.log = log or (lambda message: None)
         self._sock = None
         self._buffer = b""
+        self._early = []  # events that arrived before hello's answer (the daemon does not do this; be safe)
         self._frozen_set = None
         self._freeze_deadline = None
 
@@ -126,7 +127,10 @@ class Writer:
             message = self._receive(None)
             if message is None:
                 raise ProtocolError("the daemon closed the connection during hello")
-            if message.get("id") != 1 or "method" in message:
+            if "method" in message:
+                self._early.append(message)
+                continue
+            if message.get("id") != 1:
                 continue
             if "error" in message:
                 error = message["error"]
@@ -144,7 +148,7 @@ class Writer:
                 timeout = None
                 if self._freeze_deadline is not None:
                     timeout = max(0.0, self._freeze_deadline - time.monotonic())
-                message = self._receive(timeout)
+                message = self._early.pop(0) if self._early else self._receive(timeout)
                 if message is False:  # the freeze window passed with no thaw or abort
                     self._self_thaw("the freeze window passed with no thaw")
                     continue

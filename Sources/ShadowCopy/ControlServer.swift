@@ -173,9 +173,7 @@ public final class ControlServer: Sendable {
                 return
             }
             do {
-                let (newRole, result) = try await hello(message, number: number, reply: reply)
-                role = newRole
-                reply.yield(ControlEncoding.result(id: message.id, result))
+                role = try await hello(message, number: number, reply: reply)
             } catch {
                 reply.yield(
                     ControlEncoding.error(
@@ -224,11 +222,13 @@ public final class ControlServer: Sendable {
         }
     }
 
+    /// Answers hello (itself, so that a writer's answer is queued before its first event) and returns
+    /// the connection's role.
     private func hello(
         _ message: IncomingMessage,
         number: UInt64,
         reply: AsyncStream<ByteBuffer>.Continuation
-    ) async throws -> (Role, HelloResult) {
+    ) async throws -> Role {
         let params = try message.params(HelloParams.self)
         guard let version = ControlProtocol.supportedVersions.last(where: { $0 <= params.version }) else {
             throw ShadowCopyError(
@@ -240,10 +240,19 @@ public final class ControlServer: Sendable {
         }
         switch params.role {
         case .requester:
-            return (.requester(RequesterID(rawValue: number)), HelloResult(version: version, server: serverName))
+            reply.yield(ControlEncoding.result(id: message.id, HelloResult(version: version, server: serverName)))
+            return .requester(RequesterID(rawValue: number))
         case .writer:
             let id = WriterID(rawValue: number)
-            let instance = try await coordinator.registerWriter(params, id: id) { delivery in
+            let serverName = serverName
+            _ = try await coordinator.registerWriter(params, id: id) { instance in
+                reply.yield(
+                    ControlEncoding.result(
+                        id: message.id,
+                        HelloResult(version: version, server: serverName, instance: instance)
+                    )
+                )
+            } sink: { delivery in
                 reply.yield(
                     ControlEncoding.request(
                         id: .number(delivery.requestID),
@@ -252,7 +261,7 @@ public final class ControlServer: Sendable {
                     )
                 )
             }
-            return (.writer(id), HelloResult(version: version, server: serverName, instance: instance))
+            return .writer(id)
         }
     }
 

@@ -63,7 +63,12 @@ struct RequesterID: Hashable, Sendable {
 
 /// What the server needs from a coordinator, whatever its provider and clock.
 protocol SetCoordinating: Actor {
-    func registerWriter(_ hello: HelloParams, id: WriterID, sink: @escaping WriterSink) throws -> UUID
+    func registerWriter(
+        _ hello: HelloParams,
+        id: WriterID,
+        confirm: (UUID) -> Void,
+        sink: @escaping WriterSink
+    ) throws -> UUID
     func writerAnswered(_ writer: WriterID, requestID: Int64, answer: WriterAnswer)
     func writerDisconnected(_ writer: WriterID)
     func createSet(_ params: CreateSetParams, requester: RequesterID) async throws -> SnapshotSetResult
@@ -141,7 +146,14 @@ where C.Duration == Duration {
 
     // MARK: - Writers
 
-    func registerWriter(_ hello: HelloParams, id: WriterID, sink: @escaping WriterSink) throws -> UUID {
+    /// Registers a writer connection. `confirm` runs before any event can be sent to the writer, so the
+    /// answer to its hello always goes out first.
+    func registerWriter(
+        _ hello: HelloParams,
+        id: WriterID,
+        confirm: (UUID) -> Void,
+        sink: @escaping WriterSink
+    ) throws -> UUID {
         guard let name = hello.name, !name.isEmpty else {
             throw ShadowCopyError(.invalidParams, "A writer's hello must give its name.")
         }
@@ -165,6 +177,7 @@ where C.Duration == Duration {
             )
         }
         writers[id] = WriterRecord(hello: hello, name: name, instance: instance, volumes: volumes, sink: sink)
+        confirm(instance)
         logger.debug(
             "writer registered",
             metadata: ["shadow.writer": "\(name)", "shadow.instance": "\(instance.guidString)"]

@@ -183,7 +183,8 @@ final class FakeWriter: Sendable {
     func register(volumes: [String] = ["db"], instance: UUID? = nil) async throws -> UUID {
         try await coordinator.registerWriter(
             HelloParams(role: .writer, name: name, instance: instance, volumes: volumes),
-            id: id
+            id: id,
+            confirm: { _ in }
         ) { delivery in self.deliver(delivery) }
     }
 
