@@ -184,8 +184,9 @@ final class FakeWriter: Sendable {
         try await coordinator.registerWriter(
             HelloParams(role: .writer, name: name, instance: instance, volumes: volumes),
             id: id,
-            confirm: { _ in }
-        ) { delivery in self.deliver(delivery) }
+            confirm: { _ in },
+            sink: { delivery in self.deliver(delivery) }
+        )
     }
 
     func setPolicy(_ policy: @escaping @Sendable (WriterEvent) -> Reply) {
