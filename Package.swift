@@ -85,7 +85,14 @@ let package = Package(
             ]
         ),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "UmbraTestSupport"]),
-        .testTarget(name: "ShadowCopyTests", dependencies: ["ShadowCopy", "UmbraTestSupport"]),
+        .testTarget(
+            name: "ShadowCopyTests",
+            dependencies: [
+                "ShadowCopy", "UmbraTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
         // Tests that run the `umbra` executable as a real process.
         .testTarget(name: "UmbraTests", dependencies: ["umbra", "SnapshotEngine", "BlockIO", "UmbraTestSupport"]),
     ],

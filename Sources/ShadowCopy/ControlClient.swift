@@ -1,0 +1,117 @@
+// The requester's side of the control socket, as the `umbra` CLI and backup tools use it: connect,
+// say hello as a requester, then one typed call per daemon operation. Errors from the daemon come back
+// as `ShadowCopyError` with the daemon's code and sentence, ready to print.
+
+import Foundation
+import NIOCore
+import NIOPosix
+
+public final class ControlClient: Sendable {
+    private let connection: ControlConnection
+    /// The protocol version agreed in hello.
+    public let version: Int
+    public let serverName: String
+
+    private init(connection: ControlConnection, hello: HelloResult) {
+        self.connection = connection
+        self.version = hello.version
+        self.serverName = hello.server
+    }
+
+    /// Connects to the daemon's control socket and says hello as a requester.
+    public static func connect(
+        socketPath: String,
+        clientName: String = "umbra",
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton
+    ) async throws -> ControlClient {
+        let connection = try await ControlConnection.connect(socketPath: socketPath, group: group)
+        do {
+            let hello = try await call(
+                connection,
+                "hello",
+                HelloParams(role: .requester, client: clientName),
+                as: HelloResult.self
+            )
+            return ControlClient(connection: connection, hello: hello)
+        } catch {
+            await connection.close()
+            throw error
+        }
+    }
+
+    public func close() async { await connection.close() }
+
+    /// Any method by name, for methods this type has no wrapper for.
+    public func call<Result: Decodable>(_ method: String, params: some Encodable, as type: Result.Type)
+        async throws -> Result
+    {
+        try await Self.call(connection, method, params, as: type)
+    }
+
+    public func ping() async throws { _ = try await call("ping", params: EmptyResult(), as: EmptyResult.self) }
+
+    // MARK: - Volumes
+
+    public func createVolume(name: String, size: UInt64, chunkSize: UInt64? = nil) async throws -> VolumeInfo {
+        try await call(
+            "volume.create", params: CreateVolumeParams(name: name, size: size, chunkSize: chunkSize),
+            as: VolumeInfo.self)
+    }
+
+    public func listVolumes() async throws -> VolumeList {
+        try await call("volume.list", params: EmptyResult(), as: VolumeList.self)
+    }
+
+    public func deleteVolume(name: String) async throws {
+        _ = try await call("volume.delete", params: VolumeNameParams(name: name), as: EmptyResult.self)
+    }
+
+    // MARK: - Snapshots and sets
+
+    /// Takes a shadow copy set (`snapshot create`). With `keepOpen`, the set stays open after
+    /// PostSnapshot until `completeSet` or `abortSet` on this same client.
+    public func createSnapshotSet(_ params: CreateSetParams) async throws -> SnapshotSetResult {
+        try await call("snapshot.create", params: params, as: SnapshotSetResult.self)
+    }
+
+    /// The backup of an open set is done: writers get BackupComplete; the snapshots stay.
+    public func completeSet(_ id: UUID) async throws -> SnapshotSetResult {
+        try await call("set.complete", params: SetParams(set: id), as: SnapshotSetResult.self)
+    }
+
+    /// Gives up an open set: writers get Abort and its snapshots are deleted.
+    public func abortSet(_ id: UUID) async throws {
+        _ = try await call("set.abort", params: SetParams(set: id), as: EmptyResult.self)
+    }
+
+    public func listSnapshots(volume: String? = nil) async throws -> SnapshotList {
+        try await call("snapshot.list", params: ListSnapshotsParams(volume: volume), as: SnapshotList.self)
+    }
+
+    public func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult {
+        try await call("snapshot.delete", params: DeleteSnapshotsParams(ids: ids), as: DeleteSnapshotsResult.self)
+    }
+
+    public func changes(volume: String, since: UUID, until: UUID? = nil) async throws -> ChangeList {
+        try await call(
+            "snapshot.changes",
+            params: ChangesParams(volume: volume, since: since, until: until),
+            as: ChangeList.self
+        )
+    }
+
+    public func listWriters() async throws -> WriterList {
+        try await call("writer.list", params: EmptyResult(), as: WriterList.self)
+    }
+
+    private static func call<Result: Decodable>(
+        _ connection: ControlConnection,
+        _ method: String,
+        _ params: some Encodable,
+        as type: Result.Type
+    ) async throws -> Result {
+        let response = try await connection.request(method: method, params: params)
+        if case .error(let error) = response.kind { throw error }
+        return try response.result(type)
+    }
+}

@@ -1,0 +1,364 @@
+// The typed payloads of the control protocol: every `params` and `result` object of
+// docs/control-protocol.md. Field names here are the wire names; the list and create results are the
+// `--json` shapes of INTERFACE.md, so the CLI prints them unchanged.
+
+import Foundation
+
+// MARK: - Handshake
+
+public enum ControlRole: String, Codable, Sendable {
+    case requester
+    case writer
+}
+
+public struct HelloParams: Codable, Sendable, Hashable {
+    /// The highest protocol version the client speaks.
+    public var version: Int
+    public var role: ControlRole
+    /// Free text naming the client program, for logs.
+    public var client: String?
+    /// Writers only: the writer's name (e.g. `postgres`).
+    public var name: String?
+    /// Writers only: a GUID the writer keeps across reconnects; the daemon makes one up when absent.
+    @OptionalGUIDCoding public var instance: UUID?
+    /// Writers only: the volumes the writer cares about; `"*"` means every volume.
+    public var volumes: [String]?
+
+    public init(
+        version: Int = ControlProtocol.version,
+        role: ControlRole,
+        client: String? = nil,
+        name: String? = nil,
+        instance: UUID? = nil,
+        volumes: [String]? = nil
+    ) {
+        self.version = version
+        self.role = role
+        self.client = client
+        self.name = name
+        self.instance = instance
+        self.volumes = volumes
+    }
+}
+
+public struct HelloResult: Codable, Sendable, Hashable {
+    /// The version both sides now speak.
+    public var version: Int
+    public var server: String
+    /// Writers only: the writer's instance GUID.
+    @OptionalGUIDCoding public var instance: UUID?
+
+    public init(version: Int, server: String, instance: UUID? = nil) {
+        self.version = version
+        self.server = server
+        self.instance = instance
+    }
+}
+
+/// The result of a method that has nothing to say.
+public struct EmptyResult: Codable, Sendable, Hashable {
+    public init() {}
+}
+
+// MARK: - Volumes
+
+public struct VolumeInfo: Codable, Sendable, Hashable {
+    public var name: String
+    /// Bytes.
+    public var size: UInt64
+    /// Bytes.
+    public var chunkSize: UInt64
+
+    public init(name: String, size: UInt64, chunkSize: UInt64) {
+        self.name = name
+        self.size = size
+        self.chunkSize = chunkSize
+    }
+}
+
+public struct VolumeList: Codable, Sendable, Hashable {
+    public var volumes: [VolumeInfo]
+    public init(volumes: [VolumeInfo]) { self.volumes = volumes }
+}
+
+public struct CreateVolumeParams: Codable, Sendable, Hashable {
+    public var name: String
+    /// Bytes.
+    public var size: UInt64
+    /// Bytes; the daemon's default when absent.
+    public var chunkSize: UInt64?
+
+    public init(name: String, size: UInt64, chunkSize: UInt64? = nil) {
+        self.name = name
+        self.size = size
+        self.chunkSize = chunkSize
+    }
+}
+
+public struct VolumeNameParams: Codable, Sendable, Hashable {
+    public var name: String
+    public init(name: String) { self.name = name }
+}
+
+// MARK: - Snapshots
+
+public struct SnapshotInfo: Codable, Sendable, Hashable {
+    @GUIDCoding public var id: UUID
+    @GUIDCoding public var set: UUID
+    public var volume: String
+    /// The NBD export name, `VOLUME@GUID`.
+    public var export: String
+    public var createdAt: Date
+    /// Bytes the snapshot holds in the diff store.
+    public var diffBytes: UInt64
+
+    public init(id: UUID, set: UUID, volume: String, export: String, createdAt: Date, diffBytes: UInt64) {
+        self.id = id
+        self.set = set
+        self.volume = volume
+        self.export = export
+        self.createdAt = createdAt
+        self.diffBytes = diffBytes
+    }
+}
+
+public struct SnapshotList: Codable, Sendable, Hashable {
+    /// Oldest first.
+    public var snapshots: [SnapshotInfo]
+    public init(snapshots: [SnapshotInfo]) { self.snapshots = snapshots }
+}
+
+public struct ListSnapshotsParams: Codable, Sendable, Hashable {
+    /// Only this volume's snapshots when present.
+    public var volume: String?
+    public init(volume: String? = nil) { self.volume = volume }
+}
+
+public struct DeleteSnapshotsParams: Codable, Sendable, Hashable {
+    /// Snapshot GUIDs, or set GUIDs to delete every snapshot of the set.
+    @GUIDListCoding public var ids: [UUID]
+    public init(ids: [UUID]) { self.ids = ids }
+}
+
+public struct DeleteSnapshotsResult: Codable, Sendable, Hashable {
+    /// The snapshot GUIDs that were deleted.
+    @GUIDListCoding public var deleted: [UUID]
+    public init(deleted: [UUID]) { self.deleted = deleted }
+}
+
+public struct ChangesParams: Codable, Sendable, Hashable {
+    public var volume: String
+    @GUIDCoding public var since: UUID
+    /// The newer snapshot; the live volume when absent.
+    @OptionalGUIDCoding public var until: UUID?
+
+    public init(volume: String, since: UUID, until: UUID? = nil) {
+        self.volume = volume
+        self.since = since
+        self.until = until
+    }
+}
+
+public struct ByteExtent: Codable, Sendable, Hashable {
+    public var offset: UInt64
+    public var length: UInt64
+    public init(offset: UInt64, length: UInt64) {
+        self.offset = offset
+        self.length = length
+    }
+}
+
+public struct ChangeList: Codable, Sendable, Hashable {
+    public var chunkSize: UInt64
+    /// Sorted and merged.
+    public var extents: [ByteExtent]
+    public init(chunkSize: UInt64, extents: [ByteExtent]) {
+        self.chunkSize = chunkSize
+        self.extents = extents
+    }
+}
+
+// MARK: - Shadow copy sets
+
+public struct CreateSetParams: Codable, Sendable, Hashable {
+    /// The volumes to snapshot at one instant (at least one, no repeats).
+    public var volumes: [String]
+    /// `false` skips the writers: a crash-consistent set (`--no-writers`).
+    public var writers: Bool
+    /// Overrides the Freeze→Thaw limit for this set (`--freeze-timeout`), in seconds.
+    public var freezeTimeoutSeconds: Double?
+    /// Keep the set open after PostSnapshot; the requester then sends `set.complete` or `set.abort`.
+    public var keepOpen: Bool
+    /// Wait for a set in progress to finish instead of failing with `busy`.
+    public var wait: Bool
+
+    public init(
+        volumes: [String],
+        writers: Bool = true,
+        freezeTimeoutSeconds: Double? = nil,
+        keepOpen: Bool = false,
+        wait: Bool = false
+    ) {
+        self.volumes = volumes
+        self.writers = writers
+        self.freezeTimeoutSeconds = freezeTimeoutSeconds
+        self.keepOpen = keepOpen
+        self.wait = wait
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case volumes, writers, freezeTimeoutSeconds, keepOpen, wait
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.container(keyedBy: CodingKeys.self)
+        volumes = try container.decode([String].self, forKey: .volumes)
+        writers = try container.decodeIfPresent(Bool.self, forKey: .writers) ?? true
+        freezeTimeoutSeconds = try container.decodeIfPresent(Double.self, forKey: .freezeTimeoutSeconds)
+        keepOpen = try container.decodeIfPresent(Bool.self, forKey: .keepOpen) ?? false
+        wait = try container.decodeIfPresent(Bool.self, forKey: .wait) ?? false
+    }
+}
+
+public struct CreatedSnapshot: Codable, Sendable, Hashable {
+    @GUIDCoding public var id: UUID
+    public var volume: String
+    /// The NBD export name, `VOLUME@GUID`.
+    public var export: String
+
+    public init(id: UUID, volume: String, export: String) {
+        self.id = id
+        self.volume = volume
+        self.export = export
+    }
+}
+
+/// The result of `snapshot.create` and `set.complete`: INTERFACE.md's `snapshot create --json` shape,
+/// plus the writers' outcomes.
+public struct SnapshotSetResult: Codable, Sendable, Hashable {
+    @GUIDCoding public var set: UUID
+    public var createdAt: Date
+    public var snapshots: [CreatedSnapshot]
+    /// Every writer that took part, with the state it ended in.
+    public var writers: [WriterInfo]
+    /// True when no writer took part: the snapshots are crash-consistent, not application-consistent.
+    public var crashConsistent: Bool
+    /// `open` while a kept-open set waits for `set.complete`; `complete` after BackupComplete.
+    public var state: SetResultState
+
+    public init(
+        set: UUID,
+        createdAt: Date,
+        snapshots: [CreatedSnapshot],
+        writers: [WriterInfo],
+        crashConsistent: Bool,
+        state: SetResultState
+    ) {
+        self.set = set
+        self.createdAt = createdAt
+        self.snapshots = snapshots
+        self.writers = writers
+        self.crashConsistent = crashConsistent
+        self.state = state
+    }
+}
+
+public enum SetResultState: String, Codable, Sendable, Hashable {
+    case open
+    case complete
+}
+
+public struct SetParams: Codable, Sendable, Hashable {
+    @GUIDCoding public var set: UUID
+    public init(set: UUID) { self.set = set }
+}
+
+// MARK: - Writers
+
+public struct WriterInfo: Codable, Sendable, Hashable {
+    public var name: String
+    @GUIDCoding public var instance: UUID
+    /// The volumes it cares about (`"*"`: all).
+    public var volumes: [String]
+    public var state: WriterState
+    /// The last failure, if the writer failed the last set it took part in.
+    public var failure: WriterFailure?
+    /// What went wrong, in the writer's or the daemon's words.
+    public var message: String?
+    /// What the writer reported at Identify.
+    public var metadata: JSONValue?
+
+    public init(
+        name: String,
+        instance: UUID,
+        volumes: [String],
+        state: WriterState,
+        failure: WriterFailure? = nil,
+        message: String? = nil,
+        metadata: JSONValue? = nil
+    ) {
+        self.name = name
+        self.instance = instance
+        self.volumes = volumes
+        self.state = state
+        self.failure = failure
+        self.message = message
+        self.metadata = metadata
+    }
+}
+
+public struct WriterList: Codable, Sendable, Hashable {
+    public var writers: [WriterInfo]
+    public init(writers: [WriterInfo]) { self.writers = writers }
+}
+
+/// The `params` of every event the daemon sends a writer.
+public struct WriterEventParams: Codable, Sendable, Hashable {
+    @GUIDCoding public var set: UUID
+    /// Every volume of the set.
+    public var volumes: [String]
+    /// How long the daemon waits for the answer to this event, in milliseconds.
+    public var timeoutMs: Int64
+    /// Freeze only: the Freeze→Thaw limit in milliseconds. A frozen writer that hears nothing for this
+    /// long should thaw by itself.
+    public var freezeWindowMs: Int64?
+    /// Thaw, PostSnapshot and BackupComplete: the snapshots taken.
+    public var snapshots: [CreatedSnapshot]?
+    /// Abort only: why.
+    public var reason: String?
+
+    public init(
+        set: UUID,
+        volumes: [String],
+        timeoutMs: Int64,
+        freezeWindowMs: Int64? = nil,
+        snapshots: [CreatedSnapshot]? = nil,
+        reason: String? = nil
+    ) {
+        self.set = set
+        self.volumes = volumes
+        self.timeoutMs = timeoutMs
+        self.freezeWindowMs = freezeWindowMs
+        self.snapshots = snapshots
+        self.reason = reason
+    }
+}
+
+/// What a writer answers to Identify (anything else gets `{}`).
+public struct IdentifyResult: Codable, Sendable, Hashable {
+    public var metadata: JSONValue?
+    public init(metadata: JSONValue? = nil) { self.metadata = metadata }
+}
+
+/// The `error` object of a writer's veto.
+public struct VetoBody: Codable, Sendable, Hashable {
+    public var code: String
+    public var failure: WriterFailure?
+    public var message: String?
+
+    public init(failure: WriterFailure, message: String) {
+        self.code = "veto"
+        self.failure = failure
+        self.message = message
+    }
+}

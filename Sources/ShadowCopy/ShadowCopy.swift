@@ -1,1 +1,0 @@
-// ShadowCopy: see ARCHITECTURE.md for what this module owns.
