@@ -18,14 +18,12 @@ public struct ChunkIndex: RawRepresentable, Hashable, Comparable, Sendable, Cust
 /// A volume's number inside one data directory (stable for its lifetime, never reused).
 struct VolumeID: RawRepresentable, Hashable, Comparable, Sendable {
     var rawValue: UInt32
-    init(rawValue: UInt32) { self.rawValue = rawValue }
     static func < (lhs: VolumeID, rhs: VolumeID) -> Bool { lhs.rawValue < rhs.rawValue }
 }
 
 /// Creation order of snapshots across the data directory; a newer snapshot has a larger sequence.
 struct SnapshotSequence: RawRepresentable, Hashable, Comparable, Sendable {
     var rawValue: UInt64
-    init(rawValue: UInt64) { self.rawValue = rawValue }
     static func < (lhs: SnapshotSequence, rhs: SnapshotSequence) -> Bool { lhs.rawValue < rhs.rawValue }
 }
 
