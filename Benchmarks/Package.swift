@@ -7,7 +7,7 @@ let package = Package(
     name: "UmbraBenchmarks",
     platforms: [.macOS(.v15)],
     dependencies: [
-        .package(path: ".."),
+        .package(name: "Umbra", path: ".."),
         .package(url: "https://github.com/ordo-one/benchmark", from: "1.38.1", traits: ["MallocInterposer"]),
     ],
     targets: [
@@ -15,9 +15,8 @@ let package = Package(
             name: "EngineBenchmarks",
             dependencies: [
                 .product(name: "Benchmark", package: "benchmark"),
-                // By name: the root package's identity is its directory's name, which differs per clone.
-                "SnapshotEngine",
-                "BlockIO",
+                .product(name: "SnapshotEngine", package: "Umbra"),
+                .product(name: "BlockIO", package: "Umbra"),
             ],
             path: "Benchmarks/EngineBenchmarks",
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]

@@ -34,8 +34,22 @@ public struct StoreConfiguration: Sendable {
     /// they are more than four times what a compacted catalog would take.
     public var catalogCompactionThreshold: ByteCount = .mebibytes(64)
     public var logger = Logger(label: "umbra.engine")
+    /// Told of every change to the store's volumes and snapshots once it is durable, including those
+    /// the diff-store policy makes on its own. Called synchronously: keep it short.
+    public var eventHandler: (@Sendable (StoreEvent) -> Void)?
 
     public init() {}
+}
+
+/// A durable change to what a store holds.
+public enum StoreEvent: Sendable, Equatable {
+    case volumeCreated(name: String)
+    case volumeDeleted(name: String)
+    case snapshotSetCreated(SnapshotSetInfo)
+    /// Deleted by request, or by a full diff store's `deleteOldest` policy.
+    case snapshotsDeleted(ids: [UUID])
+    /// Failed by a full diff store's `failSnapshot` policy; still listed, no longer readable.
+    case snapshotFailed(id: UUID, reason: String)
 }
 
 /// What a new volume looks like.

@@ -37,11 +37,14 @@ public final class PreparedSnapshotSet: Sendable {
     let store: SnapshotStore
     let members: [Volume]
     let holdLimit: Duration
+    /// The set's GUID if the caller chose it (the coordinator names sets before they exist).
+    let requestedID: UUID?
     private let state = Mutex(State())
 
-    init(store: SnapshotStore, members: [Volume], holdLimit: Duration) {
+    init(store: SnapshotStore, members: [Volume], holdLimit: Duration, id: UUID?) {
         self.store = store
         self.members = members
+        self.requestedID = id
         self.volumes = members.map(\.name).sorted()
         self.holdLimit = holdLimit
     }
@@ -170,7 +173,7 @@ public final class PreparedSnapshotSet: Sendable {
             releaseAll()
         }
         let configuration = store.context.configuration
-        let setID = configuration.makeIdentifier()
+        let setID = requestedID ?? configuration.makeIdentifier()
         let createdAt = SnapshotStore.nanoseconds(configuration.wallClock())
         let sequences = store.nextSequences(members.count)
         let snapshotIDs = members.map { _ in configuration.makeIdentifier() }
@@ -201,7 +204,9 @@ public final class PreparedSnapshotSet: Sendable {
         store.context.logger.debug(
             "took snapshot set",
             metadata: ["set.id": "\(setID.guidString)", "volumes": "\(volumes.joined(separator: ","))"])
-        return SnapshotSetInfo(id: setID, createdAt: date, snapshots: snapshots)
+        let info = SnapshotSetInfo(id: setID, createdAt: date, snapshots: snapshots)
+        store.context.configuration.eventHandler?(.snapshotSetCreated(info))
+        return info
     }
 
     /// Gives up the set and releases the writes. Does nothing if it was already committed, aborted or

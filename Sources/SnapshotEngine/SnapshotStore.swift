@@ -271,6 +271,7 @@ public final class SnapshotStore: Sendable {
                 diffLimitSlots: spec.diffLimit.map { $0.rawValue >> definition.chunkShift }, policy: spec.policy)
             let volume = Volume(definition: definition, metadata: metadata, live: live, diff: diff, context: context)
             state.withLock { $0.volumes[spec.name] = volume }
+            context.configuration.eventHandler?(.volumeCreated(name: spec.name))
             context.logger.debug("created volume", metadata: ["volume": "\(spec.name)", "size": "\(size)"])
             return info(for: volume)
         } catch {
@@ -326,6 +327,7 @@ public final class SnapshotStore: Sendable {
         }
         volume.removed.store(true, ordering: .releasing)
         _ = state.withLock { $0.volumes.removeValue(forKey: name) }
+        context.configuration.eventHandler?(.volumeDeleted(name: name))
         let directory = self.directory
         let base = Self.volumeDirectory(volume.id)
         do {
@@ -346,7 +348,8 @@ public final class SnapshotStore: Sendable {
     /// Holds new writes on every volume of the set, drains the writes in flight, and makes the volumes
     /// durable; `commit()` then takes the snapshots, `abort()` gives up. Writes stay held for at most
     /// `holdLimit` (default: the configuration's): past it the set is aborted and the writes released.
-    public func prepareSnapshotSet(volumes names: [String], holdLimit: Duration? = nil) async throws
+    /// The set gets GUID `id` if given (it must be new), else a fresh one.
+    public func prepareSnapshotSet(volumes names: [String], id: UUID? = nil, holdLimit: Duration? = nil) async throws
         -> PreparedSnapshotSet
     {
         try checkOpen()
@@ -360,6 +363,9 @@ public final class SnapshotStore: Sendable {
         do {
             try checkOpen()
             members = try names.map { try volume(named: $0) }.sorted { $0.id < $1.id }
+            if let id, try snapshots().contains(where: { $0.id == id || $0.setID == id }) {
+                throw EngineError.invalidSnapshotSet("a snapshot or set with GUID \(id.guidString) already exists")
+            }
             let maximum = context.configuration.maximumSnapshotsPerVolume
             for volume in members where volume.metadata.withLock({ $0.chain.count + $0.failed.count }) >= maximum {
                 throw EngineError.tooManySnapshots(volume: volume.name, limit: maximum)
@@ -368,7 +374,7 @@ public final class SnapshotStore: Sendable {
             operations.unlock()
             throw error
         }
-        let prepared = PreparedSnapshotSet(store: self, members: members, holdLimit: limit)
+        let prepared = PreparedSnapshotSet(store: self, members: members, holdLimit: limit, id: id)
         try await prepared.hold()
         return prepared
     }
@@ -538,6 +544,7 @@ public final class SnapshotStore: Sendable {
         }
         for volume in held { volume.gate.releaseExclusive() }
         held = []
+        context.configuration.eventHandler?(.snapshotsDeleted(ids: deletedIDs))
         try await compactIfWorthIt(holdingOperations: true)
         return deletedIDs
     }

@@ -479,6 +479,9 @@ public final class Volume: Sendable {
             return freed
         }
         await releaseSlots(freed)
+        context.configuration.eventHandler?(
+            policy == .deleteOldest
+                ? .snapshotsDeleted(ids: [snapshot.id]) : .snapshotFailed(id: snapshot.id, reason: reason))
         context.logger.warning(
             "\(policy == .deleteOldest ? "deleted" : "failed") snapshot to free diff space",
             metadata: ["volume": "\(name)", "snapshot.id": "\(snapshot.id.guidString)", "diff.limit": "\(limit)"])
