@@ -76,6 +76,7 @@ let package = Package(
             name: "NBDProtocolTests",
             dependencies: [
                 "NBDProtocol",
+                "UmbraTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
