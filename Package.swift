@@ -81,7 +81,18 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
         ),
-        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "UmbraTestSupport"]),
+        .testTarget(
+            name: "NBDServerTests",
+            dependencies: [
+                "NBDServer",
+                "NBDProtocol",
+                "UmbraTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(name: "ShadowCopyTests", dependencies: ["ShadowCopy", "UmbraTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -105,6 +105,33 @@ extension ByteBuffer {
         return writerIndex - start
     }
 
+    /// Writes an option as a client sends it: `IHAVEOPT`, option, length, payload.
+    @discardableResult
+    public mutating func writeNBDOption(_ option: NBDOption, payload: ByteBuffer = ByteBuffer()) -> Int {
+        writeMultipleIntegers(NBDMagic.option, option.rawValue, UInt32(payload.readableBytes))
+            + writeImmutableBuffer(payload)
+    }
+
+    /// Writes the payload of `NBD_OPT_INFO`/`NBD_OPT_GO` as a client sends it.
+    @discardableResult
+    public mutating func writeNBDExportInfoRequest(_ request: NBDExportInfoRequest) -> Int {
+        var written = writeInteger(UInt32(request.exportName.utf8.count)) + writeString(request.exportName)
+        written += writeInteger(UInt16(request.infoTypes.count))
+        for info in request.infoTypes { written += writeInteger(info.rawValue) }
+        return written
+    }
+
+    /// Writes the payload of `NBD_OPT_LIST_META_CONTEXT`/`NBD_OPT_SET_META_CONTEXT` as a client sends it.
+    @discardableResult
+    public mutating func writeNBDMetaContextRequest(_ request: NBDMetaContextRequest) -> Int {
+        var written = writeInteger(UInt32(request.exportName.utf8.count)) + writeString(request.exportName)
+        written += writeInteger(UInt32(request.queries.count))
+        for query in request.queries {
+            written += writeInteger(UInt32(query.utf8.count)) + writeString(query)
+        }
+        return written
+    }
+
     /// Reads the payload of `NBD_OPT_INFO`/`NBD_OPT_GO`, which must be consumed exactly.
     public mutating func readNBDExportInfoRequest() throws(NBDProtocolError) -> NBDExportInfoRequest {
         let name = try readNBDLengthPrefixedString(what: "export name")

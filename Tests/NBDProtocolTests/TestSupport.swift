@@ -34,46 +34,6 @@ let snapshotExport = NBDExportDescription(
 
 let testCatalog = TestCatalog(exports: [liveExport, snapshotExport])
 
-extension ByteBuffer {
-    /// The payload of INFO/GO.
-    static func infoRequest(name: String, infos: [NBDInfoType] = []) -> ByteBuffer {
-        var buffer = ByteBuffer()
-        buffer.writeInteger(UInt32(name.utf8.count))
-        buffer.writeString(name)
-        buffer.writeInteger(UInt16(infos.count))
-        for info in infos { buffer.writeInteger(info.rawValue) }
-        return buffer
-    }
-
-    /// The payload of LIST_META_CONTEXT/SET_META_CONTEXT.
-    static func metaContextRequest(name: String, queries: [String]) -> ByteBuffer {
-        var buffer = ByteBuffer()
-        buffer.writeInteger(UInt32(name.utf8.count))
-        buffer.writeString(name)
-        buffer.writeInteger(UInt32(queries.count))
-        for query in queries {
-            buffer.writeInteger(UInt32(query.utf8.count))
-            buffer.writeString(query)
-        }
-        return buffer
-    }
-
-    /// An option as the client sends it: IHAVEOPT, code, length, payload.
-    static func option(_ option: NBDOption, _ payload: ByteBuffer = ByteBuffer()) -> ByteBuffer {
-        var buffer = ByteBuffer()
-        buffer.writeMultipleIntegers(NBDMagic.option, option.rawValue, UInt32(payload.readableBytes))
-        buffer.writeImmutableBuffer(payload)
-        return buffer
-    }
-
-    static func request(_ request: NBDRequest, payload: [UInt8] = []) -> ByteBuffer {
-        var buffer = ByteBuffer()
-        buffer.writeNBDRequest(request)
-        buffer.writeBytes(payload)
-        return buffer
-    }
-}
-
 extension NBDHandshakeStateMachine.Action {
     /// The option replies this action sends.
     var optionReplies: [NBDOptionReply] {
