@@ -2,12 +2,13 @@ import NIOCore
 
 // Design note. The decoder cuts the client's byte stream into messages without ever allocating
 // from an unchecked length. Received buffers are queued as they arrive (no cumulation copy); a
-// header that straddles two buffers is gathered into a fresh buffer of its fixed size; a payload
-// that lies inside one received buffer is handed on as a slice of it (no copy), and one that spans
-// several is copied once into a buffer of exactly its length, which is allocated only after the
+// header that straddles two buffers is gathered into a fresh buffer of its fixed size; an option
+// payload that lies inside one received buffer is handed on as a slice of it (no copy), one that
+// spans several is copied once into a buffer of exactly its length, allocated only after the
 // length passed its bound. A WRITE payload is neither kept nor skipped until the caller has
-// validated the request header and said which (`keepWritePayload()` / `discardWritePayload()`),
-// so a refused write's payload is read past without being stored.
+// validated the request header and said which: kept payloads are copied, as they arrive, into a
+// buffer the caller provides (so it can recycle big ones, and so a long-running write never pins
+// the receive buffers it arrived in); refused ones are read past without being stored.
 
 /// Splits what a client sends into handshake and transmission messages.
 public struct NBDServerDecoder {
@@ -38,6 +39,9 @@ public struct NBDServerDecoder {
         /// A WRITE header was returned; the caller has not said yet what to do with its payload.
         case awaitingWritePayloadDecision(length: Int)
         case payload(PayloadKind, length: Int)
+        /// A WRITE payload being copied into the caller's buffer.
+        case collectingWrite(ByteBuffer, remaining: Int)
+        /// An option payload spanning several received buffers being gathered.
         case collecting(PayloadKind, ByteBuffer, remaining: Int)
         case discarding(PayloadKind, length: Int, remaining: Int)
         case failed
@@ -72,13 +76,14 @@ public struct NBDServerDecoder {
         state = .requestHeader
     }
 
-    /// Keeps the payload of the WRITE just returned; it will come as `.writePayload`.
-    public mutating func keepWritePayload() {
+    /// Keeps the payload of the WRITE just returned: it is appended to `destination` (which should
+    /// be empty with room for the whole payload) and comes as `.writePayload`.
+    public mutating func keepWritePayload(into destination: ByteBuffer) {
         guard case .awaitingWritePayloadDecision(let length) = state else {
             assertionFailure("no WRITE payload is waiting for a decision in \(state)")
             return
         }
-        state = .payload(.write, length: length)
+        state = .collectingWrite(destination, remaining: length)
     }
 
     /// Reads past the payload of the WRITE just returned; `.discardedWritePayload` follows.
@@ -148,6 +153,13 @@ public struct NBDServerDecoder {
                 let remaining = moveQueuedBytes(into: &collected, upTo: length)
                 if remaining == 0 { return finishPayload(kind, collected) }
                 state = .collecting(kind, collected, remaining: remaining)
+                return nil
+
+            case .collectingWrite(var collected, let remaining):
+                state = .failed  // drop the state's reference so `collected` is written in place
+                let stillRemaining = moveQueuedBytes(into: &collected, upTo: remaining)
+                if stillRemaining == 0 { return finishPayload(.write, collected) }
+                state = .collectingWrite(collected, remaining: stillRemaining)
                 return nil
 
             case .collecting(let kind, var collected, let remaining):

@@ -37,6 +37,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     private let environment: Environment
     private let executor: EventLoopTaskExecutor
+    private let buffers: NBDBufferPool
+    private let allocator: ByteBufferAllocator
     private var logger: Logger
     private var decoder: NBDServerDecoder
     private var handshake: NBDHandshakeStateMachine?
@@ -61,9 +63,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     private var closeWhenDrained = false
     private var drainPromise: EventLoopPromise<Void>?
 
-    init(environment: Environment, executor: EventLoopTaskExecutor, allocator: ByteBufferAllocator, logger: Logger) {
+    init(
+        environment: Environment,
+        executor: EventLoopTaskExecutor,
+        buffers: NBDBufferPool,
+        allocator: ByteBufferAllocator,
+        logger: Logger
+    ) {
         self.environment = environment
         self.executor = executor
+        self.buffers = buffers
+        self.allocator = allocator
         self.logger = logger
         self.decoder = NBDServerDecoder(limits: environment.limits, allocator: allocator)
         self.handshake = NBDHandshakeStateMachine(
@@ -219,7 +229,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         switch transmission!.receivedRequest(request) {
         case .serve(let request):
             if request.command == .write {
-                decoder.keepWritePayload()
+                // Big payloads go into recycled buffers; small ones into fresh ones (cheap), never
+                // into slices of receive buffers, which a slow write would keep alive.
+                let length = Int(request.length)
+                decoder.keepWritePayload(
+                    into: length >= NBDBufferPool.minimumPooledBytes
+                        ? buffers.buffer(capacity: length) : allocator.buffer(capacity: length)
+                )
                 pendingWrite = request
             } else {
                 serve(request, payload: nil)
@@ -251,14 +267,15 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         guard let export, let context, let transmission else { return invariantBroken("serving without an export") }
         if request.length == 0 && request.command != .flush {
             // Zero-length requests are legal and need no export call.
-            finish(request, request.command == .read ? .read(.data(context.channel.allocator.buffer(capacity: 0))) : .done)
+            finish(request, request.command == .read ? .read(.data(allocator.buffer(capacity: 0))) : .done)
             return
         }
         let contexts = request.command == .blockStatus ? transmission.session.metaContexts : []
-        let allocator = context.channel.allocator
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let buffers = self.buffers
         Self.launch(on: executor) {
-            let outcome = await Self.perform(request, payload: payload, contexts: contexts, on: export, allocator: allocator)
+            let outcome = await Self.perform(request, payload: payload, contexts: contexts, on: export, buffers: buffers)
+            if let payload { buffers.recycle(payload) }
             handler.value.finish(request, outcome)
         }
     }
@@ -272,13 +289,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         payload: ByteBuffer?,
         contexts: [NBDMetaContext],
         on export: any NBDExport,
-        allocator: ByteBufferAllocator
+        buffers: NBDBufferPool
     ) async -> Outcome {
         let fua = request.flags.contains(.fua)
         do {
             switch request.command {
             case .read:
-                return .read(try await export.read(offset: request.offset, length: request.length, allocator: allocator))
+                return .read(try await export.read(offset: request.offset, length: request.length, buffers: buffers))
             case .write:
                 try await export.write(offset: request.offset, data: payload ?? ByteBuffer(), fua: fua)
             case .flush:
@@ -473,7 +490,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
                     $0.writeNBDSimpleReply(handle: handle, error: nil)
                 }
             }
-            writePayload(.byteBuffer(data))
+            writeData(data)
 
         case .zeroes:
             if structured && !request.flags.contains(.dontFragment) {
@@ -494,7 +511,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
                 switch segment {
                 case .data(let data):
                     appendHeader { $0.writeNBDOffsetDataHeader(handle: handle, flags: [], offset: offset, dataLength: segmentLength) }
-                    writePayload(.byteBuffer(data))
+                    writeData(data)
                 case .zeroes:
                     appendHeader { $0.writeNBDOffsetHole(handle: handle, flags: [], offset: offset, length: segmentLength) }
                 case .file(let file):
@@ -523,7 +540,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
         for segment in segments {
             switch segment {
-            case .data(let data): writePayload(.byteBuffer(data))
+            case .data(let data): writeData(data)
             case .zeroes(let length): writeZeroes(Int(length))
             case .file(let file): writeFile(file)
             }
@@ -583,6 +600,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
         context.write(wrapOutboundOut(payload), promise: promise)
         needsFlush = true
+    }
+
+    /// Writes read data; big buffers go back to the pool once the socket is done with them.
+    private func writeData(_ data: ByteBuffer) {
+        guard data.capacity >= NBDBufferPool.minimumPooledBytes, let context else {
+            return writePayload(.byteBuffer(data))
+        }
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        let buffers = self.buffers
+        promise.futureResult.whenComplete { _ in buffers.recycle(data) }
+        writePayload(.byteBuffer(data), promise: promise)
     }
 
     private func writeZeroes(_ length: Int) {

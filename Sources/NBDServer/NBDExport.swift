@@ -29,8 +29,9 @@ public protocol NBDExport: Sendable {
     /// Metadata contexts besides `base:allocation`, e.g. `qemu:dirty-bitmap:GUID`.
     var metaContexts: [String] { get }
 
-    /// Reads `length` bytes at `offset`. Data buffers should come from `allocator`.
-    func read(offset: UInt64, length: UInt32, allocator: ByteBufferAllocator) async throws -> NBDReadResult
+    /// Reads `length` bytes at `offset`. Data buffers should come from `buffers` (which recycles
+    /// big ones once they have been sent).
+    func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult
     /// Writes `data` at `offset`; with `fua`, returns only once the data is durable.
     func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws
     /// Makes every completed write durable.

@@ -19,6 +19,8 @@ public final class NBDServer: Sendable {
         public var writeBufferHighWaterMark = 4 * 1024 * 1024
         /// Largest buffer one socket read fills.
         public var maximumReadBytes = 1024 * 1024
+        /// Idle big buffers kept for reuse, per event loop (see `NBDBufferPool`).
+        public var maximumPooledBytesPerEventLoop = 64 * 1024 * 1024
 
         public init() {}
     }
@@ -42,6 +44,7 @@ public final class NBDServer: Sendable {
     private let logger: Logger
     private let environment: NBDConnectionHandler.Environment
     private let executors: [ObjectIdentifier: EventLoopTaskExecutor]
+    private let bufferPools: [ObjectIdentifier: NBDBufferPool]
     private let state = Mutex(State())
 
     /// Zero bytes shared by all connections for holes that must be sent as data.
@@ -67,10 +70,13 @@ public final class NBDServer: Sendable {
             logger: logger
         )
         var executors: [ObjectIdentifier: EventLoopTaskExecutor] = [:]
+        var bufferPools: [ObjectIdentifier: NBDBufferPool] = [:]
         for loop in group.makeIterator() {
             executors[ObjectIdentifier(loop)] = EventLoopTaskExecutor(eventLoop: loop)
+            bufferPools[ObjectIdentifier(loop)] = NBDBufferPool(maximumPooledBytes: configuration.maximumPooledBytesPerEventLoop)
         }
         self.executors = executors
+        self.bufferPools = bufferPools
     }
 
     /// Starts listening on `address` and returns the address actually bound (with the port chosen
@@ -211,12 +217,15 @@ public final class NBDServer: Sendable {
         var logger = self.logger
         logger[metadataKey: "nbd.connection"] = "\(id)"
         if let peer = channel.remoteAddress { logger[metadataKey: "nbd.peer"] = "\(peer)" }
-        guard let executor = executors[ObjectIdentifier(channel.eventLoop)] else {
+        guard let executor = executors[ObjectIdentifier(channel.eventLoop)],
+            let buffers = bufferPools[ObjectIdentifier(channel.eventLoop)]
+        else {
             throw NBDError(.eio, "the channel's event loop is not in the server's group")
         }
         let handler = NBDConnectionHandler(
             environment: environment,
             executor: executor,
+            buffers: buffers,
             allocator: channel.allocator,
             logger: logger
         )

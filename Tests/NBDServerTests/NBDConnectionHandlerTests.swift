@@ -30,6 +30,7 @@ private struct HandlerHarness {
         let handler = NBDConnectionHandler(
             environment: environment,
             executor: EventLoopTaskExecutor(eventLoop: channel.embeddedEventLoop),
+            buffers: NBDBufferPool(),
             allocator: channel.allocator,
             logger: logger
         )

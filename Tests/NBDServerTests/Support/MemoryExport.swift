@@ -94,7 +94,7 @@ final class MemoryExport: NBDExport {
 
     // MARK: - NBDExport
 
-    func read(offset: UInt64, length: UInt32, allocator: ByteBufferAllocator) async throws -> NBDReadResult {
+    func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {
         let gate = state.withLock { state -> Gate? in
             state.readsInFlight += 1
             state.maximumReadsInFlight = max(state.maximumReadsInFlight, state.readsInFlight)
@@ -115,7 +115,7 @@ final class MemoryExport: NBDExport {
                     runEnd = min(end, runEnd + Self.blockBytes)
                 }
                 if allocated {
-                    var buffer = allocator.buffer(capacity: runEnd - position)
+                    var buffer = buffers.buffer(capacity: runEnd - position)
                     buffer.writeBytes(state.bytes[position..<runEnd])
                     segments.append(.data(buffer))
                 } else {
