@@ -80,11 +80,23 @@ let package = Package(
             name: "NBDProtocolTests",
             dependencies: [
                 "NBDProtocol",
+                "UmbraTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
         ),
-        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "UmbraTestSupport"]),
+        .testTarget(
+            name: "NBDServerTests",
+            dependencies: [
+                "NBDServer",
+                "NBDProtocol",
+                "UmbraTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         .testTarget(
             name: "ShadowCopyTests",
             dependencies: [

@@ -1,1 +1,252 @@
-// NBDServer: see ARCHITECTURE.md for what this module owns.
+import Logging
+import NBDProtocol
+import NIOCore
+import NIOPosix
+import Synchronization
+
+// Design note. The server owns listeners and the set of live connections; everything per request
+// lives in the connection handlers. Shutdown follows proto.md's advice: stop accepting, let every
+// connection answer what is in flight while refusing new requests (`ESHUTDOWN`, and
+// `NBD_REP_ERR_SHUTDOWN` to options), flush every export, then close. Each event loop gets one
+// task executor, shared by the connections on that loop.
+
+/// An NBD server (fixed newstyle) serving the exports of a registry on TCP and Unix sockets.
+public final class NBDServer: Sendable {
+    public struct Configuration: Sendable {
+        public var limits = NBDLimits()
+        public var tlsMode = NBDTLSMode.disabled
+        /// Outbound bytes queued per connection above which it stops reading requests.
+        public var writeBufferHighWaterMark = 4 * 1024 * 1024
+        /// Largest buffer one socket read fills.
+        public var maximumReadBytes = 1024 * 1024
+        /// Idle big buffers kept for reuse, per event loop (see `NBDBufferPool`).
+        public var maximumPooledBytesPerEventLoop = 64 * 1024 * 1024
+
+        public init() {}
+    }
+
+    private struct Listener: Sendable {
+        var channel: any Channel
+        var address: NBDListenAddress
+        var unixSocket: UnixSocketFile.Identity?
+    }
+
+    private struct State {
+        var listeners: [Listener] = []
+        var connections: [UInt64: NBDConnection] = [:]
+        var nextConnectionID: UInt64 = 0
+        var isShuttingDown = false
+    }
+
+    public let registry: NBDExportRegistry
+    public let configuration: Configuration
+    private let group: any EventLoopGroup
+    private let logger: Logger
+    private let environment: NBDConnectionHandler.Environment
+    private let executors: [ObjectIdentifier: EventLoopTaskExecutor]
+    private let bufferPools: [ObjectIdentifier: NBDBufferPool]
+    private let state = Mutex(State())
+
+    /// Zero bytes shared by all connections for holes that must be sent as data.
+    private static let zeroBytes = 1024 * 1024
+
+    public init(
+        registry: NBDExportRegistry,
+        configuration: Configuration = Configuration(),
+        group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
+        logger: Logger = Logger(label: "umbra.nbd")
+    ) {
+        self.registry = registry
+        self.configuration = configuration
+        self.group = group
+        self.logger = logger
+        var zeroes = ByteBufferAllocator().buffer(capacity: Self.zeroBytes)
+        zeroes.writeRepeatingByte(0, count: Self.zeroBytes)
+        self.environment = .init(
+            registry: registry,
+            limits: configuration.limits,
+            tlsMode: configuration.tlsMode,
+            zeroes: zeroes,
+            logger: logger
+        )
+        var executors: [ObjectIdentifier: EventLoopTaskExecutor] = [:]
+        var bufferPools: [ObjectIdentifier: NBDBufferPool] = [:]
+        for loop in group.makeIterator() {
+            executors[ObjectIdentifier(loop)] = EventLoopTaskExecutor(eventLoop: loop)
+            bufferPools[ObjectIdentifier(loop)] = NBDBufferPool(maximumPooledBytes: configuration.maximumPooledBytesPerEventLoop)
+        }
+        self.executors = executors
+        self.bufferPools = bufferPools
+    }
+
+    /// Starts listening on `address` and returns the address actually bound (with the port chosen
+    /// by the system for `tcp://HOST:0`).
+    @discardableResult
+    public func listen(on address: NBDListenAddress) async throws -> SocketAddress {
+        guard !state.withLock({ $0.isShuttingDown }) else {
+            throw NBDError(.eshutdown, "the server is shutting down")
+        }
+        let channel: any Channel
+        var unixSocket: UnixSocketFile.Identity?
+        switch address {
+        case .tcp(let host, let port):
+            channel = try await bootstrap(tcp: true).bind(host: host, port: port).get()
+        case .unix(let path):
+            try UnixSocketFile.prepare(path: path)
+            channel = try await bootstrap(tcp: false).bind(unixDomainSocketPath: path).get()
+            unixSocket = UnixSocketFile.identity(of: path)
+        }
+        let listener = Listener(channel: channel, address: address, unixSocket: unixSocket)
+        let accepted = state.withLock { state in
+            guard !state.isShuttingDown else { return false }
+            state.listeners.append(listener)
+            return true
+        }
+        guard accepted else {
+            await close(listener)
+            throw NBDError(.eshutdown, "the server is shutting down")
+        }
+        logger.debug("NBD server listening", metadata: ["nbd.listen": "\(address)"])
+        guard let bound = channel.localAddress else { throw NBDError(.eio, "no local address for \(address)") }
+        return bound
+    }
+
+    /// Parses each address and listens on all of them; on failure, closes the ones already bound.
+    @discardableResult
+    public func listen(on addresses: [String]) async throws -> [SocketAddress] {
+        let parsed = try addresses.map { text throws(NBDError) in try NBDListenAddress(parsing: text) }
+        var bound: [SocketAddress] = []
+        for address in parsed {
+            bound.append(try await listen(on: address))
+        }
+        return bound
+    }
+
+    /// The addresses listened on.
+    public var localAddresses: [SocketAddress] {
+        state.withLock { $0.listeners.compactMap(\.channel.localAddress) }
+    }
+
+    /// Stops accepting, answers what is in flight (refusing new requests with `ESHUTDOWN`),
+    /// flushes every export, closes every connection and removes the Unix socket files.
+    public func shutdown() async {
+        let shutdown = await beginShutdown()
+        await finishShutdown(shutdown)
+    }
+
+    /// A shutdown under way: every connection has been told to drain.
+    struct Shutdown {
+        var connections: [NBDConnection]
+        var drained: [EventLoopFuture<Void>]
+    }
+
+    /// Stops accepting and makes every connection refuse new requests; returns once they do.
+    func beginShutdown() async -> Shutdown {
+        let (listeners, connections) = state.withLock { state in
+            state.isShuttingDown = true
+            defer { state.listeners = [] }
+            return (state.listeners, Array(state.connections.values))
+        }
+        logger.debug("NBD server shutting down", metadata: ["nbd.connections": "\(connections.count)"])
+        for listener in listeners { await close(listener) }
+        var drained: [EventLoopFuture<Void>] = []
+        for connection in connections {
+            if let future = try? await connection.drainForShutdown().get() { drained.append(future) }
+        }
+        return Shutdown(connections: connections, drained: drained)
+    }
+
+    /// Waits for what is in flight, flushes every export, closes every connection.
+    func finishShutdown(_ shutdown: Shutdown) async {
+        let connections = shutdown.connections
+        for future in shutdown.drained { try? await future.get() }
+
+        var exports: [String: any NBDExport] = [:]
+        for export in registry.exports { exports[export.name] = export }
+        for connection in connections {
+            if let export = try? await connection.boundExport().get(), exports[export.name] == nil {
+                exports[export.name] = export
+            }
+        }
+        await withTaskGroup(of: Void.self) { group in
+            for export in exports.values {
+                group.addTask { [logger] in
+                    do {
+                        try await export.flush()
+                    } catch {
+                        logger.error("NBD export flush failed at shutdown", metadata: ["nbd.export": "\(export.name)"])
+                    }
+                }
+            }
+        }
+
+        for connection in connections { _ = connection.close() }
+        for connection in connections { try? await connection.closed.get() }
+        logger.debug("NBD server stopped")
+    }
+
+    // MARK: - Internals
+
+    private func bootstrap(tcp: Bool) -> ServerBootstrap {
+        let high = configuration.writeBufferHighWaterMark
+        let maximumRead = configuration.maximumReadBytes
+        var bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: high / 2, high: high))
+            .childChannelOption(
+                .recvAllocator,
+                value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 * 1024, maximum: maximumRead)
+            )
+            .childChannelInitializer { [self] channel in
+                channel.eventLoop.makeCompletedFuture { try self.initialize(channel) }
+            }
+        if tcp {
+            bootstrap = bootstrap
+                .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+                .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
+        }
+        return bootstrap
+    }
+
+    private func initialize(_ channel: any Channel) throws {
+        let id = state.withLock { state -> UInt64 in
+            state.nextConnectionID += 1
+            return state.nextConnectionID
+        }
+        var logger = self.logger
+        logger[metadataKey: "nbd.connection"] = "\(id)"
+        if let peer = channel.remoteAddress { logger[metadataKey: "nbd.peer"] = "\(peer)" }
+        guard let executor = executors[ObjectIdentifier(channel.eventLoop)],
+            let buffers = bufferPools[ObjectIdentifier(channel.eventLoop)]
+        else {
+            throw NBDError(.eio, "the channel's event loop is not in the server's group")
+        }
+        let handler = NBDConnectionHandler(
+            environment: environment,
+            executor: executor,
+            buffers: buffers,
+            allocator: channel.allocator,
+            logger: logger
+        )
+        let connection = NBDConnection(id: id, channel: channel, handler: handler)
+        handler.connection = connection
+        let tracked = state.withLock { state in
+            guard !state.isShuttingDown else { return false }
+            state.connections[id] = connection
+            return true
+        }
+        guard tracked else { throw NBDError(.eshutdown, "the server is shutting down") }
+        channel.closeFuture.whenComplete { [self] _ in
+            _ = state.withLock { $0.connections.removeValue(forKey: id) }
+        }
+        try channel.pipeline.syncOperations.addHandler(handler)
+    }
+
+    private func close(_ listener: Listener) async {
+        try? await listener.channel.close()
+        if case .unix(let path) = listener.address, let identity = listener.unixSocket {
+            UnixSocketFile.remove(path: path, ifStill: identity)
+        }
+    }
+}

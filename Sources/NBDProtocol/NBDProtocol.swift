@@ -1,1 +1,0 @@
-// NBDProtocol: see ARCHITECTURE.md for what this module owns.

@@ -1,0 +1,107 @@
+import NBDProtocol
+import NIOCore
+
+/// A block device the server exports. The `umbra` executable implements it over the snapshot
+/// engine (live volumes read-write, snapshots read-only); tests implement it in memory.
+///
+/// The properties are read when a client looks the export up (LIST, INFO, GO) and are assumed
+/// constant while a client uses them. The methods are called concurrently, for pipelined requests
+/// from one or many connections, always with requests the server has already validated: in range,
+/// aligned to `blockSize.minimum`, at most `blockSize.maximum` long (except `trim`, `blockStatus` and
+/// fast `writeZeroes`), never a write to a read-only export, never zero-length. They run on the
+/// connection's event loop until they first suspend, so anything that blocks (disk I/O) must be
+/// handed to other threads. A thrown error reaches the client as an NBD errno: see `NBDError`.
+///
+/// `flush()` must make every write that has completed on any connection durable: the server
+/// advertises `NBD_FLAG_CAN_MULTI_CONN` for every export.
+public protocol NBDExport: Sendable {
+    /// The export name clients ask for; unique in a registry, not empty, at most 4096 bytes.
+    var name: String { get }
+    /// Shown to people by `NBD_OPT_LIST` and `NBD_INFO_DESCRIPTION`.
+    var description: String { get }
+    var size: UInt64 { get }
+    /// Writes, trims and zeroes are refused with `EPERM` without reaching the export.
+    var isReadOnly: Bool { get }
+    var blockSize: NBDBlockSize { get }
+    /// Whether `writeZeroes(fast: true)` can be done faster than writing zeroes; if not, such
+    /// requests get `ENOTSUP` without reaching the export.
+    var supportsFastZero: Bool { get }
+    /// Metadata contexts besides `base:allocation`, e.g. `qemu:dirty-bitmap:GUID`.
+    var metaContexts: [String] { get }
+
+    /// Reads `length` bytes at `offset`. Data buffers should come from `buffers` (which recycles
+    /// big ones once they have been sent).
+    func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult
+    /// Writes `data` at `offset`; with `fua`, returns only once the data is durable.
+    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws
+    /// Makes every completed write durable.
+    func flush() async throws
+    /// May discard the range (a hint; contents afterwards are unspecified).
+    func trim(offset: UInt64, length: UInt32, fua: Bool) async throws
+    /// Makes the range read as zeroes. `mayTrim`: it may be deallocated (no `NO_HOLE` flag).
+    /// `fast`: fail with `ENOTSUP` rather than be slower than a write (`FAST_ZERO`).
+    func writeZeroes(offset: UInt64, length: UInt32, mayTrim: Bool, fast: Bool, fua: Bool) async throws
+    /// A hint that the range will be read soon.
+    func cache(offset: UInt64, length: UInt32) async throws
+    /// Consecutive extents from `offset` for `context` (`base:allocation` or one of
+    /// `metaContexts`). They may cover less than `length` (at least one byte) or run past it; the
+    /// server clips and merges them. Flags are `NBDAllocationFlags` for `base:allocation` and
+    /// `NBDDirtyBitmapFlags.dirty` for `qemu:dirty-bitmap:` contexts.
+    func blockStatus(context: String, offset: UInt64, length: UInt32) async throws -> [NBDExtent]
+}
+
+extension NBDExport {
+    public var description: String { "" }
+    public var blockSize: NBDBlockSize { .default }
+    public var supportsFastZero: Bool { false }
+    public var metaContexts: [String] { [] }
+
+    public func trim(offset: UInt64, length: UInt32, fua: Bool) async throws {}
+
+    public func cache(offset: UInt64, length: UInt32) async throws {}
+
+    /// Reports everything as allocated data, which the spec says is always safe.
+    public func blockStatus(context: String, offset: UInt64, length: UInt32) async throws -> [NBDExtent] {
+        [NBDExtent(length: length, flags: 0)]
+    }
+}
+
+/// What a read produced.
+public enum NBDReadResult: Sendable {
+    /// All the requested bytes, in one buffer.
+    case data(ByteBuffer)
+    /// The whole range reads as zeroes; sent as `OFFSET_HOLE` when structured replies allow, so no
+    /// zeroes cross the wire.
+    case zeroes
+    /// Consecutive pieces that together cover the requested range, in order.
+    case segments([NBDReadSegment])
+}
+
+/// A piece of a read.
+public enum NBDReadSegment: Sendable {
+    case data(ByteBuffer)
+    case zeroes(length: UInt32)
+    /// Bytes sent straight from a file (`sendfile`), never copied through user space.
+    case file(NBDFileSegment)
+
+    public var length: Int {
+        switch self {
+        case .data(let buffer): buffer.readableBytes
+        case .zeroes(let length): Int(length)
+        case .file(let file): file.region.readableBytes
+        }
+    }
+}
+
+/// A region of an open file to be sent as read data. The export keeps the file open, and its
+/// contents unchanged, until `release` is called, which happens once the bytes have been handed to
+/// the kernel or the connection has failed.
+public struct NBDFileSegment: Sendable {
+    public var region: FileRegion
+    public var release: (@Sendable () -> Void)?
+
+    public init(region: FileRegion, release: (@Sendable () -> Void)? = nil) {
+        self.region = region
+        self.release = release
+    }
+}
