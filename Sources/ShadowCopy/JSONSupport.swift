@@ -72,7 +72,7 @@ extension KeyedEncodingContainer {
 
 extension UUID {
     /// The GUID as Umbra prints it: lowercase `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx`.
-    public var guidString: String { uuidString.lowercased() }
+    var guidString: String { uuidString.lowercased() }
 
     fileprivate static func decodeGUID(from container: any SingleValueDecodingContainer) throws -> UUID {
         let string = try container.decode(String.self)

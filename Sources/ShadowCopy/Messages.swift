@@ -111,14 +111,23 @@ public struct SnapshotInfo: Codable, Sendable, Hashable {
     public var createdAt: Date
     /// Bytes the snapshot holds in the diff store.
     public var diffBytes: UInt64
+    /// `ready`, or `failed` when its diff store ran out of space (it can then only be deleted).
+    public var state: String
+    /// Why it failed, for a failed snapshot.
+    public var failure: String?
 
-    public init(id: UUID, set: UUID, volume: String, export: String, createdAt: Date, diffBytes: UInt64) {
+    public init(
+        id: UUID, set: UUID, volume: String, export: String, createdAt: Date, diffBytes: UInt64,
+        state: String = "ready", failure: String? = nil
+    ) {
         self.id = id
         self.set = set
         self.volume = volume
         self.export = export
         self.createdAt = createdAt
         self.diffBytes = diffBytes
+        self.state = state
+        self.failure = failure
     }
 }
 

@@ -50,7 +50,7 @@ import UmbraTestSupport
                 #expect(list["id"] as? String == "a")
                 let snapshot = try #require(
                     ((list["result"] as? [String: Any])?["snapshots"] as? [[String: Any]])?.first)
-                #expect(Set(snapshot.keys) == ["id", "set", "volume", "export", "createdAt", "diffBytes"])
+                #expect(Set(snapshot.keys) == ["id", "set", "volume", "export", "createdAt", "diffBytes", "state"])
                 #expect(snapshot["id"] as? String == "0f0e0d0c-0b0a-0908-0706-050403020100")
                 #expect(snapshot["createdAt"] as? String == "2027-01-15T08:00:00Z")
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Umbra's tests use (NBD clients and servers, QEMU's tools, fio, FUSE),
+# as root or through sudo. Does nothing when they are all there already.
+set -euo pipefail
+
+packages=(
+    libnbd-dev libnbd-bin python3-libnbd nbdfuse   # libnbd: the Swift test client, nbdinfo, nbdcopy, nbdsh, nbdfuse
+    nbdkit nbd-server nbd-client                   # peer servers (benchmarks) and nbd-client -l
+    qemu-utils fio                                 # qemu-img, qemu-io, fio --ioengine=nbd
+    e2fsprogs fuse3 util-linux                     # mkfs.ext4, fsck, fusermount3, losetup
+    python3                                        # the Python writer and nbdsh
+)
+
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || { echo "install-dependencies: need root (or sudo) to install: ${missing[*]}" >&2; exit 1; }
+    sudo="sudo"
+fi
+echo "install-dependencies: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -q
+$sudo apt-get install -y -q --no-install-recommends "${missing[@]}"

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every test: installs what the tests need, builds, runs the Swift test suite (unit, simulation,
+# protocol, libnbd and process tests), then the interoperability scripts against a real daemon.
+#   Scripts/test.sh              the default run (what CI runs)
+#   UMBRA_SIMULATION_SEEDS=20000 Scripts/test.sh    a longer crash simulation
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source Scripts/env.sh
+
+Scripts/install-dependencies.sh
+swift build --build-tests
+swift test --skip-build
+if [ -x Scripts/interop/run-all.sh ]; then
+    Scripts/interop/run-all.sh
+fi

@@ -1,0 +1,145 @@
+// The engine as the coordinator's snapshot provider, and the daemon's answers to the plain requester
+// operations. Engine errors that are the caller's doing become the control protocol's codes
+// (`not-found`, `already-exists`, `invalid-argument`); the rest pass through as they are.
+
+import BlockIO
+import Foundation
+import ShadowCopy
+import SnapshotEngine
+
+struct EngineProvider: SnapshotProvider {
+    struct HoldToken: Sendable {
+        let prepared: PreparedSnapshotSet
+        /// The volumes in the order the requester named them; the result keeps that order.
+        let volumes: [String]
+    }
+
+    let store: SnapshotStore
+
+    func validateSnapshotSet(volumes: [String]) async throws {
+        guard !volumes.isEmpty else { throw ShadowCopyError(.invalidParams, "Name at least one volume to snapshot.") }
+        guard Set(volumes).count == volumes.count else {
+            throw ShadowCopyError(.invalidParams, "Name each volume of a snapshot set once.")
+        }
+        do {
+            for name in volumes { _ = try store.volume(named: name) }
+        } catch {
+            throw controlError(error)
+        }
+    }
+
+    func prepareSnapshotSet(id: UUID, volumes: [String]) async throws -> HoldToken {
+        do {
+            return HoldToken(prepared: try await store.prepareSnapshotSet(volumes: volumes, id: id), volumes: volumes)
+        } catch {
+            throw controlError(error)
+        }
+    }
+
+    func commitSnapshotSet(_ token: HoldToken) async throws -> CommittedSnapshotSet {
+        let info = try await token.prepared.commit()
+        let byVolume = Dictionary(uniqueKeysWithValues: info.snapshots.map { ($0.volume, $0) })
+        return CommittedSnapshotSet(
+            id: info.id, createdAt: info.createdAt,
+            snapshots: token.volumes.compactMap { byVolume[$0] }.map {
+                CreatedSnapshot(id: $0.id, volume: $0.volume, export: $0.exportName)
+            })
+    }
+
+    func abortSnapshotSet(_ token: HoldToken) async {
+        token.prepared.abort()
+    }
+
+    func deleteSnapshotSet(id: UUID) async throws {
+        do {
+            try await store.deleteSnapshots(ids: [id])
+        } catch EngineError.snapshotNotFound {
+            // Already gone (the diff-store policy may have deleted it): what was asked for holds.
+        }
+    }
+}
+
+struct DaemonRequests: ControlRequestHandler {
+    let store: SnapshotStore
+
+    func createVolume(_ params: CreateVolumeParams) async throws -> ShadowCopy.VolumeInfo {
+        do {
+            let info = try await store.createVolume(
+                VolumeSpec(
+                    name: params.name, size: ByteCount(params.size),
+                    chunkSize: params.chunkSize.map(ByteCount.init(_:)) ?? VolumeSpec.defaultChunkSize))
+            return ShadowCopy.VolumeInfo(name: info.name, size: info.size.rawValue, chunkSize: info.chunkSize.rawValue)
+        } catch {
+            throw controlError(error)
+        }
+    }
+
+    func listVolumes() async throws -> VolumeList {
+        VolumeList(
+            volumes: store.volumes().map {
+                ShadowCopy.VolumeInfo(name: $0.name, size: $0.size.rawValue, chunkSize: $0.chunkSize.rawValue)
+            })
+    }
+
+    func deleteVolume(name: String) async throws {
+        do {
+            try await store.deleteVolume(named: name)
+        } catch {
+            throw controlError(error)
+        }
+    }
+
+    func listSnapshots(volume: String?) async throws -> SnapshotList {
+        do {
+            return SnapshotList(
+                snapshots: try store.snapshots(volume: volume).map { snapshot in
+                    var failure: String?
+                    if case .failed(let reason) = snapshot.state { failure = reason }
+                    return ShadowCopy.SnapshotInfo(
+                        id: snapshot.id, set: snapshot.setID, volume: snapshot.volume, export: snapshot.exportName,
+                        createdAt: snapshot.createdAt, diffBytes: snapshot.diffBytes.rawValue,
+                        state: failure == nil ? "ready" : "failed", failure: failure)
+                })
+        } catch {
+            throw controlError(error)
+        }
+    }
+
+    func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult {
+        do {
+            return DeleteSnapshotsResult(deleted: try await store.deleteSnapshots(ids: ids))
+        } catch {
+            throw controlError(error)
+        }
+    }
+
+    func changes(_ params: ChangesParams) async throws -> ChangeList {
+        do {
+            let changes = try store.changes(volume: params.volume, since: params.since, until: params.until)
+            return ChangeList(
+                chunkSize: changes.chunkSize.rawValue,
+                extents: changes.extents.map { ByteExtent(offset: $0.offset.rawValue, length: $0.count.rawValue) })
+        } catch {
+            throw controlError(error)
+        }
+    }
+}
+
+/// The control protocol's view of an engine error.
+func controlError(_ error: any Error) -> any Error {
+    guard let engine = error as? EngineError else { return error }
+    let message = engine.description.prefix(1).uppercased() + engine.description.dropFirst() + "."
+    switch engine {
+    case .volumeNotFound, .snapshotNotFound:
+        return ShadowCopyError(.notFound, message)
+    case .volumeExists:
+        return ShadowCopyError(.alreadyExists, message)
+    case .invalidVolumeName, .invalidSize, .invalidChunkSize, .invalidSnapshotSet, .snapshotOrder,
+        .volumeHasSnapshots, .tooManySnapshots, .snapshotFailed:
+        return ShadowCopyError(.invalidArgument, message)
+    case .closed:
+        return ShadowCopyError(.shuttingDown, message)
+    default:
+        return engine
+    }
+}

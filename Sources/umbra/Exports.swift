@@ -1,0 +1,219 @@
+// The engine's volumes and snapshots as NBD exports. The live volume is `NAME` (read-write); a
+// snapshot is `NAME@GUID` (read-only). Changed-block tracking is offered as QEMU's dirty-bitmap
+// contexts: `qemu:dirty-bitmap:GUID` on the live export and on newer snapshots of the same volume,
+// dirty meaning "may have changed since snapshot GUID".
+//
+// Reads fill a ByteBuffer in place: the engine's async read takes a raw buffer, so the buffer's
+// storage is reserved first and its address passed down; `buffer` is owned here and not touched
+// until the read returns, so the storage stays put.
+
+import BlockIO
+import NBDProtocol
+import NBDServer
+import NIOCore
+import SnapshotEngine
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
+
+enum ExportNaming {
+    static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
+
+    static func blockSize(chunkSize: ByteCount) -> NBDBlockSize {
+        // Preferred: a chunk (capped at 64 KiB), so well-behaved clients copy on write whole chunks.
+        NBDBlockSize(
+            minimum: 1, preferred: UInt32(min(chunkSize.rawValue, 65536)),
+            maximum: NBDBlockSize.default.maximum)
+    }
+
+    /// `base:allocation` extents from engine allocation extents.
+    static func allocationExtents(_ extents: [AllocationExtent]) -> [NBDExtent] {
+        extents.map { extent in
+            NBDExtent(
+                length: UInt32(extent.range.count.rawValue),
+                flags: extent.isHole ? NBDAllocationFlags.hole.rawValue | NBDAllocationFlags.zero.rawValue : 0)
+        }
+    }
+
+    /// Dirty-bitmap extents covering `offset ..< offset + length` from the changed ranges within it.
+    static func dirtyExtents(_ changed: [ByteRange], offset: UInt64, length: UInt32) -> [NBDExtent] {
+        var extents: [NBDExtent] = []
+        var position = offset
+        let end = offset + UInt64(length)
+        for range in changed {
+            let start = max(range.offset.rawValue, offset)
+            let stop = min(range.end.rawValue, end)
+            guard stop > start else { continue }
+            if start > position { extents.append(NBDExtent(length: UInt32(start - position), flags: 0)) }
+            extents.append(NBDExtent(length: UInt32(stop - start), flags: NBDDirtyBitmapFlags.dirty))
+            position = stop
+        }
+        if position < end { extents.append(NBDExtent(length: UInt32(end - position), flags: 0)) }
+        return extents
+    }
+
+    static func snapshotID(fromContext context: String) -> UUID? {
+        guard context.hasPrefix(dirtyBitmapPrefix) else { return nil }
+        return UUID(uuidString: String(context.dropFirst(dirtyBitmapPrefix.count)))
+    }
+}
+
+/// Reads `length` bytes through `fill` into a pooled buffer without an intermediate copy.
+func readIntoBuffer(
+    length: UInt32, buffers: NBDBufferPool,
+    _ fill: (UnsafeMutableRawBufferPointer) async throws -> Void
+) async throws -> ByteBuffer {
+    var buffer = buffers.buffer(capacity: Int(length))
+    let storage = buffer.withUnsafeMutableWritableBytes { $0 }
+    try await fill(UnsafeMutableRawBufferPointer(rebasing: storage[0..<Int(length)]))
+    buffer.moveWriterIndex(forwardBy: Int(length))
+    return buffer
+}
+
+/// Maps engine errors to NBD errnos (the engine's own mapping, in one place there).
+struct ExportError: NBDErrorConvertible {
+    let underlying: any Error
+    var nbdErrno: NBDErrno {
+        if let engine = underlying as? EngineError {
+            switch engine {
+            case .outOfRange: return .einval
+            case .snapshotDeleted, .closed, .volumeNotFound: return .eshutdown
+            case .tooManySnapshots: return .enospc
+            case .io(let error) where error.errno == .noSpace: return .enospc
+            default: return .eio
+            }
+        }
+        return .eio
+    }
+    var description: String { "\(underlying)" }
+
+    static func wrapping<T>(_ body: () async throws -> T) async throws -> T {
+        do {
+            return try await body()
+        } catch {
+            throw ExportError(underlying: error)
+        }
+    }
+}
+
+/// A volume's live data.
+struct LiveVolumeExport: NBDExport {
+    let volume: Volume
+    let store: SnapshotStore
+
+    var name: String { volume.name }
+    var description: String { "Umbra volume \(volume.name)" }
+    var size: UInt64 { volume.size.rawValue }
+    var isReadOnly: Bool { false }
+    var blockSize: NBDBlockSize { ExportNaming.blockSize(chunkSize: volume.chunkSize) }
+    var supportsFastZero: Bool { true }
+    var metaContexts: [String] {
+        ((try? store.snapshots(volume: volume.name)) ?? []).filter { $0.state == .ready }.map {
+            ExportNaming.dirtyBitmapPrefix + $0.id.guidString
+        }
+    }
+
+    func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {
+        try await ExportError.wrapping {
+            .data(
+                try await readIntoBuffer(length: length, buffers: buffers) { target in
+                    try await volume.read(at: ByteOffset(offset), into: target)
+                })
+        }
+    }
+
+    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws {
+        try await ExportError.wrapping {
+            let source = data.withUnsafeReadableBytes { $0 }
+            try await volume.write(at: ByteOffset(offset), from: source, fua: fua)
+            withExtendedLifetime(data) {}
+        }
+    }
+
+    func flush() async throws {
+        try await ExportError.wrapping { try await volume.flush() }
+    }
+
+    func trim(offset: UInt64, length: UInt32, fua: Bool) async throws {
+        try await ExportError.wrapping {
+            try await volume.discard(at: ByteOffset(offset), count: ByteCount(UInt64(length)), fua: fua)
+        }
+    }
+
+    func writeZeroes(offset: UInt64, length: UInt32, mayTrim: Bool, fast: Bool, fua: Bool) async throws {
+        try await ExportError.wrapping {
+            try await volume.writeZeroes(
+                at: ByteOffset(offset), count: ByteCount(UInt64(length)), mayDiscard: mayTrim, fua: fua)
+        }
+    }
+
+    func cache(offset: UInt64, length: UInt32) async throws {}
+
+    func blockStatus(context: String, offset: UInt64, length: UInt32) async throws -> [NBDExtent] {
+        try await ExportError.wrapping {
+            if let id = ExportNaming.snapshotID(fromContext: context) {
+                let since = try store.snapshot(id: id)
+                let changed = try since.changes(
+                    within: ByteRange(offset: ByteOffset(offset), count: ByteCount(UInt64(length))))
+                return ExportNaming.dirtyExtents(changed, offset: offset, length: length)
+            }
+            return ExportNaming.allocationExtents(
+                try await volume.allocation(at: ByteOffset(offset), count: ByteCount(UInt64(length))))
+        }
+    }
+}
+
+/// A snapshot, read-only.
+struct SnapshotExport: NBDExport {
+    let snapshot: SnapshotView
+    let store: SnapshotStore
+
+    var name: String { snapshot.exportName }
+    var description: String {
+        "Umbra snapshot of \(snapshot.volumeName) taken \(snapshot.createdAt.formatted(.iso8601))"
+    }
+    var size: UInt64 { snapshot.size.rawValue }
+    var isReadOnly: Bool { true }
+    var blockSize: NBDBlockSize { ExportNaming.blockSize(chunkSize: snapshot.chunkSize) }
+    /// Older snapshots of the same volume: what changed between each of them and this one.
+    var metaContexts: [String] {
+        let all = ((try? store.snapshots(volume: snapshot.volumeName)) ?? []).filter { $0.state == .ready }
+        guard let position = all.firstIndex(where: { $0.id == snapshot.id }) else { return [] }
+        return all[..<position].map { ExportNaming.dirtyBitmapPrefix + $0.id.guidString }
+    }
+
+    func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {
+        try await ExportError.wrapping {
+            .data(
+                try await readIntoBuffer(length: length, buffers: buffers) { target in
+                    try await snapshot.read(at: ByteOffset(offset), into: target)
+                })
+        }
+    }
+
+    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws {
+        throw NBDError(.eperm, "snapshots are read-only")
+    }
+
+    func flush() async throws {}
+
+    func writeZeroes(offset: UInt64, length: UInt32, mayTrim: Bool, fast: Bool, fua: Bool) async throws {
+        throw NBDError(.eperm, "snapshots are read-only")
+    }
+
+    func blockStatus(context: String, offset: UInt64, length: UInt32) async throws -> [NBDExtent] {
+        try await ExportError.wrapping {
+            if let id = ExportNaming.snapshotID(fromContext: context) {
+                let older = try store.snapshot(id: id)
+                let changed = try older.changes(
+                    until: snapshot, within: ByteRange(offset: ByteOffset(offset), count: ByteCount(UInt64(length))))
+                return ExportNaming.dirtyExtents(changed, offset: offset, length: length)
+            }
+            return ExportNaming.allocationExtents(
+                try await snapshot.allocation(at: ByteOffset(offset), count: ByteCount(UInt64(length))))
+        }
+    }
+}

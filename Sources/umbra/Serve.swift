@@ -1,0 +1,262 @@
+// `umbra serve`: the daemon. Opens the data directory (refusing one another process holds), creates
+// the `--volume`s that do not exist yet, serves every volume and snapshot over NBD on each
+// `--listen` address, and takes requests and writers on the control socket. SIGINT or SIGTERM stops
+// it cleanly: no new connections, requests in flight answered, volumes flushed, exit status 0.
+//
+// Exports follow the store: every durable change the engine reports (a volume or a set created, a
+// snapshot deleted or failed, including by the diff-store policy) reconciles the export registry with
+// the store's contents. A new snapshot's export therefore exists before `snapshot create` returns.
+
+import ArgumentParser
+import BlockIO
+import Dispatch
+import Foundation
+import Logging
+import NBDServer
+import NIOCore
+import NIOPosix
+import ShadowCopy
+import SnapshotEngine
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the daemon: serve volumes and snapshots over NBD, take requests on the control socket.")
+
+    static let defaultListenAddress = "tcp://127.0.0.1:10809"
+
+    @Option(help: "The data directory (created if missing).")
+    var data: String = "./umbra-data"
+
+    @Option(help: "Where to serve NBD: tcp://HOST:PORT or unix:PATH. Repeat for several.")
+    var listen: [String] = []
+
+    @Option(help: "The control socket (default: DATA/control.sock).")
+    var control: String?
+
+    @Option(help: "NAME:SIZE: create this volume at start unless it exists. Repeat for several.")
+    var volume: [String] = []
+
+    @Option(help: "The chunk size of volumes created by --volume.")
+    var chunkSize: Size = Size(bytes: VolumeSpec.defaultChunkSize.rawValue)
+
+    @Option(help: "The longest writes may be held while a snapshot set is taken, in seconds.")
+    var holdLimit: Double = 10
+
+    @Option(help: "The default Freeze→Thaw limit for writers, in seconds.")
+    var freezeTimeout: Double = 60
+
+    @Option(help: "How long a writer may take to answer an event, in seconds.")
+    var writerTimeout: Double = 30
+
+    @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
+    var logLevel: String = "info"
+
+    func validate() throws {
+        _ = try volumeSpecs()
+        for address in listen { _ = try NBDListenAddress(parsing: address) }
+        guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("Unknown log level '\(logLevel)'.") }
+        for (name, value) in [
+            ("--hold-limit", holdLimit), ("--freeze-timeout", freezeTimeout), ("--writer-timeout", writerTimeout),
+        ]
+        where !(value > 0 && value <= 3600) {
+            throw ValidationError("\(name) must be more than 0 and at most 3600 seconds.")
+        }
+    }
+
+    func volumeSpecs() throws -> [(name: String, size: UInt64)] {
+        try volume.map { text in
+            guard let colon = text.lastIndex(of: ":") else {
+                throw ValidationError("--volume takes NAME:SIZE, e.g. disk:1G (got '\(text)').")
+            }
+            let name = String(text[..<colon])
+            guard VolumeSpec.isValidName(name) else {
+                throw ValidationError(EngineError.invalidVolumeName(name).description + ".")
+            }
+            guard let size = Size.parse(String(text[text.index(after: colon)...])) else {
+                throw ValidationError("'\(text[text.index(after: colon)...])' is not a size (use bytes or K, M, G, T).")
+            }
+            return (name, size.bytes)
+        }
+    }
+
+    func run() async throws {
+        let level = Logger.Level(rawValue: logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        let logger = Logger(label: "umbra")
+        do {
+            try await serve(logger: logger)
+        } catch {
+            throw CLIError(error)
+        }
+    }
+
+    private func serve(logger: Logger) async throws {
+        let registry = NBDExportRegistry { sortedNames in sortedNames.first { !$0.contains("@") } }
+        let exports = ExportReconciler(registry: registry, logger: logger)
+        var configuration = StoreConfiguration()
+        configuration.holdLimit = .milliseconds(Int64(holdLimit * 1000))
+        configuration.logger = Logger(label: "umbra.engine")
+        configuration.eventHandler = { event in exports.storeChanged(event) }
+        let store = try await SnapshotStore.open(path: data, configuration: configuration)
+        exports.attach(store)
+        do {
+            for (name, size) in try volumeSpecs() where store.volumes().allSatisfy({ $0.name != name }) {
+                try await store.createVolume(
+                    VolumeSpec(name: name, size: ByteCount(size), chunkSize: ByteCount(chunkSize.bytes)))
+                logger.info("created volume", metadata: ["volume": "\(name)", "size": "\(Size.format(size))"])
+            }
+            exports.reconcile()
+            let nbd = NBDServer(registry: registry, logger: Logger(label: "umbra.nbd"))
+            let addresses = listen.isEmpty ? [Self.defaultListenAddress] : listen
+            do {
+                _ = try await nbd.listen(on: addresses)
+            } catch {
+                await nbd.shutdown()
+                throw error
+            }
+            let coordinator = ShadowCopyCoordinator(
+                provider: EngineProvider(store: store), clock: ContinuousClock(),
+                configuration: CoordinatorConfiguration(
+                    eventTimeout: .milliseconds(Int64(writerTimeout * 1000)),
+                    freezeWindow: .milliseconds(Int64(freezeTimeout * 1000))),
+                logger: Logger(label: "umbra.shadow-copy"))
+            let controlPath = control ?? data + "/control.sock"
+            let controlServer: ControlServer
+            do {
+                controlServer = try await ControlServer.bind(
+                    socketPath: controlPath, coordinator: coordinator, handler: DaemonRequests(store: store),
+                    logger: Logger(label: "umbra.control"))
+            } catch {
+                await nbd.shutdown()
+                throw error
+            }
+            logger.info(
+                "serving",
+                metadata: [
+                    "volumes": "\(store.volumes().map(\.name).joined(separator: ","))",
+                    "nbd": "\(addresses.joined(separator: ","))", "control": "\(controlPath)",
+                ])
+            // One line on stdout says the daemon is ready (scripts wait for it).
+            try? FileHandle.standardOutput.write(
+                contentsOf: Data("ready nbd=\(addresses.joined(separator: ",")) control=\(controlPath)\n".utf8))
+            let signal = await withTaskGroup(of: Int32?.self) { group in
+                group.addTask {
+                    do {
+                        try await controlServer.run()
+                    } catch is CancellationError {
+                    } catch {
+                        logger.error("the control socket failed", metadata: ["error": "\(error)"])
+                    }
+                    return nil
+                }
+                group.addTask { await TerminationSignal.wait() }
+                let first = await group.next() ?? nil
+                group.cancelAll()
+                return first
+            }
+            logger.info("stopping", metadata: ["signal": "\(signal.map { String($0) } ?? "none")"])
+            await nbd.shutdown()
+            try await store.close()
+            logger.info("stopped")
+        } catch {
+            try? await store.close()
+            throw error
+        }
+    }
+}
+
+/// Keeps the NBD export registry in step with the store.
+final class ExportReconciler: Sendable {
+    private let registry: NBDExportRegistry
+    private let store = Mutex<SnapshotStore?>(nil)
+    private let logger: Logger
+
+    init(registry: NBDExportRegistry, logger: Logger) {
+        self.registry = registry
+        self.logger = logger
+    }
+
+    func attach(_ store: SnapshotStore) {
+        self.store.withLock { $0 = store }
+    }
+
+    func storeChanged(_ event: StoreEvent) {
+        if case .snapshotFailed(let id, let reason) = event {
+            logger.warning("snapshot failed", metadata: ["snapshot.id": "\(id.guidString)", "reason": "\(reason)"])
+        }
+        reconcile()
+    }
+
+    /// Adds an export for every volume and readable snapshot that lacks one, and removes exports whose
+    /// volume or snapshot is gone (their connections are ended with ESHUTDOWN).
+    func reconcile() {
+        guard let store = store.withLock({ $0 }) else { return }
+        var wanted: [String: any NBDExport] = [:]
+        for info in store.volumes() {
+            guard let volume = try? store.volume(named: info.name) else { continue }
+            wanted[info.name] = LiveVolumeExport(volume: volume, store: store)
+        }
+        for info in (try? store.snapshots()) ?? [] where info.state == .ready {
+            guard let view = try? store.snapshot(id: info.id) else { continue }
+            wanted[info.exportName] = SnapshotExport(snapshot: view, store: store)
+        }
+        let present = Set(registry.names)
+        for (name, export) in wanted where !present.contains(name) {
+            do {
+                try registry.add(export)
+            } catch {
+                logger.error("could not add an export", metadata: ["nbd.export": "\(name)", "error": "\(error)"])
+            }
+        }
+        let stale = present.subtracting(wanted.keys)
+        if !stale.isEmpty {
+            let registry = self.registry
+            Task {
+                for name in stale { _ = await registry.remove(named: name) }
+            }
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM (or for the waiting task to be cancelled, returning nil).
+enum TerminationSignal {
+    nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
+    private static let queue = DispatchQueue(label: "umbra.signals")
+
+    private final class Waiter: Sendable {
+        let continuation = Mutex<CheckedContinuation<Int32?, Never>?>(nil)
+        func resume(_ value: Int32?) {
+            continuation.withLock { $0.take() }?.resume(returning: value)
+        }
+    }
+
+    static func wait() async -> Int32? {
+        let waiter = Waiter()
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Int32?, Never>) in
+                waiter.continuation.withLock { $0 = continuation }
+                if Task.isCancelled { waiter.resume(nil) }
+                queue.sync {
+                    for number in [SIGINT, SIGTERM] {
+                        signal(number, SIG_IGN)
+                        let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+                        source.setEventHandler { waiter.resume(number) }
+                        source.resume()
+                        sources.append(source)
+                    }
+                }
+            }
+        } onCancel: {
+            waiter.resume(nil)
+        }
+    }
+}
