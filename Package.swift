@@ -106,7 +106,9 @@ let package = Package(
             ]
         ),
         // Tests that run the `umbra` executable as a real process.
-        .testTarget(name: "UmbraTests", dependencies: ["umbra", "SnapshotEngine", "BlockIO", "UmbraTestSupport"]),
+        .testTarget(
+            name: "UmbraTests", dependencies: ["umbra", "SnapshotEngine", "BlockIO", "ShadowCopy", "UmbraTestSupport"]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

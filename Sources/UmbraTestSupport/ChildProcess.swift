@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 #if canImport(Glibc)
     import Glibc
@@ -23,15 +24,54 @@ public final class ChildProcess: @unchecked Sendable {
     private let output = Pipe()
     private var buffer: [UInt8] = []
 
-    public init(_ executable: String, _ arguments: [String], environment: [String: String]? = nil) throws {
+    private let errors = Pipe()
+    private let collectedErrors = Mutex<[UInt8]>([])
+    private let errorsDone = DispatchSemaphore(value: 0)
+    private let capturesErrors: Bool
+
+    /// Starts `executable`. With `captureStandardError`, its stderr is collected (read it with
+    /// `standardErrorText` after `finish()`); otherwise it goes to this process's stderr.
+    public init(
+        _ executable: String, _ arguments: [String], environment: [String: String]? = nil,
+        captureStandardError: Bool = false
+    ) throws {
         // Writing to a child that was killed must fail with EPIPE, not kill the test process.
         signal(SIGPIPE, SIG_IGN)
+        capturesErrors = captureStandardError
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         if let environment { process.environment = environment }
         process.standardInput = input
         process.standardOutput = output
+        if captureStandardError { process.standardError = errors }
         try process.run()
+        if captureStandardError {
+            let handle = errors.fileHandleForReading
+            let done = errorsDone
+            Thread.detachNewThread { [self] in
+                while true {
+                    let chunk = handle.availableData
+                    if chunk.isEmpty { break }
+                    collectedErrors.withLock { $0.append(contentsOf: chunk) }
+                }
+                done.signal()
+            }
+        }
+    }
+
+    /// Everything the child wrote to stderr (with `captureStandardError`), once it has exited.
+    public var standardErrorText: String {
+        guard capturesErrors else { return "" }
+        errorsDone.wait()
+        errorsDone.signal()
+        return String(decoding: collectedErrors.withLock { $0 }, as: UTF8.self)
+    }
+
+    /// The rest of the child's standard output, until it closes it.
+    public func readAll() -> String {
+        var lines: [String] = []
+        while let line = readLine() { lines.append(line) }
+        return lines.joined(separator: "\n")
     }
 
     public var processIdentifier: Int32 { process.processIdentifier }

@@ -1,0 +1,84 @@
+import Foundation
+import ShadowCopy
+import Testing
+import UmbraTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// A real `umbra serve` process on a fresh data directory, with its NBD and control sockets in a
+/// temporary directory. `start` returns once the daemon printed its ready line.
+final class DaemonFixture: @unchecked Sendable {
+    let directory: TemporaryDirectory
+    let process: ChildProcess
+    var data: String { directory.path + "/data" }
+    var nbdSocket: String { directory.path + "/nbd.sock" }
+    var controlSocket: String { directory.path + "/control.sock" }
+
+    private init(directory: TemporaryDirectory, process: ChildProcess) {
+        self.directory = directory
+        self.process = process
+    }
+
+    static func start(volumes: [String], extraArguments: [String] = []) throws -> DaemonFixture {
+        let directory = try TemporaryDirectory("umbra-daemon")
+        let process = try ChildProcess(
+            builtProduct("umbra"),
+            [
+                "serve", "--data", directory.path + "/data", "--listen", "unix:" + directory.path + "/nbd.sock",
+                "--control", directory.path + "/control.sock", "--log-level", "warning",
+            ] + volumes.flatMap { ["--volume", $0] } + extraArguments)
+        guard let line = process.readLine(), line.hasPrefix("ready ") else {
+            process.kill()
+            directory.remove()
+            throw FixtureError("the daemon did not start")
+        }
+        return DaemonFixture(directory: directory, process: process)
+    }
+
+    /// SIGTERM, then the exit status.
+    @discardableResult
+    func stop() -> Int32 {
+        kill(process.processIdentifier, SIGTERM)
+        let status = process.finish()
+        directory.remove()
+        return status
+    }
+
+    func uri(_ export: String) -> String {
+        "nbd+unix:///\(export)?socket=\(nbdSocket)"
+    }
+
+    /// A libnbd client connected to `export`.
+    func connect(_ export: String, contexts: [String] = []) throws -> NBDTestClient {
+        let client = try NBDTestClient()
+        for context in contexts { try client.addMetaContext(context) }
+        try client.connect(uri: uri(export))
+        return client
+    }
+
+    func control() async throws -> ControlClient {
+        try await ControlClient.connect(socketPath: controlSocket)
+    }
+
+    /// Runs `body` with a started daemon and stops it afterwards, expecting a clean exit.
+    static func with<T>(
+        volumes: [String], extraArguments: [String] = [], _ body: (DaemonFixture) async throws -> T
+    ) async throws -> T {
+        let daemon = try start(volumes: volumes, extraArguments: extraArguments)
+        do {
+            let result = try await body(daemon)
+            #expect(daemon.stop() == 0, "umbra serve should exit 0 on SIGTERM")
+            return result
+        } catch {
+            daemon.stop()
+            throw error
+        }
+    }
+}
+
+struct FixtureError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}

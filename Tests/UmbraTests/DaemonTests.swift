@@ -1,0 +1,119 @@
+// The daemon as users meet it: a real `umbra serve` process, driven through its control socket and
+// read and written through libnbd.
+
+import Foundation
+import ShadowCopy
+import Testing
+import UmbraTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+@Suite struct DaemonTests {
+    /// A snapshot's export can be read as soon as `snapshot create` returns, and holds the old data while the volume changes.
+    @Test func snapshotExportIsReadyWhenCreateReturns() async throws {
+        try await DaemonFixture.with(volumes: ["disk:4M"]) { daemon in
+            let live = try daemon.connect("disk")
+            let before = [UInt8](repeating: 0xAB, count: 65536)
+            try live.pwrite(before, offset: 0)
+            let control = try await daemon.control()
+            let set = try await control.createSnapshotSet(CreateSetParams(volumes: ["disk"]))
+            #expect(set.crashConsistent)
+            let export = try #require(set.snapshots.first?.export)
+            let snapshot = try daemon.connect(export)
+            try live.pwrite([UInt8](repeating: 0xCD, count: 65536), offset: 0)
+            #expect(try snapshot.pread(count: 65536, offset: 0) == before)
+            #expect(try snapshot.isReadOnly)
+            #expect(throws: NBDClientError.self) { try snapshot.pwrite([1], offset: 0) }
+            await control.close()
+        }
+    }
+
+    /// Deleting a snapshot ends the connections to its export with ESHUTDOWN; the volume's export keeps working.
+    @Test func deletingASnapshotEndsItsConnections() async throws {
+        try await DaemonFixture.with(volumes: ["disk:4M"]) { daemon in
+            let control = try await daemon.control()
+            let set = try await control.createSnapshotSet(CreateSetParams(volumes: ["disk"]))
+            let snapshot = try daemon.connect(set.snapshots[0].export)
+            let live = try daemon.connect("disk")
+            _ = try snapshot.pread(count: 4096, offset: 0)
+            let deleted = try await control.deleteSnapshots(ids: [set.set])
+            #expect(deleted.deleted == [set.snapshots[0].id])
+            do {
+                _ = try snapshot.pread(count: 4096, offset: 0)
+                Issue.record("a read of a deleted snapshot succeeded")
+            } catch let error as NBDClientError {
+                #expect(error.errno == ESHUTDOWN || error.errno == ENOTCONN || error.errno == ECONNRESET)
+            }
+            try live.pwrite([1, 2, 3], offset: 100)
+            #expect(try live.pread(count: 3, offset: 100) == [1, 2, 3])
+            await control.close()
+        }
+    }
+
+    /// A second daemon on the same data directory refuses to start and says why.
+    @Test func secondDaemonIsRefused() async throws {
+        try await DaemonFixture.with(volumes: ["disk:1M"]) { daemon in
+            let second = try ChildProcess(
+                builtProduct("umbra"),
+                ["serve", "--data", daemon.data, "--listen", "unix:" + daemon.directory.path + "/other.sock"],
+                captureStandardError: true)
+            let status = second.finish()
+            #expect(status != 0)
+            #expect(second.standardErrorText.contains("is in use by another Umbra process"))
+        }
+    }
+
+    /// SIGTERM answers what is in flight, flushes, and exits 0; the data is there after a restart.
+    @Test func stopsCleanlyAndKeepsData() async throws {
+        let directory = try TemporaryDirectory("umbra-restart")
+        defer { directory.remove() }
+        let arguments = [
+            "serve", "--data", directory.path + "/data", "--listen", "unix:" + directory.path + "/nbd.sock",
+            "--control", directory.path + "/control.sock", "--volume", "disk:2M", "--log-level", "warning",
+        ]
+        let pattern = (0..<131072).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        var first = try ChildProcess(builtProduct("umbra"), arguments)
+        #expect(first.readLine()?.hasPrefix("ready") == true)
+        let client = try NBDTestClient()
+        try client.connect(uri: "nbd+unix:///disk?socket=\(directory.path)/nbd.sock")
+        try client.pwrite(pattern, offset: 8192)
+        kill(first.processIdentifier, SIGTERM)
+        #expect(first.finish() == 0)
+        first = try ChildProcess(builtProduct("umbra"), arguments)
+        #expect(first.readLine()?.hasPrefix("ready") == true)
+        let again = try NBDTestClient()
+        try again.connect(uri: "nbd+unix:///disk?socket=\(directory.path)/nbd.sock")
+        #expect(try again.pread(count: pattern.count, offset: 8192) == pattern)
+        kill(first.processIdentifier, SIGTERM)
+        #expect(first.finish() == 0)
+    }
+
+    /// The CLI prints one JSON document with --json, and one clear sentence on stderr with a non-zero status on error.
+    @Test func cliOutputs() async throws {
+        try await DaemonFixture.with(volumes: ["disk:1M"]) { daemon in
+            let umbra = builtProduct("umbra")
+            let list = try ChildProcess(umbra, ["volume", "list", "--json", "--control", daemon.controlSocket])
+            let output = list.readAll()
+            #expect(list.finish() == 0)
+            let json = try JSONSerialization.jsonObject(with: Data(output.utf8)) as? [String: Any]
+            let volumes = json?["volumes"] as? [[String: Any]]
+            #expect(volumes?.first?["name"] as? String == "disk")
+            #expect(volumes?.first?["size"] as? Int == 1 << 20)
+
+            let create = try ChildProcess(
+                umbra, ["snapshot", "create", "disk", "--json", "--control", daemon.controlSocket])
+            let created = try JSONSerialization.jsonObject(with: Data(create.readAll().utf8)) as? [String: Any]
+            #expect(create.finish() == 0)
+            #expect((created?["snapshots"] as? [[String: Any]])?.first?["volume"] as? String == "disk")
+            #expect(created?["set"] as? String == (created?["set"] as? String)?.lowercased())
+
+            let missing = try ChildProcess(
+                umbra, ["volume", "delete", "nope", "--control", daemon.controlSocket], captureStandardError: true)
+            #expect(missing.finish() != 0)
+            #expect(missing.standardErrorText.lowercased().contains("no volume named 'nope'"))
+            #expect(missing.readAll().isEmpty)
+        }
+    }
+}
