@@ -41,7 +41,13 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "NAME:SIZE: create this volume at start unless it exists. Repeat for several.")
     var volume: [String] = []
 
-    @Option(help: "The chunk size of volumes created by --volume.")
+    @Option(
+        help: ArgumentHelp(
+            "NAME:PATH: serve an existing file or block device as volume NAME (Umbra keeps only metadata and the diff store; deleting the volume leaves the file). Repeat for several.",
+            valueName: "name:path"))
+    var volumeFile: [String] = []
+
+    @Option(help: "The chunk size of volumes created by --volume or --volume-file.")
     var chunkSize: Size = Size(bytes: VolumeSpec.defaultChunkSize.rawValue)
 
     @Option(help: "The longest writes may be held while a snapshot set is taken, in seconds.")
@@ -57,7 +63,8 @@ struct Serve: AsyncParsableCommand {
     var logLevel: String = "info"
 
     func validate() throws {
-        _ = try volumeSpecs()
+        let names = try volumeSpecs().map(\.name) + volumeFiles().map(\.name)
+        if Set(names).count != names.count { throw ValidationError("Each volume may be named once.") }
         for address in listen { _ = try NBDListenAddress(parsing: address) }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("Unknown log level '\(logLevel)'.") }
         for (name, value) in [
@@ -65,6 +72,23 @@ struct Serve: AsyncParsableCommand {
         ]
         where !(value > 0 && value <= 3600) {
             throw ValidationError("\(name) must be more than 0 and at most 3600 seconds.")
+        }
+    }
+
+    func volumeFiles() throws -> [(name: String, path: String)] {
+        try volumeFile.map { text in
+            guard let colon = text.firstIndex(of: ":"), colon != text.startIndex else {
+                throw ValidationError("--volume-file takes NAME:PATH, e.g. disk:/srv/disk.img (got '\(text)').")
+            }
+            let name = String(text[..<colon])
+            guard VolumeSpec.isValidName(name) else {
+                throw ValidationError(EngineError.invalidVolumeName(name).description + ".")
+            }
+            let path = String(text[text.index(after: colon)...])
+            guard path.hasPrefix("/") else {
+                throw ValidationError("--volume-file needs an absolute path (got '\(path)').")
+            }
+            return (name, path)
         }
     }
 
@@ -113,6 +137,18 @@ struct Serve: AsyncParsableCommand {
                 try await store.createVolume(
                     VolumeSpec(name: name, size: ByteCount(size), chunkSize: ByteCount(chunkSize.bytes)))
                 logger.info("created volume", metadata: ["volume": "\(name)", "size": "\(Size.format(size))"])
+            }
+            for (name, path) in try volumeFiles() {
+                if let existing = store.volumes().first(where: { $0.name == name }) {
+                    guard existing.backing == .external(path: path) else {
+                        throw CLIError(EngineError.volumeExists(name))
+                    }
+                    continue
+                }
+                try await store.createVolume(
+                    VolumeSpec(
+                        name: name, size: nil, chunkSize: ByteCount(chunkSize.bytes), backing: .external(path: path)))
+                logger.info("attached volume", metadata: ["volume": "\(name)", "path": "\(path)"])
             }
             exports.reconcile()
             let nbd = NBDServer(registry: registry, logger: Logger(label: "umbra.nbd"))

@@ -32,7 +32,7 @@ let benchmarks: @Sendable () -> Void = {
     // MARK: The machine's durable write bandwidth, for the copy-on-write targets.
 
     let raw = RawFile()
-    Benchmark(
+    measure(
         "baseline: durable write 1 MiB seq (fdatasync per 8 MiB)", setup: { try raw.open() }, teardown: { raw.close() }
     ) {
         benchmark in
@@ -40,7 +40,7 @@ let benchmarks: @Sendable () -> Void = {
         raw.sequentialDurable()
         benchmark.stopMeasurement()
     }
-    Benchmark(
+    measure(
         "baseline: durable write 4 KiB rand (fdatasync per 8 MiB)", setup: { try raw.open() }, teardown: { raw.close() }
     ) {
         benchmark in
@@ -52,13 +52,13 @@ let benchmarks: @Sendable () -> Void = {
     // MARK: Write throughput through the engine at the default chunk size.
 
     let plain = EngineFixture(chunkSize: VolumeSpec.defaultChunkSize)
-    Benchmark(
+    measure(
         "engine: write 1 MiB seq, no snapshot", setup: { try await plain.open() }, teardown: { await plain.close() }
     ) {
         benchmark in
         await plain.measure(benchmark) { try await plain.sequentialWrites() }
     }
-    Benchmark(
+    measure(
         "engine: write 4 KiB rand, no snapshot", setup: { try await plain.open() }, teardown: { await plain.close() }
     ) {
         benchmark in
@@ -70,21 +70,21 @@ let benchmarks: @Sendable () -> Void = {
         let label = "\(chunkSize.rawValue >> 10) KiB chunks"
         let setup: @Sendable () async throws -> Void = { try await fixture.open() }
         let teardown: @Sendable () async throws -> Void = { await fixture.close() }
-        Benchmark("cow: first write 1 MiB seq, \(label)", setup: setup, teardown: teardown) { benchmark in
+        measure("cow: first write 1 MiB seq, \(label)", setup: setup, teardown: teardown) { benchmark in
             await fixture.measure(benchmark, freshSnapshot: true) { try await fixture.sequentialWrites() }
         }
-        Benchmark("cow: first write 4 KiB rand, \(label)", setup: setup, teardown: teardown) { benchmark in
+        measure("cow: first write 4 KiB rand, \(label)", setup: setup, teardown: teardown) { benchmark in
             await fixture.measure(benchmark, freshSnapshot: true) {
                 try await fixture.randomWrites(distinctChunks: true)
             }
         }
-        Benchmark(
+        measure(
             "cow: rewrite 1 MiB seq, \(label)", setup: { try await fixture.open(preservingRegion: true) },
             teardown: teardown
         ) { benchmark in
             await fixture.measure(benchmark) { try await fixture.sequentialWrites() }
         }
-        Benchmark(
+        measure(
             "cow: rewrite 4 KiB rand, \(label)", setup: { try await fixture.open(preservingRegion: true) },
             teardown: teardown
         ) { benchmark in
@@ -96,7 +96,7 @@ let benchmarks: @Sendable () -> Void = {
 
     for count in [1, 500] {
         let fixture = EngineFixture(chunkSize: VolumeSpec.defaultChunkSize)
-        Benchmark(
+        measure(
             "snapshots: first write 4 KiB rand with \(count) snapshot\(count == 1 ? "" : "s")",
             setup: { try await fixture.open(olderSnapshots: count - 1) }, teardown: { await fixture.close() }
         ) { benchmark in
@@ -111,7 +111,7 @@ let benchmarks: @Sendable () -> Void = {
     for size in [ByteCount.gibibytes(1), ByteCount.tebibytes(1)] {
         let fixture = EngineFixture(chunkSize: VolumeSpec.defaultChunkSize, volumeSize: size, prefill: false)
         let label = size == .gibibytes(1) ? "1 GiB" : "1 TiB"
-        Benchmark(
+        measure(
             "sets: create a snapshot set of a \(label) volume",
             configuration: .init(timeUnits: .microseconds, maxIterations: 200),
             setup: { try await fixture.open() }, teardown: { await fixture.close() }
@@ -123,18 +123,28 @@ let benchmarks: @Sendable () -> Void = {
     // MARK: Reading old snapshots costs about what reading new ones does.
 
     let history = EngineFixture(chunkSize: VolumeSpec.defaultChunkSize)
-    Benchmark(
+    measure(
         "reads: read 1 MiB seq from the oldest of 256 snapshots", setup: { try await history.open(history: 256) },
         teardown: { await history.close() }
     ) { benchmark in
         await history.measure(benchmark) { try await history.sequentialSnapshotReads(oldest: true) }
     }
-    Benchmark(
+    measure(
         "reads: read 1 MiB seq from the newest of 256 snapshots", setup: { try await history.open(history: 256) },
         teardown: { await history.close() }
     ) { benchmark in
         await history.measure(benchmark) { try await history.sequentialSnapshotReads(oldest: false) }
     }
+}
+
+/// Registers a benchmark; setup and teardown come before the measured body here (package-benchmark
+/// takes the body first).
+func measure(
+    _ name: String, configuration: Benchmark.Configuration = Benchmark.defaultConfiguration,
+    setup: @escaping Benchmark.BenchmarkSetupHook, teardown: @escaping Benchmark.BenchmarkTeardownHook,
+    _ body: @escaping Benchmark.BenchmarkAsyncClosure
+) {
+    Benchmark(name, configuration: configuration, closure: body, setup: setup, teardown: teardown)
 }
 
 /// Where benchmark files go.
@@ -144,7 +154,7 @@ func benchmarkDirectory(_ label: String) -> String {
 }
 
 /// A page-aligned buffer of non-zero bytes, reused by every write.
-let dataBuffer: UnsafeRawBufferPointer = {
+nonisolated(unsafe) let dataBuffer: UnsafeRawBufferPointer = {
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: sequentialWriteSize, alignment: 4096)
     var state: UInt64 = 0x9E37_79B9_7F4A_7C15
     for index in 0..<(buffer.count / 8) {
