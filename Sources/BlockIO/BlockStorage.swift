@@ -36,8 +36,8 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// Makes the range read as zero, keeping it allocated.
     func writeZeroes(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
 
-    /// Reserves space for the range, extending the size if it lies past the end. A hint: storage that
-    /// cannot preallocate does nothing.
+    /// Reserves space for the range (writing zeros where that is what makes later overwrites cheap),
+    /// extending the size if it lies past the end. A hint: storage that cannot preallocate does nothing.
     func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
 
     /// The start of the next allocated data at or after `offset`, or nil if only holes follow

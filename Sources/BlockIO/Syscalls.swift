@@ -119,13 +119,6 @@ enum Syscall {
         throw lastError("fallocate(ZERO_RANGE)", path)
     }
 
-    /// fallocate(2) with mode 0. Returns false when the file system cannot preallocate.
-    static func allocate(_ fd: Int32, offset: UInt64, length: UInt64, path: String) throws(BlockIOError) -> Bool {
-        if retryingInterrupts({ umbra_allocate(fd, Int64(offset), Int64(length)) }) == 0 { return true }
-        if Glibc.errno == EOPNOTSUPP || Glibc.errno == ENOSYS { return false }
-        throw lastError("fallocate", path)
-    }
-
     struct FileStatus {
         var size: UInt64
         var isBlockDevice: Bool

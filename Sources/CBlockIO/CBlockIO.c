@@ -19,10 +19,6 @@ int umbra_zero_range(int fd, int64_t offset, int64_t length) {
     return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
-int umbra_allocate(int fd, int64_t offset, int64_t length) {
-    return fallocate(fd, 0, offset, length);
-}
-
 int umbra_block_device_size(int fd, uint64_t *size) {
     return ioctl(fd, BLKGETSIZE64, size);
 }

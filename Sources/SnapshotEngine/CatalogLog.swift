@@ -45,6 +45,8 @@ final class CatalogLog: Sendable {
     }
 
     private let state: Mutex<State>
+    /// Set with `State.failure`, for the write path to check without taking the lock.
+    private let failed = Atomic<Bool>(false)
     private let io: any IOExecutor
     let path: String
 
@@ -59,7 +61,10 @@ final class CatalogLog: Sendable {
     var appendedBytes: UInt64 { state.withLock { $0.appendedBytes } }
 
     /// The error that stopped the log, if any.
-    var failure: EngineError? { state.withLock { $0.failure } }
+    var failure: EngineError? {
+        guard failed.load(ordering: .acquiring) else { return nil }
+        return state.withLock { $0.failure }
+    }
 
     // MARK: - Opening
 
@@ -337,6 +342,7 @@ final class CatalogLog: Sendable {
                 (error as? BlockIOError) ?? BlockIOError(.system(.ioError), operation: "catalog append", path: path))
             let stranded = state.withLock { state -> [CheckedContinuation<Role, any Error>] in
                 state.failure = failure
+                failed.store(true, ordering: .releasing)
                 state.leaderActive = false
                 defer { state.pendingWaiters = [] }
                 return state.pendingWaiters
