@@ -123,6 +123,17 @@ struct Serve: AsyncParsableCommand {
         }
     }
 
+    /// The listen addresses as bound, for the log and the ready line: a TCP port 0 becomes the port
+    /// the kernel chose, so scripts can ask for any free port and learn which one they got.
+    static func describe(_ addresses: [String], bound: [SocketAddress]) -> [String] {
+        zip(addresses, bound).map { text, address in
+            guard case .tcp(let host, 0)? = try? NBDListenAddress(parsing: text), let port = address.port else {
+                return text
+            }
+            return NBDListenAddress.tcp(host: host, port: port).description
+        }
+    }
+
     private func serve(logger: Logger) async throws {
         let registry = NBDExportRegistry { sortedNames in sortedNames.first { !$0.contains("@") } }
         let exports = ExportReconciler(registry: registry, logger: logger)
@@ -152,9 +163,10 @@ struct Serve: AsyncParsableCommand {
             }
             exports.reconcile()
             let nbd = NBDServer(registry: registry, logger: Logger(label: "umbra.nbd"))
-            let addresses = listen.isEmpty ? [Self.defaultListenAddress] : listen
+            let requested = listen.isEmpty ? [Self.defaultListenAddress] : listen
+            let addresses: [String]
             do {
-                _ = try await nbd.listen(on: addresses)
+                addresses = Self.describe(requested, bound: try await nbd.listen(on: requested))
             } catch {
                 await nbd.shutdown()
                 throw error
