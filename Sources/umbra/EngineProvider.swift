@@ -15,6 +15,7 @@ struct EngineProvider: SnapshotProvider {
     }
 
     let store: SnapshotStore
+    let exports: ExportReconciler
 
     func validateSnapshotSet(volumes: [String]) async throws {
         guard !volumes.isEmpty else { throw ShadowCopyError(.invalidParams, "Name at least one volume to snapshot.") }
@@ -56,11 +57,13 @@ struct EngineProvider: SnapshotProvider {
         } catch EngineError.snapshotNotFound {
             // Already gone (the diff-store policy may have deleted it): what was asked for holds.
         }
+        await exports.settle()
     }
 }
 
 struct DaemonRequests: ControlRequestHandler {
     let store: SnapshotStore
+    let exports: ExportReconciler
 
     func createVolume(_ params: CreateVolumeParams) async throws -> ShadowCopy.VolumeInfo {
         do {
@@ -84,6 +87,7 @@ struct DaemonRequests: ControlRequestHandler {
     func deleteVolume(name: String) async throws {
         do {
             try await store.deleteVolume(named: name)
+            await exports.settle()
         } catch {
             throw controlError(error)
         }
@@ -107,7 +111,9 @@ struct DaemonRequests: ControlRequestHandler {
 
     func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult {
         do {
-            return DeleteSnapshotsResult(deleted: try await store.deleteSnapshots(ids: ids))
+            let deleted = try await store.deleteSnapshots(ids: ids)
+            await exports.settle()
+            return DeleteSnapshotsResult(deleted: deleted)
         } catch {
             throw controlError(error)
         }

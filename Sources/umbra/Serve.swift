@@ -172,7 +172,7 @@ struct Serve: AsyncParsableCommand {
                 throw error
             }
             let coordinator = ShadowCopyCoordinator(
-                provider: EngineProvider(store: store), clock: ContinuousClock(),
+                provider: EngineProvider(store: store, exports: exports), clock: ContinuousClock(),
                 configuration: CoordinatorConfiguration(
                     eventTimeout: .milliseconds(Int64(writerTimeout * 1000)),
                     freezeWindow: .milliseconds(Int64(freezeTimeout * 1000))),
@@ -181,7 +181,8 @@ struct Serve: AsyncParsableCommand {
             let controlServer: ControlServer
             do {
                 controlServer = try await ControlServer.bind(
-                    socketPath: controlPath, coordinator: coordinator, handler: DaemonRequests(store: store),
+                    socketPath: controlPath, coordinator: coordinator,
+                    handler: DaemonRequests(store: store, exports: exports),
                     logger: Logger(label: "umbra.control"))
             } catch {
                 await nbd.shutdown()
@@ -218,59 +219,6 @@ struct Serve: AsyncParsableCommand {
         } catch {
             try? await store.close()
             throw error
-        }
-    }
-}
-
-/// Keeps the NBD export registry in step with the store.
-final class ExportReconciler: Sendable {
-    private let registry: NBDExportRegistry
-    private let store = Mutex<SnapshotStore?>(nil)
-    private let logger: Logger
-
-    init(registry: NBDExportRegistry, logger: Logger) {
-        self.registry = registry
-        self.logger = logger
-    }
-
-    func attach(_ store: SnapshotStore) {
-        self.store.withLock { $0 = store }
-    }
-
-    func storeChanged(_ event: StoreEvent) {
-        if case .snapshotFailed(let id, let reason) = event {
-            logger.warning("snapshot failed", metadata: ["snapshot.id": "\(id.guidString)", "reason": "\(reason)"])
-        }
-        reconcile()
-    }
-
-    /// Adds an export for every volume and readable snapshot that lacks one, and removes exports whose
-    /// volume or snapshot is gone (their connections are ended with ESHUTDOWN).
-    func reconcile() {
-        guard let store = store.withLock({ $0 }) else { return }
-        var wanted: [String: any NBDExport] = [:]
-        for info in store.volumes() {
-            guard let volume = try? store.volume(named: info.name) else { continue }
-            wanted[info.name] = LiveVolumeExport(volume: volume, store: store)
-        }
-        for info in (try? store.snapshots()) ?? [] where info.state == .ready {
-            guard let view = try? store.snapshot(id: info.id) else { continue }
-            wanted[info.exportName] = SnapshotExport(snapshot: view, store: store)
-        }
-        let present = Set(registry.names)
-        for (name, export) in wanted where !present.contains(name) {
-            do {
-                try registry.add(export)
-            } catch {
-                logger.error("could not add an export", metadata: ["nbd.export": "\(name)", "error": "\(error)"])
-            }
-        }
-        let stale = present.subtracting(wanted.keys)
-        if !stale.isEmpty {
-            let registry = self.registry
-            Task {
-                for name in stale { _ = await registry.remove(named: name) }
-            }
         }
     }
 }

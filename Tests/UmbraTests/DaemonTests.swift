@@ -116,4 +116,28 @@ import UmbraTestSupport
             #expect(missing.readAll().isEmpty)
         }
     }
+
+    /// --volume-file serves an existing file's data; snapshots of it work; the file is left alone when the daemon stops.
+    @Test func servesAnExistingFile() async throws {
+        let directory = try TemporaryDirectory("umbra-volume-file")
+        defer { directory.remove() }
+        let path = directory.path + "/disk.img"
+        var random = SeededRandom(seed: 77)
+        var original = [UInt8](repeating: 0, count: 1 << 20)
+        original.withUnsafeMutableBytes { random.fill($0) }
+        FileManager.default.createFile(atPath: path, contents: Data(original))
+        try await DaemonFixture.with(volumes: [], extraArguments: ["--volume-file", "disk:" + path]) { daemon in
+            let live = try daemon.connect("disk")
+            #expect(try live.size() == UInt64(original.count))
+            #expect(try live.pread(count: original.count, offset: 0) == original)
+            let control = try await daemon.control()
+            let set = try await control.createSnapshotSet(CreateSetParams(volumes: ["disk"]))
+            try live.pwrite([UInt8](repeating: 9, count: 8192), offset: 4096)
+            let snapshot = try daemon.connect(set.snapshots[0].export)
+            #expect(try snapshot.pread(count: original.count, offset: 0) == original)
+            await control.close()
+        }
+        let after = try Data(contentsOf: URL(fileURLWithPath: path))
+        #expect(after[4096..<12288].allSatisfy { $0 == 9 })
+    }
 }
