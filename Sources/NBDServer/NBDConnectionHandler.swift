@@ -35,6 +35,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         case failed(any Error)
     }
 
+    /// WRITE payloads at least this big are kept in the receive buffers instead of copied.
+    static let inPlacePayloadBytes = 64 * 1024
+
     private let environment: Environment
     private let executor: EventLoopTaskExecutor
     private let buffers: NBDBufferPool
@@ -229,12 +232,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         switch transmission!.receivedRequest(request) {
         case .serve(let request):
             if request.command == .write {
-                // Big payloads go into recycled buffers; small ones into fresh ones (cheap), never
-                // into slices of receive buffers, which a slow write would keep alive.
+                // Big payloads stay in the receive buffers they arrived in (no copy); small ones are
+                // copied out so a slow write does not keep a whole receive buffer alive.
                 let length = Int(request.length)
                 decoder.keepWritePayload(
-                    into: length >= NBDBufferPool.minimumPooledBytes
-                        ? buffers.buffer(capacity: length) : allocator.buffer(capacity: length)
+                    length >= Self.inPlacePayloadBytes ? .inPlace : .copy(into: allocator.buffer(capacity: length))
                 )
                 pendingWrite = request
             } else {
@@ -263,7 +265,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     // MARK: - Serving
 
-    private func serve(_ request: NBDRequest, payload: ByteBuffer?) {
+    private func serve(_ request: NBDRequest, payload: NBDWritePayload?) {
         guard let export, let context, let transmission else { return invariantBroken("serving without an export") }
         if request.length == 0 && request.command != .flush {
             // Zero-length requests are legal and need no export call.
@@ -275,7 +277,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         let buffers = self.buffers
         Self.launch(on: executor) {
             let outcome = await Self.perform(request, payload: payload, contexts: contexts, on: export, buffers: buffers)
-            if let payload { buffers.recycle(payload) }
             handler.value.finish(request, outcome)
         }
     }
@@ -286,7 +287,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     private static func perform(
         _ request: NBDRequest,
-        payload: ByteBuffer?,
+        payload: NBDWritePayload?,
         contexts: [NBDMetaContext],
         on export: any NBDExport,
         buffers: NBDBufferPool
@@ -297,7 +298,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             case .read:
                 return .read(try await export.read(offset: request.offset, length: request.length, buffers: buffers))
             case .write:
-                try await export.write(offset: request.offset, data: payload ?? ByteBuffer(), fua: fua)
+                try await export.write(offset: request.offset, data: payload ?? NBDWritePayload(ByteBuffer()), fua: fua)
             case .flush:
                 try await export.flush()
             case .trim:

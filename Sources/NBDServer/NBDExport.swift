@@ -32,8 +32,10 @@ public protocol NBDExport: Sendable {
     /// Reads `length` bytes at `offset`. Data buffers should come from `buffers` (which recycles
     /// big ones once they have been sent).
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult
-    /// Writes `data` at `offset`; with `fua`, returns only once the data is durable.
-    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws
+    /// Writes `data` at `offset`; with `fua`, returns only once the data is durable. Big payloads
+    /// come in the pieces they were received in (write them with one `pwritev`); the buffers may
+    /// be kept after returning (the server does not reuse them).
+    func write(offset: UInt64, data: NBDWritePayload, fua: Bool) async throws
     /// Makes every completed write durable.
     func flush() async throws
     /// May discard the range (a hint; contents afterwards are unspecified).

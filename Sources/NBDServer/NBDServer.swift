@@ -193,6 +193,9 @@ public final class NBDServer: Sendable {
         var bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
+            // Also the number of receive buffers NIO keeps for reuse; big WRITE payloads hold theirs
+            // until the export is done, so keep several.
+            .childChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: high / 2, high: high))
             .childChannelOption(
                 .recvAllocator,

@@ -26,11 +26,11 @@ private let expectedMessages: [NBDServerDecoder.Message] = [
     .option(.go, payload: .infoRequest(name: "live", infos: [.blockSize])),
     .request(NBDRequest(command: .read, handle: 1, offset: 0, length: 4096)),
     .request(NBDRequest(command: .write, handle: 2, offset: 8, length: 5)),
-    .writePayload(ByteBuffer(bytes: [9, 8, 7, 6, 5])),
+    .writePayload(NBDWritePayload(ByteBuffer(bytes: [9, 8, 7, 6, 5]))),
     .request(NBDRequest(command: .write, handle: 3, offset: 0, length: 3)),
     .discardedWritePayload(length: 3),
     .request(NBDRequest(command: .write, handle: 4, offset: 0, length: 0)),
-    .writePayload(ByteBuffer()),
+    .writePayload(NBDWritePayload(ByteBuffer())),
     .request(NBDRequest(flags: .fua, command: .flush, handle: 5, offset: 0, length: 0)),
 ]
 
@@ -52,7 +52,7 @@ private func decode(
                 if request.handle == 3 {
                     decoder.discardWritePayload()
                 } else {
-                    decoder.keepWritePayload(into: ByteBuffer())
+                    decoder.keepWritePayload(request.handle == 2 ? .inPlace : .copy(into: ByteBuffer()))
                 }
             default: break
             }
@@ -113,8 +113,8 @@ private func split(_ buffer: ByteBuffer, at cuts: [Int]) -> [ByteBuffer] {
                 while let message = try decoder.next() {
                     switch message {
                     case .option: decoder.startTransmission()
-                    case .request: decoder.keepWritePayload(into: destination)
-                    case .writePayload(let buffer): payload = buffer
+                    case .request: decoder.keepWritePayload(.copy(into: destination))
+                    case .writePayload(let buffer): payload = buffer.contiguous()
                     default: break
                     }
                 }
@@ -122,6 +122,35 @@ private func split(_ buffer: ByteBuffer, at cuts: [Int]) -> [ByteBuffer] {
             #expect(payload.map { Array($0.readableBytesView) } == [1, 2, 3, 4])
             #expect(payload?.capacity == 64)
         }
+    }
+
+    /// A payload kept in place arrives as slices of the received buffers, without a copy.
+    @Test func inPlacePayloadSlicesTheReceivedBuffers() throws {
+        var header = ByteBuffer()
+        header.writeInteger(UInt32(1))
+        header.writeImmutableBuffer(.option(.go, .infoRequest(name: "x")))
+        header.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 1, offset: 0, length: 6)))
+        header.writeBytes([1, 2])
+        let second = ByteBuffer(bytes: [3, 4, 5, 6, 0x25])
+        var decoder = NBDServerDecoder(limits: NBDLimits(), allocator: ByteBufferAllocator())
+        decoder.receive(header)
+        _ = try decoder.next()
+        _ = try decoder.next()
+        decoder.startTransmission()
+        _ = try decoder.next()
+        decoder.keepWritePayload(.inPlace)
+        #expect(try decoder.next() == nil)
+        decoder.receive(second)
+        guard case .writePayload(let payload) = try decoder.next() else {
+            Issue.record("no payload")
+            return
+        }
+        #expect(payload.buffers.map { Array($0.readableBytesView) } == [[1, 2], [3, 4, 5, 6]])
+        let shared = payload.buffers[1].withUnsafeReadableBytes { piece in
+            second.withUnsafeReadableBytes { piece.baseAddress == $0.baseAddress }
+        }
+        #expect(shared)
+        #expect(decoder.queuedBytes == 1)
     }
 
     /// A bad option magic is a protocol violation, after which the decoder yields nothing.

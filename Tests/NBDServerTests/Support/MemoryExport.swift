@@ -129,7 +129,8 @@ final class MemoryExport: NBDExport {
         }
     }
 
-    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws {
+    func write(offset: UInt64, data payload: NBDWritePayload, fua: Bool) async throws {
+        let data = payload.contiguous()
         try takeFailure(.write)
         state.withLock { state in
             state.calls.append(.write(offset: offset, length: data.readableBytes, fua: fua))
