@@ -336,7 +336,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     /// A served request has its outcome: reply, account, and resume whatever was waiting on it.
     private func finish(_ request: NBDRequest, _ outcome: Outcome) {
-        guard context != nil, transmission != nil, !isClosing else { return }  // closed meanwhile: nobody to answer
+        guard context != nil, transmission != nil, !isClosing else {
+            // Closed meanwhile: nobody to answer, but file segments must still be let go.
+            if case .read(let result) = outcome { Self.releaseFiles(of: result) }
+            return
+        }
         writeReply(to: request, outcome)
         switch transmission!.requestCompleted(request) {
         case .none:
@@ -355,6 +359,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
         processInbound()
         resumeReadsIfPossible()
+    }
+
+    private static func releaseFiles(of result: NBDReadResult) {
+        switch result {
+        case .file(let file): file.release?()
+        case .segments(let segments): for case .file(let file) in segments { file.release?() }
+        case .data, .zeroes: break
+        }
     }
 
     // MARK: - Draining
@@ -493,6 +505,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             }
             writeData(data)
 
+        case .file(let file):
+            guard file.region.readableBytes == length else {
+                file.release?()
+                return writeBadReadLength(request, file.region.readableBytes)
+            }
+            writeUnfragmented(request, [.file(file)])
+
         case .zeroes:
             if structured && !request.flags.contains(.dontFragment) {
                 appendHeader { $0.writeNBDOffsetHole(handle: handle, flags: .done, offset: request.offset, length: request.length) }
@@ -502,7 +521,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
         case .segments(let segments):
             let total = segments.reduce(0) { $0 + $1.length }
-            guard total == length else { return writeBadReadLength(request, total) }
+            guard total == length else {
+                for case .file(let file) in segments { file.release?() }
+                return writeBadReadLength(request, total)
+            }
             if !structured || request.flags.contains(.dontFragment) {
                 return writeUnfragmented(request, segments)
             }

@@ -75,6 +75,8 @@ public enum NBDReadResult: Sendable {
     /// The whole range reads as zeroes; sent as `OFFSET_HOLE` when structured replies allow, so no
     /// zeroes cross the wire.
     case zeroes
+    /// All the requested bytes, sent straight from a file (`sendfile`).
+    case file(NBDFileSegment)
     /// Consecutive pieces that together cover the requested range, in order.
     case segments([NBDReadSegment])
 }
