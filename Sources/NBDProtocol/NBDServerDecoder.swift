@@ -136,7 +136,8 @@ public struct NBDServerDecoder {
                     state = .discarding(.option(option), length: Int(length), remaining: Int(length))
                 } else {
                     state = .failed
-                    throw NBDProtocolError(.payloadTooLarge, "\(option) payload of \(length) bytes is too large to read")
+                    throw NBDProtocolError(
+                        .payloadTooLarge, "\(option) payload of \(length) bytes is too large to read")
                 }
 
             case .requestHeader:

@@ -54,6 +54,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     private var context: ChannelHandlerContext?
     /// A served WRITE whose payload is still being read.
     private var pendingWrite: NBDRequest?
+    /// A refused WRITE whose payload is still being read past; answered once it has been, since
+    /// clients (libnbd) do not expect a reply to a request they are still sending.
+    private var pendingRefusal: (request: NBDRequest, errno: NBDErrno)?
     private var started = false
     private var isProcessingInbound = false
     private var inChannelRead = false
@@ -165,7 +168,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         isProcessingInbound = true
         defer { isProcessingInbound = false }
         while !isClosing {
-            if pendingWrite == nil, let transmission, !transmission.canAcceptRequest { return }
+            if pendingWrite == nil, pendingRefusal == nil, let transmission, !transmission.canAcceptRequest { return }
             let message: NBDServerDecoder.Message?
             do {
                 message = try decoder.next()
@@ -201,7 +204,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             pendingWrite = nil
             serve(request, payload: payload)
         case .discardedWritePayload:
-            break
+            guard let refusal = pendingRefusal else { return invariantBroken("discarded payload without a refusal") }
+            pendingRefusal = nil
+            refuse(refusal.request, refusal.errno)
         }
     }
 
@@ -243,11 +248,12 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
                 serve(request, payload: nil)
             }
         case .reject(let request, let errno):
-            if request.command == .write { decoder.discardWritePayload() }
-            if logger.logLevel <= .debug {
-                logger.debug("NBD request refused", metadata: ["nbd.request": "\(request)", "nbd.errno": "\(errno)"])
+            if request.command == .write {
+                decoder.discardWritePayload()
+                pendingRefusal = (request, errno)
+            } else {
+                refuse(request, errno)
             }
-            writeError(for: request, errno: errno, message: Self.rejectionMessage(errno), offset: nil)
         case .disconnect(let closeNow):
             logger.debug("NBD client disconnecting")
             if closeNow { closeAfterWrites() }
@@ -257,9 +263,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
     }
 
+    private func refuse(_ request: NBDRequest, _ errno: NBDErrno) {
+        if logger.logLevel <= .debug {
+            logger.debug("NBD request refused", metadata: ["nbd.request": "\(request)", "nbd.errno": "\(errno)"])
+        }
+        writeError(for: request, errno: errno, message: Self.rejectionMessage(errno), offset: nil)
+    }
+
     /// The client half-closed its side: nothing more will come, so behave as after `NBD_CMD_DISC`.
     private func clientStoppedSending() {
-        guard transmission != nil, pendingWrite == nil else { return closeNow() }
+        guard transmission != nil, pendingWrite == nil, pendingRefusal == nil else { return closeNow() }
         handleRequest(NBDRequest(command: .disconnect, handle: 0, offset: 0, length: 0))
     }
 
@@ -276,7 +289,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let buffers = self.buffers
         Self.launch(on: executor) {
-            let outcome = await Self.perform(request, payload: payload, contexts: contexts, on: export, buffers: buffers)
+            let outcome = await Self.perform(
+                request, payload: payload, contexts: contexts, on: export, buffers: buffers)
             handler.value.finish(request, outcome)
         }
     }
@@ -456,13 +470,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
                     metadata: ["nbd.request": "\(request)", "nbd.errno": "\(errno)", "nbd.error": "\(error)"]
                 )
             }
-            writeError(for: request, errno: errno, message: NBDError.message(for: error), offset: (error as? NBDError)?.offset)
+            writeError(
+                for: request, errno: errno, message: NBDError.message(for: error), offset: (error as? NBDError)?.offset)
         }
     }
 
     private var structuredReplies: Bool { transmission?.session.structuredReplies ?? false }
 
-    private func writeError(for request: NBDRequest, errno: NBDErrno, message: @autoclosure () -> String, offset: UInt64?) {
+    private func writeError(
+        for request: NBDRequest, errno: NBDErrno, message: @autoclosure () -> String, offset: UInt64?
+    ) {
         guard structuredReplies else {
             appendHeader { $0.writeNBDSimpleReply(handle: request.handle, error: errno) }
             return
@@ -475,7 +492,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
         let message = message()
         appendHeader {
-            $0.writeNBDStructuredError(handle: request.handle, flags: .done, error: errno, message: message, offset: errorOffset)
+            $0.writeNBDStructuredError(
+                handle: request.handle, flags: .done, error: errno, message: message, offset: errorOffset)
         }
     }
 
@@ -498,7 +516,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             }
             appendHeader {
                 if structured {
-                    $0.writeNBDOffsetDataHeader(handle: handle, flags: .done, offset: request.offset, dataLength: request.length)
+                    $0.writeNBDOffsetDataHeader(
+                        handle: handle, flags: .done, offset: request.offset, dataLength: request.length)
                 } else {
                     $0.writeNBDSimpleReply(handle: handle, error: nil)
                 }
@@ -514,7 +533,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
         case .zeroes:
             if structured && !request.flags.contains(.dontFragment) {
-                appendHeader { $0.writeNBDOffsetHole(handle: handle, flags: .done, offset: request.offset, length: request.length) }
+                appendHeader {
+                    $0.writeNBDOffsetHole(handle: handle, flags: .done, offset: request.offset, length: request.length)
+                }
             } else {
                 writeUnfragmented(request, [.zeroes(length: request.length)])
             }
@@ -533,12 +554,20 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
                 let segmentLength = UInt32(segment.length)
                 switch segment {
                 case .data(let data):
-                    appendHeader { $0.writeNBDOffsetDataHeader(handle: handle, flags: [], offset: offset, dataLength: segmentLength) }
+                    appendHeader {
+                        $0.writeNBDOffsetDataHeader(
+                            handle: handle, flags: [], offset: offset, dataLength: segmentLength)
+                    }
                     writeData(data)
                 case .zeroes:
-                    appendHeader { $0.writeNBDOffsetHole(handle: handle, flags: [], offset: offset, length: segmentLength) }
+                    appendHeader {
+                        $0.writeNBDOffsetHole(handle: handle, flags: [], offset: offset, length: segmentLength)
+                    }
                 case .file(let file):
-                    appendHeader { $0.writeNBDOffsetDataHeader(handle: handle, flags: [], offset: offset, dataLength: segmentLength) }
+                    appendHeader {
+                        $0.writeNBDOffsetDataHeader(
+                            handle: handle, flags: [], offset: offset, dataLength: segmentLength)
+                    }
                     writeFile(file)
                 }
                 offset += UInt64(segmentLength)
@@ -556,7 +585,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             if structured {
                 // Data sent from a file can still fail while being sent, so it cannot end the reply.
                 let flags: NBDReplyFlags = hasFile ? [] : .done
-                $0.writeNBDOffsetDataHeader(handle: request.handle, flags: flags, offset: request.offset, dataLength: request.length)
+                $0.writeNBDOffsetDataHeader(
+                    handle: request.handle, flags: flags, offset: request.offset, dataLength: request.length)
             } else {
                 $0.writeNBDSimpleReply(handle: request.handle, error: nil)
             }
@@ -588,7 +618,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             )
             let flags: NBDReplyFlags = index == chunks.count - 1 ? .done : []
             appendHeader {
-                $0.writeNBDBlockStatus(handle: request.handle, flags: flags, contextID: metaContext.id, extents: normalized)
+                $0.writeNBDBlockStatus(
+                    handle: request.handle, flags: flags, contextID: metaContext.id, extents: normalized)
             }
         }
     }

@@ -2,7 +2,7 @@ import NBDProtocol
 import NIOCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An error an export (or anything else) can throw to choose the errno a client sees.

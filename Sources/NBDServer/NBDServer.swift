@@ -73,7 +73,8 @@ public final class NBDServer: Sendable {
         var bufferPools: [ObjectIdentifier: NBDBufferPool] = [:]
         for loop in group.makeIterator() {
             executors[ObjectIdentifier(loop)] = EventLoopTaskExecutor(eventLoop: loop)
-            bufferPools[ObjectIdentifier(loop)] = NBDBufferPool(maximumPooledBytes: configuration.maximumPooledBytesPerEventLoop)
+            bufferPools[ObjectIdentifier(loop)] = NBDBufferPool(
+                maximumPooledBytes: configuration.maximumPooledBytesPerEventLoop)
         }
         self.executors = executors
         self.bufferPools = bufferPools
@@ -205,7 +206,8 @@ public final class NBDServer: Sendable {
                 channel.eventLoop.makeCompletedFuture { try self.initialize(channel) }
             }
         if tcp {
-            bootstrap = bootstrap
+            bootstrap =
+                bootstrap
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
         }

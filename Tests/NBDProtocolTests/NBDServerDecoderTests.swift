@@ -12,8 +12,10 @@ private func sessionBytes() -> ByteBuffer {
     bytes.writeImmutableBuffer(.option(NBDOption(rawValue: 99), ByteBuffer(bytes: [1, 2, 3, 4, 5])))
     bytes.writeImmutableBuffer(.option(.go, .infoRequest(name: "live", infos: [.blockSize])))
     bytes.writeImmutableBuffer(.request(NBDRequest(command: .read, handle: 1, offset: 0, length: 4096)))
-    bytes.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 2, offset: 8, length: 5), payload: [9, 8, 7, 6, 5]))
-    bytes.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 3, offset: 0, length: 3), payload: [1, 1, 1]))
+    bytes.writeImmutableBuffer(
+        .request(NBDRequest(command: .write, handle: 2, offset: 8, length: 5), payload: [9, 8, 7, 6, 5]))
+    bytes.writeImmutableBuffer(
+        .request(NBDRequest(command: .write, handle: 3, offset: 0, length: 3), payload: [1, 1, 1]))
     bytes.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 4, offset: 0, length: 0)))
     bytes.writeImmutableBuffer(.request(NBDRequest(flags: .fua, command: .flush, handle: 5, offset: 0, length: 0)))
     return bytes
@@ -101,7 +103,8 @@ private func split(_ buffer: ByteBuffer, at cuts: [Int]) -> [ByteBuffer] {
         var bytes = ByteBuffer()
         bytes.writeInteger(UInt32(1))
         bytes.writeImmutableBuffer(.option(.go, .infoRequest(name: "x")))
-        bytes.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 1, offset: 0, length: 4), payload: [1, 2, 3, 4]))
+        bytes.writeImmutableBuffer(
+            .request(NBDRequest(command: .write, handle: 1, offset: 0, length: 4), payload: [1, 2, 3, 4]))
         for cut in 1..<bytes.readableBytes {
             var decoder = NBDServerDecoder(limits: NBDLimits(), allocator: ByteBufferAllocator())
             var destination = ByteBufferAllocator().buffer(capacity: 64)
@@ -199,7 +202,10 @@ private func split(_ buffer: ByteBuffer, at cuts: [Int]) -> [ByteBuffer] {
             while let message = try decoder.next() { messages.append(message) }
             #expect(decoder.queuedBytes < 100)
         }
-        #expect(messages == [.clientFlags(1), .oversizedOption(.list, length: 1000), .option(.abort, payload: ByteBuffer())])
+        #expect(
+            messages == [
+                .clientFlags(1), .oversizedOption(.list, length: 1000), .option(.abort, payload: ByteBuffer()),
+            ])
     }
 
     /// An option longer than anything worth reading past ends the session at its header.

@@ -4,11 +4,11 @@ import Synchronization
 import Testing
 import UmbraTestSupport
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 @testable import NBDServer
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 /// An export whose reads come straight from a file (`.file` results), with a data prefix and a
 /// hole in the middle for `.segments`, counting how often the file regions are let go.
@@ -92,12 +92,16 @@ private final class FileBackedExport: NBDExport {
             try await ServerFixture.with([]) { fixture in
                 try fixture.registry.add(export)
                 let client = try await fixture.connect("file")
-                let expected = [UInt8](repeating: 0xEE, count: 512) + [UInt8](repeating: 0, count: 512) + Array(bytes[9216..<16384])
+                let expected =
+                    [UInt8](repeating: 0xEE, count: 512) + [UInt8](repeating: 0, count: 512)
+                    + Array(bytes[9216..<16384])
                 let read = try await blocking { client.preadStructured(count: 8192, offset: 8192) }
                 #expect(read.error == nil)
                 #expect(read.bytes == expected)
                 #expect(read.chunks.map(\.kind) == [.data, .hole, .data])
-                let unfragmented = try await blocking { client.preadStructured(count: 8192, offset: 8192, flags: .dontFragment) }
+                let unfragmented = try await blocking {
+                    client.preadStructured(count: 8192, offset: 8192, flags: .dontFragment)
+                }
                 #expect(unfragmented.bytes == expected)
                 #expect(unfragmented.chunks.map(\.kind) == [.data])
             }

@@ -3,11 +3,11 @@ import NIOCore
 import Testing
 import UmbraTestSupport
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 @testable import NBDServer
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 @Suite struct NBDServerLifecycleTests {
     /// A held read does not block later requests on the same connection: they complete first,
@@ -42,7 +42,9 @@ import Glibc
         let gates = [export.gateReads(at: 0), export.gateReads(at: 4096)]
         try await ServerFixture.with([export], configuration: configuration) { fixture in
             let client = try await fixture.connect("live")
-            let reads = try await blocking { try (0..<6).map { try client.startRead(count: 4096, offset: UInt64($0) * 4096) } }
+            let reads = try await blocking {
+                try (0..<6).map { try client.startRead(count: 4096, offset: UInt64($0) * 4096) }
+            }
             for gate in gates { await gate.waitUntilReached() }
             for gate in gates { gate.open() }
             for read in reads { try await waitForCompletion(client, read.cookie) }
@@ -140,9 +142,14 @@ import Glibc
         let registry = NBDExportRegistry()
         try registry.add(MemoryExport(name: "live", size: 4096))
         let server = NBDServer(registry: registry)
-        let bound = try await server.listen(on: ["unix:\(directory.path)/a.sock", "unix:\(directory.path)/b.sock", "tcp://127.0.0.1:0"])
+        let bound = try await server.listen(on: [
+            "unix:\(directory.path)/a.sock", "unix:\(directory.path)/b.sock", "tcp://127.0.0.1:0",
+        ])
         let port = try #require(bound[2].port)
-        for uri in ["nbd+unix:///?socket=\(directory.path)/a.sock", "nbd+unix:///?socket=\(directory.path)/b.sock", "nbd://127.0.0.1:\(port)/"] {
+        for uri in [
+            "nbd+unix:///?socket=\(directory.path)/a.sock", "nbd+unix:///?socket=\(directory.path)/b.sock",
+            "nbd://127.0.0.1:\(port)/",
+        ] {
             let size = try await blocking { () -> UInt64 in
                 let client = try NBDTestClient()
                 try client.connect(uri: uri)
@@ -164,7 +171,9 @@ import Glibc
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(path.utf8)) }
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(stale, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(stale, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         #expect(bound == 0)
         close(stale)
