@@ -67,6 +67,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     private var needsFlush = false
     private var flushScheduled = false
     private var closeWhenDrained = false
+    /// Whether this session negotiated structured replies (cached off the hot path's way).
+    private var structuredReplies = false
     private var drainPromise: EventLoopPromise<Void>?
 
     init(
@@ -224,6 +226,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             decoder.startTransmission()
             handshake = nil
             transmission = NBDTransmissionStateMachine(session: session, limits: environment.limits)
+            structuredReplies = session.structuredReplies
             logger[metadataKey: "nbd.export"] = "\(session.export.name)"
             logger.debug(
                 "NBD transmission started",
@@ -279,13 +282,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     // MARK: - Serving
 
     private func serve(_ request: NBDRequest, payload: NBDWritePayload?) {
-        guard let export, let context, let transmission else { return invariantBroken("serving without an export") }
+        guard let export, let context, transmission != nil else { return invariantBroken("serving without an export") }
         if request.length == 0 && request.command != .flush {
             // Zero-length requests are legal and need no export call.
             finish(request, request.command == .read ? .read(.data(allocator.buffer(capacity: 0))) : .done)
             return
         }
-        let contexts = request.command == .blockStatus ? transmission.session.metaContexts : []
+        let contexts = request.command == .blockStatus ? transmission!.session.metaContexts : []
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let buffers = self.buffers
         Self.launch(on: executor) {
@@ -406,8 +409,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         flushIfNeeded()
     }
 
-    func drainForShutdown() -> EventLoopFuture<Void> {
-        guard let context, !isClosing else { return connection!.channel.eventLoop.makeSucceededVoidFuture() }
+    func drainForShutdown(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
+        guard let context, !isClosing else { return eventLoop.makeSucceededVoidFuture() }
         if handshake != nil {
             handshake!.beginShutdown()
             return context.eventLoop.makeSucceededVoidFuture()
@@ -475,7 +478,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
     }
 
-    private var structuredReplies: Bool { transmission?.session.structuredReplies ?? false }
 
     private func writeError(
         for request: NBDRequest, errno: NBDErrno, message: @autoclosure () -> String, offset: UInt64?

@@ -33,6 +33,25 @@ import UmbraTestSupport
         }
     }
 
+    /// A request held on one connection does not hold up another connection to the same export.
+    @Test func slowRequestDoesNotBlockOtherConnections() async throws {
+        let export = MemoryExport(name: "live")
+        let gate = export.gateReads(at: 0)
+        try await ServerFixture.with([export]) { fixture in
+            let first = try await fixture.connect("live")
+            let second = try await fixture.connect("live")
+            let held = try await blocking { try first.startRead(count: 512, offset: 0) }
+            await gate.waitUntilReached()
+            try await blocking { () throws in
+                try second.pwrite([9], offset: 4096, flags: .fua)
+                #expect(try second.pread(count: 1, offset: 4096) == [9])
+            }
+            #expect(try !first.isComplete(held.cookie))
+            gate.open()
+            try await waitForCompletion(first, held.cookie)
+        }
+    }
+
     /// With a bound of two requests in flight the export never sees more than two at once, and
     /// everything completes once the held reads are released.
     @Test func inFlightBoundAppliesBackpressure() async throws {
