@@ -478,7 +478,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
     }
 
-
     private func writeError(
         for request: NBDRequest, errno: NBDErrno, message: @autoclosure () -> String, offset: UInt64?
     ) {
