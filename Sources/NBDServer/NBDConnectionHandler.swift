@@ -98,6 +98,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        connection = nil  // it holds this handler: break the cycle
     }
 
     func channelActive(context: ChannelHandlerContext) {

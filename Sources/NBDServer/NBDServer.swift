@@ -130,9 +130,13 @@ public final class NBDServer: Sendable {
 
     /// Stops accepting, answers what is in flight (refusing new requests with `ESHUTDOWN`),
     /// flushes every export, closes every connection and removes the Unix socket files.
-    public func shutdown() async {
+    ///
+    /// - Parameter gracePeriod: how long to wait for requests in flight (a client can stall in the
+    ///   middle of a WRITE payload); connections still busy after it are closed anyway, after the
+    ///   flush.
+    public func shutdown(gracePeriod: Duration = .seconds(30)) async {
         let shutdown = await beginShutdown()
-        await finishShutdown(shutdown)
+        await finishShutdown(shutdown, gracePeriod: gracePeriod)
     }
 
     /// A shutdown under way: every connection has been told to drain.
@@ -158,9 +162,11 @@ public final class NBDServer: Sendable {
     }
 
     /// Waits for what is in flight, flushes every export, closes every connection.
-    func finishShutdown(_ shutdown: Shutdown) async {
+    func finishShutdown(_ shutdown: Shutdown, gracePeriod: Duration = .seconds(30)) async {
         let connections = shutdown.connections
-        for future in shutdown.drained { try? await future.get() }
+        if !(await Self.waitForAll(shutdown.drained, atMost: gracePeriod)) {
+            logger.debug("NBD shutdown grace period over with requests still in flight")
+        }
 
         var exports: [String: any NBDExport] = [:]
         for export in registry.exports { exports[export.name] = export }
@@ -184,6 +190,30 @@ public final class NBDServer: Sendable {
         for connection in connections { _ = connection.close() }
         for connection in connections { try? await connection.closed.get() }
         logger.debug("NBD server stopped")
+    }
+
+    /// Waits until every future has completed or `limit` has passed; true if they all completed.
+    private static func waitForAll(_ futures: [EventLoopFuture<Void>], atMost limit: Duration) async -> Bool {
+        guard let loop = futures.first?.eventLoop else { return true }
+        let all = EventLoopFuture.andAllComplete(futures, on: loop)
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let resumed = Mutex(false)
+            let resumeOnce = { @Sendable (completed: Bool) in
+                let first = resumed.withLock { resumed in
+                    defer { resumed = true }
+                    return !resumed
+                }
+                if first { continuation.resume(returning: completed) }
+            }
+            let timer = Task {
+                try? await Task.sleep(for: limit)
+                resumeOnce(false)
+            }
+            all.whenComplete { _ in
+                timer.cancel()
+                resumeOnce(true)
+            }
+        }
     }
 
     // MARK: - Internals

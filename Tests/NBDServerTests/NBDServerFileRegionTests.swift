@@ -26,6 +26,8 @@ private final class FileBackedExport: NBDExport {
         handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: open(path, O_RDONLY))
     }
 
+    deinit { try? handle.close() }
+
     var releaseCount: Int { releases.withLock { $0 } }
 
     private func segment(_ offset: Int, _ length: Int) -> NBDFileSegment {

@@ -154,6 +154,32 @@ import UmbraTestSupport
         #expect(await clientErrno { _ = try client.pread(count: 1, offset: 0) } != nil)
     }
 
+    /// A request that never completes cannot hold shutdown up beyond the grace period: the
+    /// export is still flushed and the connection closed.
+    @Test func shutdownDoesNotWaitForeverForAStuckRequest() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let export = MemoryExport(name: "live")
+        let gate = export.gateReads(at: 0)
+        let registry = NBDExportRegistry()
+        try registry.add(export)
+        let server = NBDServer(registry: registry)
+        let path = directory.path + "/s.sock"
+        try await server.listen(on: .unix(path: path))
+        let client = try await blocking { () -> NBDTestClient in
+            let client = try NBDTestClient()
+            try client.connect(unixSocket: path)
+            return client
+        }
+        let stuck = try await blocking { try client.startRead(count: 512, offset: 0) }
+        await gate.waitUntilReached()
+        await server.shutdown(gracePeriod: .zero)
+        #expect(export.calls.last == .flush)
+        #expect(await clientErrno { _ = try client.pread(count: 1, offset: 4096) } != nil)
+        _ = stuck
+        gate.open()
+    }
+
     /// Several listeners at once: two Unix sockets and TCP on an ephemeral port serve the same exports.
     @Test func listensOnSeveralAddresses() async throws {
         let directory = TemporaryDirectory()
