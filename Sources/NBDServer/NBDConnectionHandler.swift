@@ -527,9 +527,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             writeData(data)
 
         case .file(let file):
-            guard file.region.readableBytes == length else {
+            guard Int(file.length) == length else {
                 file.release?()
-                return writeBadReadLength(request, file.region.readableBytes)
+                return writeBadReadLength(request, Int(file.length))
             }
             writeUnfragmented(request, [.file(file)])
 
@@ -678,16 +678,23 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
     }
 
+    /// Sends a file range with `sendfile`. NIO marks a file handle busy while sending from it, so
+    /// each range gets its own transient handle on the export's descriptor, whose ownership is
+    /// given back (without closing) once the send is over.
     private func writeFile(_ file: NBDFileSegment) {
         guard let context else {
             file.release?()
             return
         }
+        let handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: file.descriptor)
+        let start = Int(file.offset)
+        let region = FileRegion(fileHandle: handle, readerIndex: start, endIndex: start + Int(file.length))
         let promise = context.eventLoop.makePromise(of: Void.self)
-        if let release = file.release {
-            promise.futureResult.whenComplete { _ in release() }
+        promise.futureResult.whenComplete { _ in
+            _ = try? handle.takeDescriptorOwnership()
+            file.release?()
         }
-        writePayload(.fileRegion(file.region), promise: promise)
+        writePayload(.fileRegion(region), promise: promise)
     }
 
     private func flushIfNeeded() {

@@ -92,20 +92,26 @@ public enum NBDReadSegment: Sendable {
         switch self {
         case .data(let buffer): buffer.readableBytes
         case .zeroes(let length): Int(length)
-        case .file(let file): file.region.readableBytes
+        case .file(let file): Int(file.length)
         }
     }
 }
 
-/// A region of an open file to be sent as read data. The export keeps the file open, and its
-/// contents unchanged, until `release` is called, which happens once the bytes have been handed to
-/// the kernel or the connection has failed.
+/// A range of an open file to be sent as read data with `sendfile`, never copied through user
+/// space. The export keeps `descriptor` open, and the range's contents as they were when the read
+/// completed, until `release` is called: once the bytes have been handed to the kernel, or the
+/// connection failed first. The server never closes the descriptor and may send from it on several
+/// connections at once (each send uses its own offset, not the file position).
 public struct NBDFileSegment: Sendable {
-    public var region: FileRegion
+    public var descriptor: CInt
+    public var offset: UInt64
+    public var length: UInt32
     public var release: (@Sendable () -> Void)?
 
-    public init(region: FileRegion, release: (@Sendable () -> Void)? = nil) {
-        self.region = region
+    public init(descriptor: CInt, offset: UInt64, length: UInt32, release: (@Sendable () -> Void)? = nil) {
+        self.descriptor = descriptor
+        self.offset = offset
+        self.length = length
         self.release = release
     }
 }

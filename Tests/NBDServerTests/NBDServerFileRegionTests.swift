@@ -16,22 +16,22 @@ private final class FileBackedExport: NBDExport {
     let name = "file"
     let size: UInt64
     let isReadOnly = true
-    let handle: NIOFileHandle
+    let descriptor: CInt
     let segmented: Bool
     private let releases = Mutex(0)
 
     init(path: String, size: Int, segmented: Bool) {
         self.size = UInt64(size)
         self.segmented = segmented
-        handle = NIOFileHandle(_deprecatedTakingOwnershipOfDescriptor: open(path, O_RDONLY))
+        descriptor = open(path, O_RDONLY)
     }
 
-    deinit { try? handle.close() }
+    deinit { close(descriptor) }
 
     var releaseCount: Int { releases.withLock { $0 } }
 
     private func segment(_ offset: Int, _ length: Int) -> NBDFileSegment {
-        NBDFileSegment(region: FileRegion(fileHandle: handle, readerIndex: offset, endIndex: offset + length)) {
+        NBDFileSegment(descriptor: descriptor, offset: UInt64(offset), length: UInt32(length)) {
             self.releases.withLock { $0 += 1 }
         }
     }
@@ -108,6 +108,32 @@ private final class FileBackedExport: NBDExport {
                 #expect(unfragmented.chunks.map(\.kind) == [.data])
             }
             #expect(export.releaseCount == 2)
+        }
+    }
+
+    /// Several connections (on different event loops) send from the same descriptor at once.
+    @Test func concurrentSendsFromOneDescriptor() async throws {
+        try await withFile { path, bytes in
+            let export = FileBackedExport(path: path, size: bytes.count, segmented: false)
+            try await ServerFixture.with([]) { fixture in
+                try fixture.registry.add(export)
+                let clients = [try await fixture.connect("file"), try await fixture.connect("file")]
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    for client in clients {
+                        group.addTask {
+                            let reads = try await blocking {
+                                try (0..<32).map { try client.startRead(count: 8192, offset: UInt64($0) * 8192) }
+                            }
+                            for read in reads { try await waitForCompletion(client, read.cookie) }
+                            for (index, read) in reads.enumerated() {
+                                #expect(read.bytes == Array(bytes[index * 8192..<(index + 1) * 8192]))
+                            }
+                        }
+                    }
+                    try await group.waitForAll()
+                }
+            }
+            #expect(export.releaseCount == 64)
         }
     }
 }
