@@ -25,7 +25,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         var tlsMode: NBDTLSMode
         /// Zero bytes to send for holes where the reply cannot say "hole".
         var zeroes: ByteBuffer
-        var logger: Logger
     }
 
     private enum Outcome: Sendable {

@@ -66,8 +66,7 @@ public final class NBDServer: Sendable {
             registry: registry,
             limits: configuration.limits,
             tlsMode: configuration.tlsMode,
-            zeroes: zeroes,
-            logger: logger
+            zeroes: zeroes
         )
         var executors: [ObjectIdentifier: EventLoopTaskExecutor] = [:]
         var bufferPools: [ObjectIdentifier: NBDBufferPool] = [:]
@@ -81,7 +80,7 @@ public final class NBDServer: Sendable {
     }
 
     /// Starts listening on `address` and returns the address actually bound (with the port chosen
-    /// by the system for `tcp://HOST:0`).
+    /// by the system for `tcp://HOST:0`). Throws `NBDError` saying why it cannot.
     @discardableResult
     public func listen(on address: NBDListenAddress) async throws -> SocketAddress {
         guard !state.withLock({ $0.isShuttingDown }) else {
@@ -89,13 +88,19 @@ public final class NBDServer: Sendable {
         }
         let channel: any Channel
         var unixSocket: UnixSocketFile.Identity?
-        switch address {
-        case .tcp(let host, let port):
-            channel = try await bootstrap(tcp: true).bind(host: host, port: port).get()
-        case .unix(let path):
-            try UnixSocketFile.prepare(path: path)
-            channel = try await bootstrap(tcp: false).bind(unixDomainSocketPath: path).get()
-            unixSocket = UnixSocketFile.identity(of: path)
+        do {
+            switch address {
+            case .tcp(let host, let port):
+                channel = try await bootstrap(tcp: true).bind(host: host, port: port).get()
+            case .unix(let path):
+                try UnixSocketFile.prepare(path: path)
+                channel = try await bootstrap(tcp: false).bind(unixDomainSocketPath: path).get()
+                unixSocket = UnixSocketFile.identity(of: path)
+            }
+        } catch let error as NBDError {
+            throw error
+        } catch {
+            throw NBDError(.eio, "cannot listen on \(address): \(error)")
         }
         let listener = Listener(channel: channel, address: address, unixSocket: unixSocket)
         let accepted = state.withLock { state in
@@ -117,10 +122,31 @@ public final class NBDServer: Sendable {
     public func listen(on addresses: [String]) async throws -> [SocketAddress] {
         let parsed = try addresses.map { text throws(NBDError) in try NBDListenAddress(parsing: text) }
         var bound: [SocketAddress] = []
-        for address in parsed {
-            bound.append(try await listen(on: address))
+        do {
+            for address in parsed {
+                bound.append(try await listen(on: address))
+            }
+        } catch {
+            await stopListening(on: bound)
+            throw error
         }
         return bound
+    }
+
+    /// Closes the listeners bound to `addresses`.
+    private func stopListening(on addresses: [SocketAddress]) async {
+        let closing = state.withLock { state -> [Listener] in
+            let (matching, others) = state.listeners.reduce(into: ([Listener](), [Listener]())) { split, listener in
+                if let local = listener.channel.localAddress, addresses.contains(local) {
+                    split.0.append(listener)
+                } else {
+                    split.1.append(listener)
+                }
+            }
+            state.listeners = others
+            return matching
+        }
+        for listener in closing { await close(listener) }
     }
 
     /// The addresses listened on.

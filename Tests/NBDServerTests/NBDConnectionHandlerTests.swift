@@ -24,8 +24,7 @@ private struct HandlerHarness {
             registry: registry,
             limits: limits,
             tlsMode: .disabled,
-            zeroes: zeroes,
-            logger: logger
+            zeroes: zeroes
         )
         let handler = NBDConnectionHandler(
             environment: environment,

@@ -205,6 +205,20 @@ import UmbraTestSupport
         await server.shutdown()
     }
 
+    /// Listening on several addresses is all or nothing: a bad one closes those already bound.
+    @Test func listeningIsAllOrNothing() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let server = NBDServer(registry: NBDExportRegistry())
+        let good = directory.path + "/good.sock"
+        await #expect(throws: NBDError.self) {
+            try await server.listen(on: ["unix:\(good)", "unix:\(directory.path)/missing-dir/x.sock"])
+        }
+        #expect(server.localAddresses.isEmpty)
+        #expect(access(good, F_OK) != 0)
+        await server.shutdown()
+    }
+
     /// A stale socket file is replaced; a live server's socket and a non-socket file are refused.
     @Test func staleSocketFiles() async throws {
         let directory = TemporaryDirectory()
