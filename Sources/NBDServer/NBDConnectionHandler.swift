@@ -466,7 +466,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         case .blockStatus(let chunks):
             writeBlockStatus(request, chunks)
         case .failed(let error):
-            let errno = NBDError.errno(for: error)
+            let errno = NBDError.errno(for: error, answering: request)
             if logger.logLevel <= .debug {
                 logger.debug(
                     "NBD request failed",

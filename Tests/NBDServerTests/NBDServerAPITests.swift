@@ -38,7 +38,8 @@ import Testing
     }
 
     /// Errors become errnos in one place: NBD errors keep theirs, system errors are translated,
-    /// cancellation is ESHUTDOWN, anything else (or an undefined errno) is EIO.
+    /// cancellation is ESHUTDOWN, anything else (or an undefined errno) is EIO; ENOTSUP and
+    /// EOVERFLOW only answer the requests the spec reserves them for.
     @Test func mapsErrorsToErrnos() {
         struct Custom: NBDErrorConvertible { var nbdErrno: NBDErrno }
         struct Opaque: Error {}
@@ -51,6 +52,13 @@ import Testing
         #expect(NBDError.errno(for: CancellationError()) == .eshutdown)
         #expect(NBDError.errno(for: Opaque()) == .eio)
         #expect(NBDError.errno(for: NBDProtocolError(.invalidOptionPayload, "x")) == .einval)
+        let fastZero = NBDRequest(flags: .fastZero, command: .writeZeroes, handle: 1, offset: 0, length: 1)
+        let trim = NBDRequest(command: .trim, handle: 1, offset: 0, length: 1)
+        let dfRead = NBDRequest(flags: .dontFragment, command: .read, handle: 1, offset: 0, length: 1)
+        #expect(NBDError.errno(for: NBDError(.enotsup, "slow"), answering: fastZero) == .enotsup)
+        #expect(NBDError.errno(for: NBDError(.enotsup, "no"), answering: trim) == .einval)
+        #expect(NBDError.errno(for: NBDError(.eoverflow, "big"), answering: dfRead) == .eoverflow)
+        #expect(NBDError.errno(for: NBDError(.eoverflow, "big"), answering: trim) == .einval)
     }
 
     /// The registry refuses exports it could not advertise, and duplicates.
