@@ -102,6 +102,11 @@ public enum NBDReadSegment: Sendable {
 /// completed, until `release` is called: once the bytes have been handed to the kernel, or the
 /// connection failed first. The server never closes the descriptor and may send from it on several
 /// connections at once (each send uses its own offset, not the file position).
+///
+/// `sendfile` runs on the event loop, so the range should be in the page cache (a miss would stall
+/// every connection on that loop while the disk is read), and it pays off for big reads: measured
+/// here, 1 MiB reads cost about a third of the server CPU of pread-into-buffer, while 4 KiB reads
+/// cost more (a separate syscall after the header instead of one vectored write).
 public struct NBDFileSegment: Sendable {
     public var descriptor: CInt
     public var offset: UInt64
