@@ -109,7 +109,8 @@ extension ByteBuffer {
 
     /// Writes a complete `OFFSET_HOLE` chunk.
     @discardableResult
-    public mutating func writeNBDOffsetHole(handle: UInt64, flags: NBDReplyFlags, offset: UInt64, length: UInt32) -> Int {
+    public mutating func writeNBDOffsetHole(handle: UInt64, flags: NBDReplyFlags, offset: UInt64, length: UInt32) -> Int
+    {
         writeMultipleIntegers(
             NBDMagic.structuredReply,
             flags.rawValue,
@@ -140,7 +141,8 @@ extension ByteBuffer {
         let messageLength = message.utf8.count
         let type: NBDStructuredReplyType = offset == nil ? .error : .errorOffset
         let payloadLength = 6 + messageLength + (offset == nil ? 0 : 8)
-        var written = writeNBDChunkHeader(handle: handle, type: type, flags: flags, payloadLength: UInt32(payloadLength))
+        var written = writeNBDChunkHeader(
+            handle: handle, type: type, flags: flags, payloadLength: UInt32(payloadLength))
         written += writeMultipleIntegers(error.rawValue, UInt16(messageLength))
         written += writeString(message)
         if let offset { written += writeInteger(offset) }
@@ -157,7 +159,8 @@ extension ByteBuffer {
     ) -> Int {
         assert(!extents.isEmpty, "a block status chunk needs at least one extent")
         let payloadLength = UInt32(4 + 8 * extents.count)
-        var written = writeNBDChunkHeader(handle: handle, type: .blockStatus, flags: flags, payloadLength: payloadLength)
+        var written = writeNBDChunkHeader(
+            handle: handle, type: .blockStatus, flags: flags, payloadLength: payloadLength)
         written += writeInteger(contextID)
         for extent in extents { written += writeMultipleIntegers(extent.length, extent.flags) }
         return written

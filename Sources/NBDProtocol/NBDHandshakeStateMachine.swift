@@ -178,7 +178,9 @@ public struct NBDHandshakeStateMachine {
         guard payload.readableBytes == 0 else {
             return reply(.error(.list, .errInvalid, "LIST takes no data"))
         }
-        var messages = catalog.listExports().map { NBDHandshakeMessage.optionReply(.init(option: .list, body: .server($0))) }
+        var messages = catalog.listExports().map {
+            NBDHandshakeMessage.optionReply(.init(option: .list, body: .server($0)))
+        }
         messages.append(.optionReply(.ack(.list)))
         return .send(messages)
     }
@@ -220,7 +222,8 @@ public struct NBDHandshakeStateMachine {
         // Sent whether asked for or not: the maximum is not the default, so clients must learn it.
         messages.append(.optionReply(.init(option: option, body: .info(.blockSize(export.blockSize)))))
         messages.append(
-            .optionReply(.init(option: option, body: .info(.export(size: export.size, flags: session.transmissionFlags))))
+            .optionReply(
+                .init(option: option, body: .info(.export(size: export.size, flags: session.transmissionFlags))))
         )
         messages.append(.optionReply(.ack(option)))
         guard forTransmission else { return .send(messages) }

@@ -6,9 +6,10 @@ import NIOCore
 // payload that lies inside one received buffer is handed on as a slice of it (no copy), one that
 // spans several is copied once into a buffer of exactly its length, allocated only after the
 // length passed its bound. A WRITE payload is neither kept nor skipped until the caller has
-// validated the request header and said which: kept payloads are copied, as they arrive, into a
-// buffer the caller provides (so it can recycle big ones, and so a long-running write never pins
-// the receive buffers it arrived in); refused ones are read past without being stored.
+// validated the request header and said which. A kept payload is either copied into a buffer the
+// caller provides (for small ones: a slow write then holds only its own bytes, not the receive
+// buffer they came in) or kept in place as slices of the receive buffers it spans (for big ones:
+// no copy at all); a refused one is read past without being stored.
 
 /// Splits what a client sends into handshake and transmission messages.
 public struct NBDServerDecoder {
@@ -19,10 +20,10 @@ public struct NBDServerDecoder {
         case option(NBDOption, payload: ByteBuffer)
         /// An option whose payload exceeded `maximumOptionPayloadBytes` and has been read past.
         case oversizedOption(NBDOption, length: UInt32)
-        /// A request header. For a WRITE, call `keepWritePayload()` or `discardWritePayload()` next.
+        /// A request header. For a WRITE, call `keepWritePayload(_:)` or `discardWritePayload()` next.
         case request(NBDRequest)
         /// The payload of the last WRITE, kept.
-        case writePayload(ByteBuffer)
+        case writePayload(NBDWritePayload)
         /// The payload of the last WRITE, read past.
         case discardedWritePayload(length: Int)
     }
@@ -38,11 +39,13 @@ public struct NBDServerDecoder {
         case requestHeader
         /// A WRITE header was returned; the caller has not said yet what to do with its payload.
         case awaitingWritePayloadDecision(length: Int)
-        case payload(PayloadKind, length: Int)
-        /// A WRITE payload being copied into the caller's buffer.
-        case collectingWrite(ByteBuffer, remaining: Int)
+        case optionPayload(NBDOption, length: Int)
         /// An option payload spanning several received buffers being gathered.
-        case collecting(PayloadKind, ByteBuffer, remaining: Int)
+        case gatheringOption(NBDOption, ByteBuffer, remaining: Int)
+        /// A WRITE payload being copied into the caller's buffer.
+        case copyingWrite(ByteBuffer, remaining: Int)
+        /// A WRITE payload being kept as slices of the receive buffers.
+        case slicingWrite([ByteBuffer], remaining: Int)
         case discarding(PayloadKind, length: Int, remaining: Int)
         case failed
     }
@@ -76,14 +79,24 @@ public struct NBDServerDecoder {
         state = .requestHeader
     }
 
-    /// Keeps the payload of the WRITE just returned: it is appended to `destination` (which should
-    /// be empty with room for the whole payload) and comes as `.writePayload`.
-    public mutating func keepWritePayload(into destination: ByteBuffer) {
+    /// Where a kept WRITE payload goes.
+    public enum WritePayloadStorage {
+        /// Appended to this buffer (which should have room for the whole payload).
+        case copy(into: ByteBuffer)
+        /// Left where it was received, as slices of the receive buffers.
+        case inPlace
+    }
+
+    /// Keeps the payload of the WRITE just returned; it comes as `.writePayload`.
+    public mutating func keepWritePayload(_ storage: WritePayloadStorage) {
         guard case .awaitingWritePayloadDecision(let length) = state else {
             assertionFailure("no WRITE payload is waiting for a decision in \(state)")
             return
         }
-        state = .collectingWrite(destination, remaining: length)
+        switch storage {
+        case .copy(let destination): state = .copyingWrite(destination, remaining: length)
+        case .inPlace: state = .slicingWrite([], remaining: length)
+        }
     }
 
     /// Reads past the payload of the WRITE just returned; `.discardedWritePayload` follows.
@@ -118,12 +131,13 @@ public struct NBDServerDecoder {
                 }
                 let option = NBDOption(rawValue: code)
                 if Int(length) <= limits.maximumOptionPayloadBytes {
-                    state = .payload(.option(option), length: Int(length))
+                    state = .optionPayload(option, length: Int(length))
                 } else if Int(length) <= limits.maximumDiscardedPayloadBytes {
                     state = .discarding(.option(option), length: Int(length), remaining: Int(length))
                 } else {
                     state = .failed
-                    throw NBDProtocolError(.payloadTooLarge, "\(option) payload of \(length) bytes is too large to read")
+                    throw NBDProtocolError(
+                        .payloadTooLarge, "\(option) payload of \(length) bytes is too large to read")
                 }
 
             case .requestHeader:
@@ -140,34 +154,53 @@ public struct NBDServerDecoder {
                 }
                 return .request(request)
 
-            case .payload(let kind, let length):
+            case .optionPayload(let option, let length):
                 if length == 0 {
-                    return finishPayload(kind, allocator.buffer(capacity: 0))
+                    state = .optionHeader
+                    return .option(option, payload: allocator.buffer(capacity: 0))
                 }
                 if let first = queue.first, first.readableBytes >= length {
-                    let payload = take(length)!
-                    return finishPayload(kind, payload)
+                    state = .optionHeader
+                    return .option(option, payload: take(length)!)
                 }
                 guard queuedBytes > 0 else { return nil }
-                var collected = allocator.buffer(capacity: length)
-                let remaining = moveQueuedBytes(into: &collected, upTo: length)
-                if remaining == 0 { return finishPayload(kind, collected) }
-                state = .collecting(kind, collected, remaining: remaining)
-                return nil
+                state = .gatheringOption(option, allocator.buffer(capacity: length), remaining: length)
 
-            case .collectingWrite(var collected, let remaining):
-                state = .failed  // drop the state's reference so `collected` is written in place
-                let stillRemaining = moveQueuedBytes(into: &collected, upTo: remaining)
-                if stillRemaining == 0 { return finishPayload(.write, collected) }
-                state = .collectingWrite(collected, remaining: stillRemaining)
-                return nil
-
-            case .collecting(let kind, var collected, let remaining):
+            case .gatheringOption(let option, var gathered, let remaining):
                 guard queuedBytes > 0 else { return nil }
+                state = .failed  // drop the state's reference so `gathered` is written in place
+                let stillRemaining = moveQueuedBytes(into: &gathered, upTo: remaining)
+                guard stillRemaining == 0 else {
+                    state = .gatheringOption(option, gathered, remaining: stillRemaining)
+                    return nil
+                }
+                state = .optionHeader
+                return .option(option, payload: gathered)
+
+            case .copyingWrite(var collected, let remaining):
                 state = .failed  // drop the state's reference so `collected` is written in place
                 let stillRemaining = moveQueuedBytes(into: &collected, upTo: remaining)
-                if stillRemaining == 0 { return finishPayload(kind, collected) }
-                state = .collecting(kind, collected, remaining: stillRemaining)
+                if stillRemaining == 0 {
+                    state = .requestHeader
+                    return .writePayload(NBDWritePayload(collected))
+                }
+                state = .copyingWrite(collected, remaining: stillRemaining)
+                return nil
+
+            case .slicingWrite(var pieces, var remaining):
+                state = .failed
+                while remaining > 0, !queue.isEmpty {
+                    let take = min(remaining, queue[queue.startIndex].readableBytes)
+                    pieces.append(queue[queue.startIndex].readSlice(length: take)!)
+                    if queue[queue.startIndex].readableBytes == 0 { _ = queue.removeFirst() }
+                    queuedBytes -= take
+                    remaining -= take
+                }
+                if remaining == 0 {
+                    state = .requestHeader
+                    return .writePayload(NBDWritePayload(pieces: pieces))
+                }
+                state = .slicingWrite(pieces, remaining: remaining)
                 return nil
 
             case .discarding(let kind, let length, let remaining):
@@ -185,17 +218,6 @@ public struct NBDServerDecoder {
                     return .discardedWritePayload(length: length)
                 }
             }
-        }
-    }
-
-    private mutating func finishPayload(_ kind: PayloadKind, _ payload: ByteBuffer) -> Message {
-        switch kind {
-        case .option(let option):
-            state = .optionHeader
-            return .option(option, payload: payload)
-        case .write:
-            state = .requestHeader
-            return .writePayload(payload)
         }
     }
 

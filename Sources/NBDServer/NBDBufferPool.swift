@@ -3,11 +3,11 @@ import Synchronization
 
 // Design note. Large buffers are recycled because fresh ones are expensive: glibc's malloc serves
 // allocations of 128 KiB and up with new pages (mmap, or a heap it trims back on free), so every
-// 1 MiB read or write payload would pay ~256 page faults and the zeroing of 1 MiB. The server
-// takes payload buffers for big WRITEs from here and hands exports this pool for READ data; it
-// gives buffers back once the export or the socket is done with them. A buffer that is still
-// referenced elsewhere when reused is simply copied on write by ByteBuffer, so recycling is always
-// safe; it only saves work when the buffer came back unshared, which is the normal case.
+// 1 MiB read would pay ~256 page faults and the zeroing of 1 MiB (measured: ~600 us of server CPU
+// per 1 MiB read with fresh buffers, ~430 with recycled ones). Exports get this pool for READ data
+// and the server gives a buffer back once the socket is done with it. A buffer still referenced
+// elsewhere when reused is simply copied on write by ByteBuffer, so recycling is always safe; it
+// only saves work when the buffer came back unshared, which is the normal case.
 
 /// A thread-safe pool of large byte buffers.
 public final class NBDBufferPool: Sendable {

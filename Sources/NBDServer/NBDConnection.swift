@@ -25,7 +25,7 @@ final class NBDConnection: NBDExportBinding, Sendable {
     /// refused, the inner one once nothing is in flight. The connection stays open (answering
     /// `ESHUTDOWN`) until `close()`.
     func drainForShutdown() -> EventLoopFuture<EventLoopFuture<Void>> {
-        channel.eventLoop.submit { self.handler.value.drainForShutdown() }
+        channel.eventLoop.submit { self.handler.value.drainForShutdown(on: self.channel.eventLoop) }
     }
 
     /// The export this connection is in transmission with, if any.

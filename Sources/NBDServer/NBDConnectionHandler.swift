@@ -7,9 +7,8 @@ import NIOCore
 // preferring this connection's event loop (see EventLoopTaskExecutor), so completions arrive on
 // the loop, possibly synchronously from inside `channelRead`; every path that can be re-entered
 // that way reads `self`'s state afresh and never holds a copy across a call that can complete a
-// request. Reply headers are accumulated into one outbound buffer and written before each payload
-// and at flush time; payloads go out as their own buffers (or file regions), never copied.
-// Flushes happen at `channelReadComplete` or, for completions outside a read, once per loop tick.
+// request. Replies are encoded in NBDConnectionHandler+Replies.swift. Flushes happen at
+// `channelReadComplete` or, for completions outside a read, once per loop tick.
 // Backpressure: reads are held while the in-flight bounds are reached or the channel is not
 // writable, and resumed as soon as neither holds.
 
@@ -25,42 +24,49 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         var tlsMode: NBDTLSMode
         /// Zero bytes to send for holes where the reply cannot say "hole".
         var zeroes: ByteBuffer
-        var logger: Logger
     }
 
-    private enum Outcome: Sendable {
+    enum Outcome: Sendable {
         case done
         case read(NBDReadResult)
         case blockStatus([(NBDMetaContext, [NBDExtent])])
         case failed(any Error)
     }
 
-    private let environment: Environment
+    /// WRITE payloads at least this big are kept in the receive buffers instead of copied.
+    static let inPlacePayloadBytes = 64 * 1024
+
+    let environment: Environment
     private let executor: EventLoopTaskExecutor
-    private let buffers: NBDBufferPool
-    private let allocator: ByteBufferAllocator
-    private var logger: Logger
+    let buffers: NBDBufferPool
+    let allocator: ByteBufferAllocator
+    var logger: Logger
     private var decoder: NBDServerDecoder
     private var handshake: NBDHandshakeStateMachine?
-    private var transmission: NBDTransmissionStateMachine?
+    var transmission: NBDTransmissionStateMachine?
     private(set) var export: (any NBDExport)?
     private var binding: (exportName: String, id: UInt64)?
     /// This connection as the registry and server see it; set right after creation.
     var connection: NBDConnection?
 
-    private var context: ChannelHandlerContext?
+    var context: ChannelHandlerContext?
     /// A served WRITE whose payload is still being read.
     private var pendingWrite: NBDRequest?
+    /// A refused WRITE whose payload is still being read past; answered once it has been, since
+    /// clients (libnbd) do not expect a reply to a request they are still sending.
+    private var pendingRefusal: (request: NBDRequest, errno: NBDErrno)?
     private var started = false
     private var isProcessingInbound = false
     private var inChannelRead = false
     private var inputClosed = false
     private var readHeld = false
     private var isClosing = false
-    private var outbound: ByteBuffer?
-    private var needsFlush = false
-    private var flushScheduled = false
+    var outbound: ByteBuffer?
+    var needsFlush = false
+    var flushScheduled = false
     private var closeWhenDrained = false
+    /// Whether this session negotiated structured replies (cached off the hot path's way).
+    var structuredReplies = false
     private var drainPromise: EventLoopPromise<Void>?
 
     init(
@@ -90,6 +96,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     func handlerRemoved(context: ChannelHandlerContext) {
         self.context = nil
+        connection = nil  // it holds this handler: break the cycle
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -162,7 +169,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         isProcessingInbound = true
         defer { isProcessingInbound = false }
         while !isClosing {
-            if pendingWrite == nil, let transmission, !transmission.canAcceptRequest { return }
+            if pendingWrite == nil, pendingRefusal == nil, let transmission, !transmission.canAcceptRequest { return }
             let message: NBDServerDecoder.Message?
             do {
                 message = try decoder.next()
@@ -198,7 +205,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             pendingWrite = nil
             serve(request, payload: payload)
         case .discardedWritePayload:
-            break
+            guard let refusal = pendingRefusal else { return invariantBroken("discarded payload without a refusal") }
+            pendingRefusal = nil
+            refuse(refusal.request, refusal.errno)
         }
     }
 
@@ -216,6 +225,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             decoder.startTransmission()
             handshake = nil
             transmission = NBDTransmissionStateMachine(session: session, limits: environment.limits)
+            structuredReplies = session.structuredReplies
             logger[metadataKey: "nbd.export"] = "\(session.export.name)"
             logger.debug(
                 "NBD transmission started",
@@ -229,23 +239,23 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         switch transmission!.receivedRequest(request) {
         case .serve(let request):
             if request.command == .write {
-                // Big payloads go into recycled buffers; small ones into fresh ones (cheap), never
-                // into slices of receive buffers, which a slow write would keep alive.
+                // Big payloads stay in the receive buffers they arrived in (no copy); small ones are
+                // copied out so a slow write does not keep a whole receive buffer alive.
                 let length = Int(request.length)
                 decoder.keepWritePayload(
-                    into: length >= NBDBufferPool.minimumPooledBytes
-                        ? buffers.buffer(capacity: length) : allocator.buffer(capacity: length)
+                    length >= Self.inPlacePayloadBytes ? .inPlace : .copy(into: allocator.buffer(capacity: length))
                 )
                 pendingWrite = request
             } else {
                 serve(request, payload: nil)
             }
         case .reject(let request, let errno):
-            if request.command == .write { decoder.discardWritePayload() }
-            if logger.logLevel <= .debug {
-                logger.debug("NBD request refused", metadata: ["nbd.request": "\(request)", "nbd.errno": "\(errno)"])
+            if request.command == .write {
+                decoder.discardWritePayload()
+                pendingRefusal = (request, errno)
+            } else {
+                refuse(request, errno)
             }
-            writeError(for: request, errno: errno, message: Self.rejectionMessage(errno), offset: nil)
         case .disconnect(let closeNow):
             logger.debug("NBD client disconnecting")
             if closeNow { closeAfterWrites() }
@@ -255,27 +265,34 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
     }
 
+    private func refuse(_ request: NBDRequest, _ errno: NBDErrno) {
+        if logger.logLevel <= .debug {
+            logger.debug("NBD request refused", metadata: ["nbd.request": "\(request)", "nbd.errno": "\(errno)"])
+        }
+        writeError(for: request, errno: errno, message: Self.rejectionMessage(errno), offset: nil)
+    }
+
     /// The client half-closed its side: nothing more will come, so behave as after `NBD_CMD_DISC`.
     private func clientStoppedSending() {
-        guard transmission != nil, pendingWrite == nil else { return closeNow() }
+        guard transmission != nil, pendingWrite == nil, pendingRefusal == nil else { return closeNow() }
         handleRequest(NBDRequest(command: .disconnect, handle: 0, offset: 0, length: 0))
     }
 
     // MARK: - Serving
 
-    private func serve(_ request: NBDRequest, payload: ByteBuffer?) {
-        guard let export, let context, let transmission else { return invariantBroken("serving without an export") }
+    private func serve(_ request: NBDRequest, payload: NBDWritePayload?) {
+        guard let export, let context, transmission != nil else { return invariantBroken("serving without an export") }
         if request.length == 0 && request.command != .flush {
             // Zero-length requests are legal and need no export call.
             finish(request, request.command == .read ? .read(.data(allocator.buffer(capacity: 0))) : .done)
             return
         }
-        let contexts = request.command == .blockStatus ? transmission.session.metaContexts : []
+        let contexts = request.command == .blockStatus ? transmission!.session.metaContexts : []
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let buffers = self.buffers
         Self.launch(on: executor) {
-            let outcome = await Self.perform(request, payload: payload, contexts: contexts, on: export, buffers: buffers)
-            if let payload { buffers.recycle(payload) }
+            let outcome = await Self.perform(
+                request, payload: payload, contexts: contexts, on: export, buffers: buffers)
             handler.value.finish(request, outcome)
         }
     }
@@ -286,7 +303,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     private static func perform(
         _ request: NBDRequest,
-        payload: ByteBuffer?,
+        payload: NBDWritePayload?,
         contexts: [NBDMetaContext],
         on export: any NBDExport,
         buffers: NBDBufferPool
@@ -297,7 +314,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             case .read:
                 return .read(try await export.read(offset: request.offset, length: request.length, buffers: buffers))
             case .write:
-                try await export.write(offset: request.offset, data: payload ?? ByteBuffer(), fua: fua)
+                try await export.write(offset: request.offset, data: payload ?? NBDWritePayload(ByteBuffer()), fua: fua)
             case .flush:
                 try await export.flush()
             case .trim:
@@ -335,7 +352,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     /// A served request has its outcome: reply, account, and resume whatever was waiting on it.
     private func finish(_ request: NBDRequest, _ outcome: Outcome) {
-        guard context != nil, transmission != nil, !isClosing else { return }  // closed meanwhile: nobody to answer
+        guard context != nil, transmission != nil, !isClosing else {
+            // Closed meanwhile: nobody to answer, but file segments must still be let go.
+            if case .read(let result) = outcome { Self.releaseFiles(of: result) }
+            return
+        }
         writeReply(to: request, outcome)
         switch transmission!.requestCompleted(request) {
         case .none:
@@ -354,6 +375,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
         processInbound()
         resumeReadsIfPossible()
+    }
+
+    private static func releaseFiles(of result: NBDReadResult) {
+        switch result {
+        case .file(let file): file.release?()
+        case .segments(let segments): for case .file(let file) in segments { file.release?() }
+        case .data, .zeroes: break
+        }
     }
 
     // MARK: - Draining
@@ -379,8 +408,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         flushIfNeeded()
     }
 
-    func drainForShutdown() -> EventLoopFuture<Void> {
-        guard let context, !isClosing else { return connection!.channel.eventLoop.makeSucceededVoidFuture() }
+    func drainForShutdown(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
+        guard let context, !isClosing else { return eventLoop.makeSucceededVoidFuture() }
         if handshake != nil {
             handshake!.beginShutdown()
             return context.eventLoop.makeSucceededVoidFuture()
@@ -417,240 +446,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             metaContexts: export.metaContexts,
             supportsFastZero: export.supportsFastZero
         )
-    }
-
-    // MARK: - Replies
-
-    private func writeHandshake(_ messages: [NBDHandshakeMessage]) {
-        for message in messages {
-            appendHeader { $0.writeNBDHandshakeMessage(message) }
-        }
-    }
-
-    private func writeReply(to request: NBDRequest, _ outcome: Outcome) {
-        switch outcome {
-        case .done:
-            appendHeader { $0.writeNBDSimpleReply(handle: request.handle, error: nil) }
-        case .read(let result):
-            writeRead(request, result)
-        case .blockStatus(let chunks):
-            writeBlockStatus(request, chunks)
-        case .failed(let error):
-            let errno = NBDError.errno(for: error)
-            if logger.logLevel <= .debug {
-                logger.debug(
-                    "NBD request failed",
-                    metadata: ["nbd.request": "\(request)", "nbd.errno": "\(errno)", "nbd.error": "\(error)"]
-                )
-            }
-            writeError(for: request, errno: errno, message: NBDError.message(for: error), offset: (error as? NBDError)?.offset)
-        }
-    }
-
-    private var structuredReplies: Bool { transmission?.session.structuredReplies ?? false }
-
-    private func writeError(for request: NBDRequest, errno: NBDErrno, message: @autoclosure () -> String, offset: UInt64?) {
-        guard structuredReplies else {
-            appendHeader { $0.writeNBDSimpleReply(handle: request.handle, error: errno) }
-            return
-        }
-        var errorOffset: UInt64?
-        if let offset, request.command != .flush,
-            offset >= request.offset, offset - request.offset < UInt64(request.length)
-        {
-            errorOffset = offset
-        }
-        let message = message()
-        appendHeader {
-            $0.writeNBDStructuredError(handle: request.handle, flags: .done, error: errno, message: message, offset: errorOffset)
-        }
-    }
-
-    private func writeRead(_ request: NBDRequest, _ result: NBDReadResult) {
-        let structured = structuredReplies
-        let handle = request.handle
-        let length = Int(request.length)
-        switch result {
-        case .data(let data):
-            guard data.readableBytes == length else { return writeBadReadLength(request, data.readableBytes) }
-            if length == 0 {
-                appendHeader {
-                    if structured {
-                        $0.writeNBDStructuredDone(handle: handle)
-                    } else {
-                        $0.writeNBDSimpleReply(handle: handle, error: nil)
-                    }
-                }
-                return
-            }
-            appendHeader {
-                if structured {
-                    $0.writeNBDOffsetDataHeader(handle: handle, flags: .done, offset: request.offset, dataLength: request.length)
-                } else {
-                    $0.writeNBDSimpleReply(handle: handle, error: nil)
-                }
-            }
-            writeData(data)
-
-        case .zeroes:
-            if structured && !request.flags.contains(.dontFragment) {
-                appendHeader { $0.writeNBDOffsetHole(handle: handle, flags: .done, offset: request.offset, length: request.length) }
-            } else {
-                writeUnfragmented(request, [.zeroes(length: request.length)])
-            }
-
-        case .segments(let segments):
-            let total = segments.reduce(0) { $0 + $1.length }
-            guard total == length else { return writeBadReadLength(request, total) }
-            if !structured || request.flags.contains(.dontFragment) {
-                return writeUnfragmented(request, segments)
-            }
-            var offset = request.offset
-            for segment in segments where segment.length > 0 {
-                let segmentLength = UInt32(segment.length)
-                switch segment {
-                case .data(let data):
-                    appendHeader { $0.writeNBDOffsetDataHeader(handle: handle, flags: [], offset: offset, dataLength: segmentLength) }
-                    writeData(data)
-                case .zeroes:
-                    appendHeader { $0.writeNBDOffsetHole(handle: handle, flags: [], offset: offset, length: segmentLength) }
-                case .file(let file):
-                    appendHeader { $0.writeNBDOffsetDataHeader(handle: handle, flags: [], offset: offset, dataLength: segmentLength) }
-                    writeFile(file)
-                }
-                offset += UInt64(segmentLength)
-            }
-            appendHeader { $0.writeNBDStructuredDone(handle: handle) }
-        }
-    }
-
-    /// A read reply with all its data in one piece: a simple reply, or one `OFFSET_DATA` chunk
-    /// (for `DF`, or holes when the client cannot be told about holes).
-    private func writeUnfragmented(_ request: NBDRequest, _ segments: [NBDReadSegment]) {
-        let structured = structuredReplies
-        let hasFile = segments.contains { if case .file = $0 { true } else { false } }
-        appendHeader {
-            if structured {
-                // Data sent from a file can still fail while being sent, so it cannot end the reply.
-                let flags: NBDReplyFlags = hasFile ? [] : .done
-                $0.writeNBDOffsetDataHeader(handle: request.handle, flags: flags, offset: request.offset, dataLength: request.length)
-            } else {
-                $0.writeNBDSimpleReply(handle: request.handle, error: nil)
-            }
-        }
-        for segment in segments {
-            switch segment {
-            case .data(let data): writeData(data)
-            case .zeroes(let length): writeZeroes(Int(length))
-            case .file(let file): writeFile(file)
-            }
-        }
-        if structured && hasFile { appendHeader { $0.writeNBDStructuredDone(handle: request.handle) } }
-    }
-
-    private func writeBadReadLength(_ request: NBDRequest, _ produced: Int) {
-        logger.error("NBD export returned \(produced) bytes for a read of \(request.length)")
-        writeError(for: request, errno: .eio, message: "the export returned a short read", offset: nil)
-    }
-
-    private func writeBlockStatus(_ request: NBDRequest, _ chunks: [(NBDMetaContext, [NBDExtent])]) {
-        let requestOne = request.flags.contains(.requestOne)
-        let maximumCount = environment.limits.maximumExtentsPerReply
-        for (index, (metaContext, extents)) in chunks.enumerated() {
-            let normalized = NBDExtent.normalized(
-                extents,
-                length: request.length,
-                requestOne: requestOne,
-                maximumCount: maximumCount
-            )
-            let flags: NBDReplyFlags = index == chunks.count - 1 ? .done : []
-            appendHeader {
-                $0.writeNBDBlockStatus(handle: request.handle, flags: flags, contextID: metaContext.id, extents: normalized)
-            }
-        }
-    }
-
-    private static func rejectionMessage(_ errno: NBDErrno) -> String {
-        switch errno {
-        case .eperm: "the export is read-only"
-        case .enospc: "the request reaches past the end of the export"
-        case .eoverflow: "the read is too large to send unfragmented"
-        case .enotsup: "the export cannot write zeroes fast"
-        case .eshutdown: "the export is going away or the server is shutting down"
-        default: "invalid request: unknown or unadvertised command or flag, bad range, alignment or length"
-        }
-    }
-
-    // MARK: - Output
-
-    /// Appends header bytes to the outbound buffer.
-    private func appendHeader(_ body: (inout ByteBuffer) -> Void) {
-        guard let context else { return }
-        if outbound == nil { outbound = context.channel.allocator.buffer(capacity: 512) }
-        body(&outbound!)
-        needsFlush = true
-    }
-
-    /// Writes pending header bytes, then `payload` as its own buffer.
-    private func writePayload(_ payload: IOData, promise: EventLoopPromise<Void>? = nil) {
-        guard let context else { return }
-        if let pending = outbound {
-            outbound = nil
-            context.write(wrapOutboundOut(.byteBuffer(pending)), promise: nil)
-        }
-        context.write(wrapOutboundOut(payload), promise: promise)
-        needsFlush = true
-    }
-
-    /// Writes read data; big buffers go back to the pool once the socket is done with them.
-    private func writeData(_ data: ByteBuffer) {
-        guard data.capacity >= NBDBufferPool.minimumPooledBytes, let context else {
-            return writePayload(.byteBuffer(data))
-        }
-        let promise = context.eventLoop.makePromise(of: Void.self)
-        let buffers = self.buffers
-        promise.futureResult.whenComplete { _ in buffers.recycle(data) }
-        writePayload(.byteBuffer(data), promise: promise)
-    }
-
-    private func writeZeroes(_ length: Int) {
-        var remaining = length
-        while remaining > 0 {
-            let count = min(remaining, environment.zeroes.readableBytes)
-            writePayload(.byteBuffer(environment.zeroes.getSlice(at: environment.zeroes.readerIndex, length: count)!))
-            remaining -= count
-        }
-    }
-
-    private func writeFile(_ file: NBDFileSegment) {
-        guard let context else {
-            file.release?()
-            return
-        }
-        let promise = context.eventLoop.makePromise(of: Void.self)
-        if let release = file.release {
-            promise.futureResult.whenComplete { _ in release() }
-        }
-        writePayload(.fileRegion(file.region), promise: promise)
-    }
-
-    private func flushIfNeeded() {
-        guard needsFlush, let context else { return }
-        needsFlush = false
-        if let pending = outbound {
-            outbound = nil
-            context.write(wrapOutboundOut(.byteBuffer(pending)), promise: nil)
-        }
-        context.flush()
-    }
-
-    private func scheduleFlush() {
-        guard needsFlush, !flushScheduled, let context else { return }
-        flushScheduled = true
-        context.eventLoop.assumeIsolated().execute {
-            self.flushScheduled = false
-            self.flushIfNeeded()
-        }
     }
 
     // MARK: - Backpressure and closing

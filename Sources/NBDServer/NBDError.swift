@@ -2,7 +2,7 @@ import NBDProtocol
 import NIOCore
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An error an export (or anything else) can throw to choose the errno a client sees.
@@ -30,8 +30,23 @@ public struct NBDError: NBDErrorConvertible, Hashable, CustomStringConvertible {
 
     /// The errno a client is sent for `error`: the one it carries if it is `NBDErrorConvertible`,
     /// a translation of system errors, `ESHUTDOWN` for cancellation, `EIO` for anything else.
-    /// This is the only place errors become errnos.
-    public static func errno(for error: any Error) -> NBDErrno {
+    /// When the error answers `request`, the two errnos the spec reserves for one case each become
+    /// `EINVAL` elsewhere: `ENOTSUP` is only for WRITE_ZEROES with `FAST_ZERO`, `EOVERFLOW` only
+    /// for READ with `DF`. This is the only place errors become errnos.
+    public static func errno(for error: any Error, answering request: NBDRequest? = nil) -> NBDErrno {
+        let errno = carriedErrno(of: error)
+        guard let request else { return errno }
+        switch errno {
+        case .enotsup where !(request.command == .writeZeroes && request.flags.contains(.fastZero)):
+            return .einval
+        case .eoverflow where !(request.command == .read && request.flags.contains(.dontFragment)):
+            return .einval
+        default:
+            return errno
+        }
+    }
+
+    private static func carriedErrno(of error: any Error) -> NBDErrno {
         let errno: NBDErrno
         switch error {
         case let error as any NBDErrorConvertible:

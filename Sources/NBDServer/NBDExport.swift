@@ -32,8 +32,10 @@ public protocol NBDExport: Sendable {
     /// Reads `length` bytes at `offset`. Data buffers should come from `buffers` (which recycles
     /// big ones once they have been sent).
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult
-    /// Writes `data` at `offset`; with `fua`, returns only once the data is durable.
-    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws
+    /// Writes `data` at `offset`; with `fua`, returns only once the data is durable. Big payloads
+    /// come in the pieces they were received in (write them with one `pwritev`); the buffers may
+    /// be kept after returning (the server does not reuse them).
+    func write(offset: UInt64, data: NBDWritePayload, fua: Bool) async throws
     /// Makes every completed write durable.
     func flush() async throws
     /// May discard the range (a hint; contents afterwards are unspecified).
@@ -73,6 +75,8 @@ public enum NBDReadResult: Sendable {
     /// The whole range reads as zeroes; sent as `OFFSET_HOLE` when structured replies allow, so no
     /// zeroes cross the wire.
     case zeroes
+    /// All the requested bytes, sent straight from a file (`sendfile`).
+    case file(NBDFileSegment)
     /// Consecutive pieces that together cover the requested range, in order.
     case segments([NBDReadSegment])
 }
@@ -88,20 +92,31 @@ public enum NBDReadSegment: Sendable {
         switch self {
         case .data(let buffer): buffer.readableBytes
         case .zeroes(let length): Int(length)
-        case .file(let file): file.region.readableBytes
+        case .file(let file): Int(file.length)
         }
     }
 }
 
-/// A region of an open file to be sent as read data. The export keeps the file open, and its
-/// contents unchanged, until `release` is called, which happens once the bytes have been handed to
-/// the kernel or the connection has failed.
+/// A range of an open file to be sent as read data with `sendfile`, never copied through user
+/// space. The export keeps `descriptor` open, and the range's contents as they were when the read
+/// completed, until `release` is called: once the bytes have been handed to the kernel, or the
+/// connection failed first. The server never closes the descriptor and may send from it on several
+/// connections at once (each send uses its own offset, not the file position).
+///
+/// `sendfile` runs on the event loop, so the range should be in the page cache (a miss would stall
+/// every connection on that loop while the disk is read), and it pays off for big reads: measured
+/// here, 1 MiB reads cost about a third of the server CPU of pread-into-buffer, while 4 KiB reads
+/// cost more (a separate syscall after the header instead of one vectored write).
 public struct NBDFileSegment: Sendable {
-    public var region: FileRegion
+    public var descriptor: CInt
+    public var offset: UInt64
+    public var length: UInt32
     public var release: (@Sendable () -> Void)?
 
-    public init(region: FileRegion, release: (@Sendable () -> Void)? = nil) {
-        self.region = region
+    public init(descriptor: CInt, offset: UInt64, length: UInt32, release: (@Sendable () -> Void)? = nil) {
+        self.descriptor = descriptor
+        self.offset = offset
+        self.length = length
         self.release = release
     }
 }

@@ -130,7 +130,8 @@ public final class NBDExportRegistry: Sendable {
             return "the description is longer than \(limit) bytes or contains NUL"
         }
         for context in export.metaContexts {
-            guard let colon = context.firstIndex(of: ":"), colon != context.startIndex,
+            // NAMESPACE:LEAF with both parts non-empty (a trailing colon is the query wildcard).
+            guard let colon = context.firstIndex(of: ":"), colon != context.startIndex, !context.hasSuffix(":"),
                 context.utf8.count <= limit, !context.utf8.contains(0),
                 context != NBDMetaContextName.baseAllocation
             else { return "metadata context \"\(context)\" is not NAMESPACE:NAME or is reserved" }

@@ -66,21 +66,21 @@ public final class NBDServer: Sendable {
             registry: registry,
             limits: configuration.limits,
             tlsMode: configuration.tlsMode,
-            zeroes: zeroes,
-            logger: logger
+            zeroes: zeroes
         )
         var executors: [ObjectIdentifier: EventLoopTaskExecutor] = [:]
         var bufferPools: [ObjectIdentifier: NBDBufferPool] = [:]
         for loop in group.makeIterator() {
             executors[ObjectIdentifier(loop)] = EventLoopTaskExecutor(eventLoop: loop)
-            bufferPools[ObjectIdentifier(loop)] = NBDBufferPool(maximumPooledBytes: configuration.maximumPooledBytesPerEventLoop)
+            bufferPools[ObjectIdentifier(loop)] = NBDBufferPool(
+                maximumPooledBytes: configuration.maximumPooledBytesPerEventLoop)
         }
         self.executors = executors
         self.bufferPools = bufferPools
     }
 
     /// Starts listening on `address` and returns the address actually bound (with the port chosen
-    /// by the system for `tcp://HOST:0`).
+    /// by the system for `tcp://HOST:0`). Throws `NBDError` saying why it cannot.
     @discardableResult
     public func listen(on address: NBDListenAddress) async throws -> SocketAddress {
         guard !state.withLock({ $0.isShuttingDown }) else {
@@ -88,13 +88,19 @@ public final class NBDServer: Sendable {
         }
         let channel: any Channel
         var unixSocket: UnixSocketFile.Identity?
-        switch address {
-        case .tcp(let host, let port):
-            channel = try await bootstrap(tcp: true).bind(host: host, port: port).get()
-        case .unix(let path):
-            try UnixSocketFile.prepare(path: path)
-            channel = try await bootstrap(tcp: false).bind(unixDomainSocketPath: path).get()
-            unixSocket = UnixSocketFile.identity(of: path)
+        do {
+            switch address {
+            case .tcp(let host, let port):
+                channel = try await bootstrap(tcp: true).bind(host: host, port: port).get()
+            case .unix(let path):
+                try UnixSocketFile.prepare(path: path)
+                channel = try await bootstrap(tcp: false).bind(unixDomainSocketPath: path).get()
+                unixSocket = UnixSocketFile.identity(of: path)
+            }
+        } catch let error as NBDError {
+            throw error
+        } catch {
+            throw NBDError(.eio, "cannot listen on \(address): \(error)")
         }
         let listener = Listener(channel: channel, address: address, unixSocket: unixSocket)
         let accepted = state.withLock { state in
@@ -116,10 +122,31 @@ public final class NBDServer: Sendable {
     public func listen(on addresses: [String]) async throws -> [SocketAddress] {
         let parsed = try addresses.map { text throws(NBDError) in try NBDListenAddress(parsing: text) }
         var bound: [SocketAddress] = []
-        for address in parsed {
-            bound.append(try await listen(on: address))
+        do {
+            for address in parsed {
+                bound.append(try await listen(on: address))
+            }
+        } catch {
+            await stopListening(on: bound)
+            throw error
         }
         return bound
+    }
+
+    /// Closes the listeners bound to `addresses`.
+    private func stopListening(on addresses: [SocketAddress]) async {
+        let closing = state.withLock { state -> [Listener] in
+            let (matching, others) = state.listeners.reduce(into: ([Listener](), [Listener]())) { split, listener in
+                if let local = listener.channel.localAddress, addresses.contains(local) {
+                    split.0.append(listener)
+                } else {
+                    split.1.append(listener)
+                }
+            }
+            state.listeners = others
+            return matching
+        }
+        for listener in closing { await close(listener) }
     }
 
     /// The addresses listened on.
@@ -129,9 +156,13 @@ public final class NBDServer: Sendable {
 
     /// Stops accepting, answers what is in flight (refusing new requests with `ESHUTDOWN`),
     /// flushes every export, closes every connection and removes the Unix socket files.
-    public func shutdown() async {
+    ///
+    /// - Parameter gracePeriod: how long to wait for requests in flight (a client can stall in the
+    ///   middle of a WRITE payload); connections still busy after it are closed anyway, after the
+    ///   flush.
+    public func shutdown(gracePeriod: Duration = .seconds(30)) async {
         let shutdown = await beginShutdown()
-        await finishShutdown(shutdown)
+        await finishShutdown(shutdown, gracePeriod: gracePeriod)
     }
 
     /// A shutdown under way: every connection has been told to drain.
@@ -157,9 +188,11 @@ public final class NBDServer: Sendable {
     }
 
     /// Waits for what is in flight, flushes every export, closes every connection.
-    func finishShutdown(_ shutdown: Shutdown) async {
+    func finishShutdown(_ shutdown: Shutdown, gracePeriod: Duration = .seconds(30)) async {
         let connections = shutdown.connections
-        for future in shutdown.drained { try? await future.get() }
+        if !(await Self.waitForAll(shutdown.drained, atMost: gracePeriod)) {
+            logger.debug("NBD shutdown grace period over with requests still in flight")
+        }
 
         var exports: [String: any NBDExport] = [:]
         for export in registry.exports { exports[export.name] = export }
@@ -185,6 +218,30 @@ public final class NBDServer: Sendable {
         logger.debug("NBD server stopped")
     }
 
+    /// Waits until every future has completed or `limit` has passed; true if they all completed.
+    private static func waitForAll(_ futures: [EventLoopFuture<Void>], atMost limit: Duration) async -> Bool {
+        guard let loop = futures.first?.eventLoop else { return true }
+        let all = EventLoopFuture.andAllComplete(futures, on: loop)
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let resumed = Mutex(false)
+            let resumeOnce = { @Sendable (completed: Bool) in
+                let first = resumed.withLock { resumed in
+                    defer { resumed = true }
+                    return !resumed
+                }
+                if first { continuation.resume(returning: completed) }
+            }
+            let timer = Task {
+                try? await Task.sleep(for: limit)
+                resumeOnce(false)
+            }
+            all.whenComplete { _ in
+                timer.cancel()
+                resumeOnce(true)
+            }
+        }
+    }
+
     // MARK: - Internals
 
     private func bootstrap(tcp: Bool) -> ServerBootstrap {
@@ -193,6 +250,9 @@ public final class NBDServer: Sendable {
         var bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
+            // Also the number of receive buffers NIO keeps for reuse; big WRITE payloads hold theirs
+            // until the export is done, so keep several.
+            .childChannelOption(.maxMessagesPerRead, value: 16)
             .childChannelOption(.writeBufferWaterMark, value: .init(low: high / 2, high: high))
             .childChannelOption(
                 .recvAllocator,
@@ -202,7 +262,8 @@ public final class NBDServer: Sendable {
                 channel.eventLoop.makeCompletedFuture { try self.initialize(channel) }
             }
         if tcp {
-            bootstrap = bootstrap
+            bootstrap =
+                bootstrap
                 .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                 .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
         }

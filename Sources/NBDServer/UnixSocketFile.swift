@@ -1,5 +1,5 @@
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 // A Unix socket file left behind by a server that died must not stop the next one from starting,

@@ -6,7 +6,7 @@
 import CNBD
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// An error from libnbd: `errno` as libnbd reports it and libnbd's message.

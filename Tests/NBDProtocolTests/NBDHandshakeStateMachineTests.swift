@@ -28,7 +28,8 @@ import Testing
                 action
                     == .sendAndStartTransmission(
                         [.exportNameReply(size: liveExport.size, flags: flags, zeroPadding: padding)],
-                        NBDSession(export: liveExport, transmissionFlags: flags, structuredReplies: false, metaContexts: [])
+                        NBDSession(
+                            export: liveExport, transmissionFlags: flags, structuredReplies: false, metaContexts: [])
                     )
             )
         }
@@ -38,7 +39,9 @@ import Testing
     @Test func exportNameForUnknownExportCloses() {
         for name in ["nope", "bad\u{0}name", String(repeating: "x", count: 4097)] {
             var machine = negotiatingMachine()
-            #expect(machine.receivedOption(.exportName, payload: ByteBuffer(string: name), catalog: testCatalog) == .sendAndClose([]))
+            #expect(
+                machine.receivedOption(.exportName, payload: ByteBuffer(string: name), catalog: testCatalog)
+                    == .sendAndClose([]))
         }
     }
 
@@ -54,7 +57,9 @@ import Testing
     @Test func abortIsAcknowledged() {
         for payload in [ByteBuffer(), ByteBuffer(string: "junk")] {
             var machine = negotiatingMachine()
-            #expect(machine.receivedOption(.abort, payload: payload, catalog: testCatalog) == .sendAndClose([.optionReply(.ack(.abort))]))
+            #expect(
+                machine.receivedOption(.abort, payload: payload, catalog: testCatalog)
+                    == .sendAndClose([.optionReply(.ack(.abort))]))
         }
     }
 
@@ -69,14 +74,21 @@ import Testing
                 .ack(.list),
             ]
         )
-        #expect(machine.receivedOption(.list, payload: ByteBuffer(string: "x"), catalog: testCatalog).replyTypes == [.errInvalid])
+        #expect(
+            machine.receivedOption(.list, payload: ByteBuffer(string: "x"), catalog: testCatalog).replyTypes == [
+                .errInvalid
+            ])
     }
 
     /// STARTTLS is refused by policy (no TLS yet), or as invalid when it carries data.
     @Test func startTLSIsRefusedByPolicy() {
         var machine = negotiatingMachine()
-        #expect(machine.receivedOption(.startTLS, payload: ByteBuffer(), catalog: testCatalog).replyTypes == [.errPolicy])
-        #expect(machine.receivedOption(.startTLS, payload: ByteBuffer(string: "x"), catalog: testCatalog).replyTypes == [.errInvalid])
+        #expect(
+            machine.receivedOption(.startTLS, payload: ByteBuffer(), catalog: testCatalog).replyTypes == [.errPolicy])
+        #expect(
+            machine.receivedOption(.startTLS, payload: ByteBuffer(string: "x"), catalog: testCatalog).replyTypes == [
+                .errInvalid
+            ])
         // The session carries on normally afterwards.
         #expect(machine.receivedOption(.list, payload: ByteBuffer(), catalog: testCatalog).replyTypes.last == .ack)
     }
@@ -106,7 +118,10 @@ import Testing
     /// INFO/GO for an unknown export get ERR_UNKNOWN and the negotiation goes on.
     @Test func goForUnknownExportIsErrUnknown() {
         var machine = negotiatingMachine()
-        #expect(machine.receivedOption(.go, payload: .infoRequest(name: "nope"), catalog: testCatalog).replyTypes == [.errUnknown])
+        #expect(
+            machine.receivedOption(.go, payload: .infoRequest(name: "nope"), catalog: testCatalog).replyTypes == [
+                .errUnknown
+            ])
         #expect(machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session != nil)
     }
 
@@ -128,17 +143,24 @@ import Testing
         ]
         for payload in payloads {
             var machine = negotiatingMachine()
-            #expect(machine.receivedOption(.go, payload: payload, catalog: testCatalog).replyTypes == [.errInvalid], "\(payload)")
+            #expect(
+                machine.receivedOption(.go, payload: payload, catalog: testCatalog).replyTypes == [.errInvalid],
+                "\(payload)")
         }
     }
 
     /// STRUCTURED_REPLY is acknowledged and makes GO advertise DF; with data it is invalid.
     @Test func structuredReplyEnablesDF() {
         var machine = negotiatingMachine()
-        #expect(machine.receivedOption(.structuredReply, payload: ByteBuffer(string: "x"), catalog: testCatalog).replyTypes == [.errInvalid])
-        #expect(machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session?.transmissionFlags.contains(.sendDF) == false)
+        #expect(
+            machine.receivedOption(.structuredReply, payload: ByteBuffer(string: "x"), catalog: testCatalog).replyTypes
+                == [.errInvalid])
+        #expect(
+            machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session?
+                .transmissionFlags.contains(.sendDF) == false)
         machine = negotiatingMachine()
-        #expect(machine.receivedOption(.structuredReply, payload: ByteBuffer(), catalog: testCatalog).replyTypes == [.ack])
+        #expect(
+            machine.receivedOption(.structuredReply, payload: ByteBuffer(), catalog: testCatalog).replyTypes == [.ack])
         let session = machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session
         #expect(session?.structuredReplies == true)
         #expect(session?.transmissionFlags.contains(.sendDF) == true)
@@ -147,7 +169,11 @@ import Testing
     /// Read-only exports advertise READ_ONLY and no write-side commands; writable ones advertise them all.
     @Test func transmissionFlagsFollowTheExport() {
         let writable = liveExport.transmissionFlags(structuredReplies: true)
-        #expect(writable == [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendFastZero, .sendDF, .sendCache, .canMultiConn])
+        #expect(
+            writable == [
+                .hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendFastZero, .sendDF, .sendCache,
+                .canMultiConn,
+            ])
         let readOnly = snapshotExport.transmissionFlags(structuredReplies: false)
         #expect(readOnly == [.hasFlags, .readOnly, .sendFlush, .sendCache, .canMultiConn])
     }
@@ -156,7 +182,8 @@ import Testing
     @Test func metaContextNeedsStructuredReplies() {
         var machine = negotiatingMachine()
         for option in [NBDOption.listMetaContext, .setMetaContext] {
-            let action = machine.receivedOption(option, payload: .metaContextRequest(name: "live", queries: []), catalog: testCatalog)
+            let action = machine.receivedOption(
+                option, payload: .metaContextRequest(name: "live", queries: []), catalog: testCatalog)
             #expect(action.replyTypes == [.errInvalid])
         }
     }
@@ -176,10 +203,16 @@ import Testing
         for (queries, expected) in cases {
             var machine = negotiatingMachine()
             _ = machine.receivedOption(.structuredReply, payload: ByteBuffer(), catalog: testCatalog)
-            let action = machine.receivedOption(.listMetaContext, payload: .metaContextRequest(name: "live", queries: queries), catalog: testCatalog)
-            let names = action.optionReplies.compactMap { if case .metaContext(let context) = $0.body { context.name } else { nil } }
+            let action = machine.receivedOption(
+                .listMetaContext, payload: .metaContextRequest(name: "live", queries: queries), catalog: testCatalog)
+            let names = action.optionReplies.compactMap {
+                if case .metaContext(let context) = $0.body { context.name } else { nil }
+            }
             #expect(names == expected, "queries \(queries)")
-            #expect(action.optionReplies.allSatisfy { if case .metaContext(let context) = $0.body { context.id == 0 } else { true } })
+            #expect(
+                action.optionReplies.allSatisfy {
+                    if case .metaContext(let context) = $0.body { context.id == 0 } else { true }
+                })
             #expect(action.replyTypes.last == .ack)
         }
     }
@@ -189,31 +222,47 @@ import Testing
         var machine = negotiatingMachine()
         _ = machine.receivedOption(.structuredReply, payload: ByteBuffer(), catalog: testCatalog)
         let queries = ["base:allocation", "qemu:dirty-bitmap:", "qemu:dirty-bitmap:bbbb", "x-foo:bar"]
-        let set = machine.receivedOption(.setMetaContext, payload: .metaContextRequest(name: "live", queries: queries), catalog: testCatalog)
-        let expected = [NBDMetaContext(id: 1, name: "base:allocation"), NBDMetaContext(id: 2, name: "qemu:dirty-bitmap:bbbb")]
+        let set = machine.receivedOption(
+            .setMetaContext, payload: .metaContextRequest(name: "live", queries: queries), catalog: testCatalog)
+        let expected = [
+            NBDMetaContext(id: 1, name: "base:allocation"), NBDMetaContext(id: 2, name: "qemu:dirty-bitmap:bbbb"),
+        ]
         #expect(set.optionReplies.dropLast().map(\.body) == expected.map { .metaContext($0) })
         #expect(set.replyTypes.last == .ack)
-        #expect(machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session?.metaContexts == expected)
+        #expect(
+            machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session?.metaContexts
+                == expected)
     }
 
     /// Contexts selected for one export are dropped when GO names another; the default name counts as its export.
     @Test func metaContextsAreForgottenForAnotherExport() {
         var machine = negotiatingMachine()
         _ = machine.receivedOption(.structuredReply, payload: ByteBuffer(), catalog: testCatalog)
-        _ = machine.receivedOption(.setMetaContext, payload: .metaContextRequest(name: "", queries: ["base:allocation"]), catalog: testCatalog)
+        _ = machine.receivedOption(
+            .setMetaContext, payload: .metaContextRequest(name: "", queries: ["base:allocation"]), catalog: testCatalog)
         var other = machine
-        #expect(other.receivedOption(.go, payload: .infoRequest(name: "live@aaaa"), catalog: testCatalog).session?.metaContexts == [])
-        #expect(machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session?.metaContexts.count == 1)
+        #expect(
+            other.receivedOption(.go, payload: .infoRequest(name: "live@aaaa"), catalog: testCatalog).session?
+                .metaContexts == [])
+        #expect(
+            machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session?.metaContexts
+                .count == 1)
     }
 
     /// A failed SET_META_CONTEXT still replaces the earlier selection.
     @Test func failedSetMetaContextClearsSelection() {
         var machine = negotiatingMachine()
         _ = machine.receivedOption(.structuredReply, payload: ByteBuffer(), catalog: testCatalog)
-        _ = machine.receivedOption(.setMetaContext, payload: .metaContextRequest(name: "live", queries: ["base:allocation"]), catalog: testCatalog)
-        let failed = machine.receivedOption(.setMetaContext, payload: .metaContextRequest(name: "nope", queries: ["base:allocation"]), catalog: testCatalog)
+        _ = machine.receivedOption(
+            .setMetaContext, payload: .metaContextRequest(name: "live", queries: ["base:allocation"]),
+            catalog: testCatalog)
+        let failed = machine.receivedOption(
+            .setMetaContext, payload: .metaContextRequest(name: "nope", queries: ["base:allocation"]),
+            catalog: testCatalog)
         #expect(failed.replyTypes == [.errUnknown])
-        #expect(machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session?.metaContexts == [])
+        #expect(
+            machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session?.metaContexts
+                == [])
     }
 
     /// Malformed meta context payloads are ERR_INVALID, including counts larger than the payload.
@@ -230,7 +279,10 @@ import Testing
         for payload in [hugeCount, truncated, trailing, longQuery, ByteBuffer()] {
             var machine = negotiatingMachine()
             _ = machine.receivedOption(.structuredReply, payload: ByteBuffer(), catalog: testCatalog)
-            #expect(machine.receivedOption(.listMetaContext, payload: payload, catalog: testCatalog).replyTypes == [.errInvalid])
+            #expect(
+                machine.receivedOption(.listMetaContext, payload: payload, catalog: testCatalog).replyTypes == [
+                    .errInvalid
+                ])
         }
     }
 
@@ -238,7 +290,8 @@ import Testing
     @Test func unknownOptionIsUnsupported() {
         var machine = negotiatingMachine()
         for code: UInt32 in [0, 4, 11, 12, 0xFFFF_FFFF] {
-            let action = machine.receivedOption(NBDOption(rawValue: code), payload: ByteBuffer(string: "data"), catalog: testCatalog)
+            let action = machine.receivedOption(
+                NBDOption(rawValue: code), payload: ByteBuffer(string: "data"), catalog: testCatalog)
             #expect(action.replyTypes == [.errUnsupported])
         }
         #expect(machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session != nil)
@@ -248,7 +301,8 @@ import Testing
     @Test func oversizedOptions() {
         var machine = negotiatingMachine()
         #expect(machine.receivedOversizedOption(.go, length: 1 << 20).replyTypes == [.errTooBig])
-        #expect(machine.receivedOversizedOption(NBDOption(rawValue: 77), length: 1 << 20).replyTypes == [.errUnsupported])
+        #expect(
+            machine.receivedOversizedOption(NBDOption(rawValue: 77), length: 1 << 20).replyTypes == [.errUnsupported])
         #expect(machine.receivedOversizedOption(.exportName, length: 1 << 20) == .sendAndClose([]))
         machine = negotiatingMachine()
         #expect(machine.receivedOversizedOption(.abort, length: 1 << 20) == .sendAndClose([.optionReply(.ack(.abort))]))
@@ -258,10 +312,15 @@ import Testing
     @Test func shutdownRefusesOptions() {
         var machine = negotiatingMachine()
         machine.beginShutdown()
-        #expect(machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).replyTypes == [.errShutdown])
+        #expect(
+            machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).replyTypes == [
+                .errShutdown
+            ])
         #expect(machine.receivedOption(.list, payload: ByteBuffer(), catalog: testCatalog).replyTypes == [.errShutdown])
         var other = machine
-        #expect(other.receivedOption(.exportName, payload: ByteBuffer(string: "live"), catalog: testCatalog) == .sendAndClose([]))
+        #expect(
+            other.receivedOption(.exportName, payload: ByteBuffer(string: "live"), catalog: testCatalog)
+                == .sendAndClose([]))
         #expect(machine.receivedOption(.abort, payload: ByteBuffer(), catalog: testCatalog).closes)
     }
 

@@ -12,8 +12,10 @@ private func sessionBytes() -> ByteBuffer {
     bytes.writeImmutableBuffer(.option(NBDOption(rawValue: 99), ByteBuffer(bytes: [1, 2, 3, 4, 5])))
     bytes.writeImmutableBuffer(.option(.go, .infoRequest(name: "live", infos: [.blockSize])))
     bytes.writeImmutableBuffer(.request(NBDRequest(command: .read, handle: 1, offset: 0, length: 4096)))
-    bytes.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 2, offset: 8, length: 5), payload: [9, 8, 7, 6, 5]))
-    bytes.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 3, offset: 0, length: 3), payload: [1, 1, 1]))
+    bytes.writeImmutableBuffer(
+        .request(NBDRequest(command: .write, handle: 2, offset: 8, length: 5), payload: [9, 8, 7, 6, 5]))
+    bytes.writeImmutableBuffer(
+        .request(NBDRequest(command: .write, handle: 3, offset: 0, length: 3), payload: [1, 1, 1]))
     bytes.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 4, offset: 0, length: 0)))
     bytes.writeImmutableBuffer(.request(NBDRequest(flags: .fua, command: .flush, handle: 5, offset: 0, length: 0)))
     return bytes
@@ -26,11 +28,11 @@ private let expectedMessages: [NBDServerDecoder.Message] = [
     .option(.go, payload: .infoRequest(name: "live", infos: [.blockSize])),
     .request(NBDRequest(command: .read, handle: 1, offset: 0, length: 4096)),
     .request(NBDRequest(command: .write, handle: 2, offset: 8, length: 5)),
-    .writePayload(ByteBuffer(bytes: [9, 8, 7, 6, 5])),
+    .writePayload(NBDWritePayload(ByteBuffer(bytes: [9, 8, 7, 6, 5]))),
     .request(NBDRequest(command: .write, handle: 3, offset: 0, length: 3)),
     .discardedWritePayload(length: 3),
     .request(NBDRequest(command: .write, handle: 4, offset: 0, length: 0)),
-    .writePayload(ByteBuffer()),
+    .writePayload(NBDWritePayload(ByteBuffer())),
     .request(NBDRequest(flags: .fua, command: .flush, handle: 5, offset: 0, length: 0)),
 ]
 
@@ -52,7 +54,7 @@ private func decode(
                 if request.handle == 3 {
                     decoder.discardWritePayload()
                 } else {
-                    decoder.keepWritePayload(into: ByteBuffer())
+                    decoder.keepWritePayload(request.handle == 2 ? .inPlace : .copy(into: ByteBuffer()))
                 }
             default: break
             }
@@ -101,7 +103,8 @@ private func split(_ buffer: ByteBuffer, at cuts: [Int]) -> [ByteBuffer] {
         var bytes = ByteBuffer()
         bytes.writeInteger(UInt32(1))
         bytes.writeImmutableBuffer(.option(.go, .infoRequest(name: "x")))
-        bytes.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 1, offset: 0, length: 4), payload: [1, 2, 3, 4]))
+        bytes.writeImmutableBuffer(
+            .request(NBDRequest(command: .write, handle: 1, offset: 0, length: 4), payload: [1, 2, 3, 4]))
         for cut in 1..<bytes.readableBytes {
             var decoder = NBDServerDecoder(limits: NBDLimits(), allocator: ByteBufferAllocator())
             var destination = ByteBufferAllocator().buffer(capacity: 64)
@@ -113,8 +116,8 @@ private func split(_ buffer: ByteBuffer, at cuts: [Int]) -> [ByteBuffer] {
                 while let message = try decoder.next() {
                     switch message {
                     case .option: decoder.startTransmission()
-                    case .request: decoder.keepWritePayload(into: destination)
-                    case .writePayload(let buffer): payload = buffer
+                    case .request: decoder.keepWritePayload(.copy(into: destination))
+                    case .writePayload(let buffer): payload = buffer.contiguous()
                     default: break
                     }
                 }
@@ -122,6 +125,35 @@ private func split(_ buffer: ByteBuffer, at cuts: [Int]) -> [ByteBuffer] {
             #expect(payload.map { Array($0.readableBytesView) } == [1, 2, 3, 4])
             #expect(payload?.capacity == 64)
         }
+    }
+
+    /// A payload kept in place arrives as slices of the received buffers, without a copy.
+    @Test func inPlacePayloadSlicesTheReceivedBuffers() throws {
+        var header = ByteBuffer()
+        header.writeInteger(UInt32(1))
+        header.writeImmutableBuffer(.option(.go, .infoRequest(name: "x")))
+        header.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 1, offset: 0, length: 6)))
+        header.writeBytes([1, 2])
+        let second = ByteBuffer(bytes: [3, 4, 5, 6, 0x25])
+        var decoder = NBDServerDecoder(limits: NBDLimits(), allocator: ByteBufferAllocator())
+        decoder.receive(header)
+        _ = try decoder.next()
+        _ = try decoder.next()
+        decoder.startTransmission()
+        _ = try decoder.next()
+        decoder.keepWritePayload(.inPlace)
+        #expect(try decoder.next() == nil)
+        decoder.receive(second)
+        guard case .writePayload(let payload) = try decoder.next() else {
+            Issue.record("no payload")
+            return
+        }
+        #expect(payload.buffers.map { Array($0.readableBytesView) } == [[1, 2], [3, 4, 5, 6]])
+        let shared = payload.buffers[1].withUnsafeReadableBytes { piece in
+            second.withUnsafeReadableBytes { piece.baseAddress == $0.baseAddress }
+        }
+        #expect(shared)
+        #expect(decoder.queuedBytes == 1)
     }
 
     /// A bad option magic is a protocol violation, after which the decoder yields nothing.
@@ -170,7 +202,10 @@ private func split(_ buffer: ByteBuffer, at cuts: [Int]) -> [ByteBuffer] {
             while let message = try decoder.next() { messages.append(message) }
             #expect(decoder.queuedBytes < 100)
         }
-        #expect(messages == [.clientFlags(1), .oversizedOption(.list, length: 1000), .option(.abort, payload: ByteBuffer())])
+        #expect(
+            messages == [
+                .clientFlags(1), .oversizedOption(.list, length: 1000), .option(.abort, payload: ByteBuffer()),
+            ])
     }
 
     /// An option longer than anything worth reading past ends the session at its header.

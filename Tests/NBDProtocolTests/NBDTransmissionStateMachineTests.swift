@@ -1,12 +1,15 @@
 import NBDProtocol
 import Testing
 
-private func session(_ export: NBDExportDescription, structured: Bool = true, contexts: [String] = ["base:allocation"]) -> NBDSession {
+private func session(_ export: NBDExportDescription, structured: Bool = true, contexts: [String] = ["base:allocation"])
+    -> NBDSession
+{
     NBDSession(
         export: export,
         transmissionFlags: export.transmissionFlags(structuredReplies: structured),
         structuredReplies: structured,
-        metaContexts: structured ? contexts.enumerated().map { NBDMetaContext(id: UInt32($0.offset + 1), name: $0.element) } : []
+        metaContexts: structured
+            ? contexts.enumerated().map { NBDMetaContext(id: UInt32($0.offset + 1), name: $0.element) } : []
     )
 }
 

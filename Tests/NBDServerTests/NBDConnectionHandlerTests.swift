@@ -24,8 +24,7 @@ private struct HandlerHarness {
             registry: registry,
             limits: limits,
             tlsMode: .disabled,
-            zeroes: zeroes,
-            logger: logger
+            zeroes: zeroes
         )
         let handler = NBDConnectionHandler(
             environment: environment,
@@ -63,7 +62,8 @@ private func session(structured: Bool) -> ByteBuffer {
     if structured { bytes.writeImmutableBuffer(.option(.structuredReply)) }
     bytes.writeImmutableBuffer(.option(NBDOption(rawValue: 42), ByteBuffer(string: "?")))
     bytes.writeImmutableBuffer(.option(.go, .infoRequest(name: "live")))
-    bytes.writeImmutableBuffer(.request(NBDRequest(command: .write, handle: 1, offset: 4096, length: 4), payload: [1, 2, 3, 4]))
+    bytes.writeImmutableBuffer(
+        .request(NBDRequest(command: .write, handle: 1, offset: 4096, length: 4), payload: [1, 2, 3, 4]))
     bytes.writeImmutableBuffer(.request(NBDRequest(command: .read, handle: 2, offset: 4094, length: 8)))
     bytes.writeImmutableBuffer(.request(NBDRequest(command: .read, handle: 3, offset: 1 << 20, length: 8)))
     bytes.writeImmutableBuffer(.request(NBDRequest(command: .read, handle: 4, offset: 0, length: 16)))
@@ -161,9 +161,13 @@ extension ByteBuffer {
     }
 
     mutating func readChunk() -> Chunk? {
-        guard let (magic, flags, type, handle, length) = readMultipleIntegers(as: (UInt32, UInt16, UInt16, UInt64, UInt32).self),
+        guard
+            let (magic, flags, type, handle, length) = readMultipleIntegers(
+                as: (UInt32, UInt16, UInt16, UInt64, UInt32).self),
             magic == NBDMagic.structuredReply, let payload = readSlice(length: Int(length))
         else { return nil }
-        return Chunk(flags: NBDReplyFlags(rawValue: flags), type: NBDStructuredReplyType(rawValue: type), handle: handle, payload: payload)
+        return Chunk(
+            flags: NBDReplyFlags(rawValue: flags), type: NBDStructuredReplyType(rawValue: type), handle: handle,
+            payload: payload)
     }
 }

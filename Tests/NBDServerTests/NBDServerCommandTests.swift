@@ -2,11 +2,11 @@ import NBDProtocol
 import Testing
 import UmbraTestSupport
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 @testable import NBDServer
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 private let mib: UInt64 = 1 << 20
 
@@ -20,7 +20,8 @@ private func live(supportsFastZero: Bool = true) -> MemoryExport {
 }
 
 private func snapshot() -> MemoryExport {
-    MemoryExport(name: "live@aaaa", isReadOnly: true, blockSize: NBDBlockSize(minimum: 512, preferred: 4096, maximum: 1 << 18))
+    MemoryExport(
+        name: "live@aaaa", isReadOnly: true, blockSize: NBDBlockSize(minimum: 512, preferred: 4096, maximum: 1 << 18))
 }
 
 @Suite struct NBDServerCommandTests {
@@ -81,7 +82,9 @@ private func snapshot() -> MemoryExport {
                 let read = client.preadStructured(count: 16384, offset: 0)
                 let (bytes, chunks) = (read.bytes, read.chunks)
                 #expect(read.error == nil)
-                #expect(bytes == [UInt8](repeating: 0, count: 8192) + [UInt8](repeating: 9, count: 4096) + [UInt8](repeating: 0, count: 4096))
+                #expect(
+                    bytes == [UInt8](repeating: 0, count: 8192) + [UInt8](repeating: 9, count: 4096)
+                        + [UInt8](repeating: 0, count: 4096))
                 #expect(
                     chunks == [
                         .init(offset: 0, length: 8192, kind: .hole),
@@ -119,8 +122,15 @@ private func snapshot() -> MemoryExport {
                 try client.pwrite([UInt8](repeating: 1, count: 4096), offset: 8192)
                 let status = try client.blockStatus(count: 16384, offset: 4096)
                 let hole = NBDAllocationFlags.hole.rawValue | NBDAllocationFlags.zero.rawValue
-                #expect(status["base:allocation"] == [.init(length: 4096, flags: hole), .init(length: 4096, flags: 0), .init(length: 8192, flags: hole)])
-                #expect(status["qemu:dirty-bitmap:aaaa"] == [.init(length: 4096, flags: 0), .init(length: 4096, flags: 1), .init(length: 8192, flags: 0)])
+                #expect(
+                    status["base:allocation"] == [
+                        .init(length: 4096, flags: hole), .init(length: 4096, flags: 0),
+                        .init(length: 8192, flags: hole),
+                    ])
+                #expect(
+                    status["qemu:dirty-bitmap:aaaa"] == [
+                        .init(length: 4096, flags: 0), .init(length: 4096, flags: 1), .init(length: 8192, flags: 0),
+                    ])
                 let one = try client.blockStatus(count: 16384, offset: 8192, flags: .requestOne)
                 #expect(one["base:allocation"] == [.init(length: 4096, flags: 0)])
                 #expect(one["qemu:dirty-bitmap:aaaa"] == [.init(length: 4096, flags: 1)])
@@ -147,18 +157,25 @@ private func snapshot() -> MemoryExport {
         try await ServerFixture.with([live(supportsFastZero: false), snapshot()]) { fixture in
             let client = try await fixture.connect("live", structuredReplies: structured, strict: false)
             #expect(await clientErrno { _ = try client.pread(count: 4096, offset: mib - 100) } == EINVAL)
-            #expect(await clientErrno { try client.pwrite([UInt8](repeating: 1, count: 4096), offset: mib - 100) } == ENOSPC)
+            #expect(
+                await clientErrno { try client.pwrite([UInt8](repeating: 1, count: 4096), offset: mib - 100) } == ENOSPC
+            )
             #expect(await clientErrno { try client.zero(count: 4096, offset: mib) } == ENOSPC)
             #expect(await clientErrno { try client.trim(count: 4096, offset: mib) } == EINVAL)
             #expect(await clientErrno { _ = try client.pread(count: (1 << 18) + 1, offset: 0) } == EINVAL)
-            #expect(await clientErrno { try client.pwrite([UInt8](repeating: 1, count: (1 << 18) + 1), offset: 0) } == EINVAL)
+            #expect(
+                await clientErrno { try client.pwrite([UInt8](repeating: 1, count: (1 << 18) + 1), offset: 0) }
+                    == EINVAL)
             #expect(await clientErrno { try client.cache(count: (1 << 18) + 1, offset: 0) } == EINVAL)
             #expect(await clientErrno { _ = try client.pread(count: 16, offset: 0, flags: .noHole) } == EINVAL)
             #expect(await clientErrno { try client.zero(count: 4096, offset: 0, flags: .fastZero) } == ENOTSUP)
             if structured {
-                #expect(await clientErrno { _ = try client.pread(count: (1 << 18) + 512, offset: 0, flags: .dontFragment) } == EOVERFLOW)
+                #expect(
+                    await clientErrno { _ = try client.pread(count: (1 << 18) + 512, offset: 0, flags: .dontFragment) }
+                        == EOVERFLOW)
             } else {
-                #expect(await clientErrno { _ = try client.pread(count: 16, offset: 0, flags: .dontFragment) } == EINVAL)
+                #expect(
+                    await clientErrno { _ = try client.pread(count: 16, offset: 0, flags: .dontFragment) } == EINVAL)
             }
             #expect(await clientErrno { _ = try client.blockStatus(count: 4096, offset: 0) } == EINVAL)
             #expect(await clientErrno { _ = try client.pread(count: 16, offset: 0) } == nil)

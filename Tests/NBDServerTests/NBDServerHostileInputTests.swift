@@ -99,7 +99,8 @@ private func expectServerHealthy(_ fixture: ServerFixture) async throws {
                 switch round % 3 {
                 case 0:
                     for _ in 0..<Int.random(in: 1...4, using: &random) {
-                        bytes[Int.random(in: 0..<bytes.count, using: &random)] = UInt8.random(in: 0...255, using: &random)
+                        bytes[Int.random(in: 0..<bytes.count, using: &random)] = UInt8.random(
+                            in: 0...255, using: &random)
                     }
                 case 1:
                     bytes = Array(bytes.prefix(Int.random(in: 0..<bytes.count, using: &random)))

@@ -3,11 +3,11 @@ import NIOCore
 import Testing
 import UmbraTestSupport
 
-#if canImport(Glibc)
-import Glibc
-#endif
-
 @testable import NBDServer
+
+#if canImport(Glibc)
+    import Glibc
+#endif
 
 @Suite struct NBDServerLifecycleTests {
     /// A held read does not block later requests on the same connection: they complete first,
@@ -33,6 +33,25 @@ import Glibc
         }
     }
 
+    /// A request held on one connection does not hold up another connection to the same export.
+    @Test func slowRequestDoesNotBlockOtherConnections() async throws {
+        let export = MemoryExport(name: "live")
+        let gate = export.gateReads(at: 0)
+        try await ServerFixture.with([export]) { fixture in
+            let first = try await fixture.connect("live")
+            let second = try await fixture.connect("live")
+            let held = try await blocking { try first.startRead(count: 512, offset: 0) }
+            await gate.waitUntilReached()
+            try await blocking { () throws in
+                try second.pwrite([9], offset: 4096, flags: .fua)
+                #expect(try second.pread(count: 1, offset: 4096) == [9])
+            }
+            #expect(try !first.isComplete(held.cookie))
+            gate.open()
+            try await waitForCompletion(first, held.cookie)
+        }
+    }
+
     /// With a bound of two requests in flight the export never sees more than two at once, and
     /// everything completes once the held reads are released.
     @Test func inFlightBoundAppliesBackpressure() async throws {
@@ -42,7 +61,9 @@ import Glibc
         let gates = [export.gateReads(at: 0), export.gateReads(at: 4096)]
         try await ServerFixture.with([export], configuration: configuration) { fixture in
             let client = try await fixture.connect("live")
-            let reads = try await blocking { try (0..<6).map { try client.startRead(count: 4096, offset: UInt64($0) * 4096) } }
+            let reads = try await blocking {
+                try (0..<6).map { try client.startRead(count: 4096, offset: UInt64($0) * 4096) }
+            }
             for gate in gates { await gate.waitUntilReached() }
             for gate in gates { gate.open() }
             for read in reads { try await waitForCompletion(client, read.cookie) }
@@ -133,6 +154,32 @@ import Glibc
         #expect(await clientErrno { _ = try client.pread(count: 1, offset: 0) } != nil)
     }
 
+    /// A request that never completes cannot hold shutdown up beyond the grace period: the
+    /// export is still flushed and the connection closed.
+    @Test func shutdownDoesNotWaitForeverForAStuckRequest() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let export = MemoryExport(name: "live")
+        let gate = export.gateReads(at: 0)
+        let registry = NBDExportRegistry()
+        try registry.add(export)
+        let server = NBDServer(registry: registry)
+        let path = directory.path + "/s.sock"
+        try await server.listen(on: .unix(path: path))
+        let client = try await blocking { () -> NBDTestClient in
+            let client = try NBDTestClient()
+            try client.connect(unixSocket: path)
+            return client
+        }
+        let stuck = try await blocking { try client.startRead(count: 512, offset: 0) }
+        await gate.waitUntilReached()
+        await server.shutdown(gracePeriod: .zero)
+        #expect(export.calls.last == .flush)
+        #expect(await clientErrno { _ = try client.pread(count: 1, offset: 4096) } != nil)
+        _ = stuck
+        gate.open()
+    }
+
     /// Several listeners at once: two Unix sockets and TCP on an ephemeral port serve the same exports.
     @Test func listensOnSeveralAddresses() async throws {
         let directory = TemporaryDirectory()
@@ -140,9 +187,14 @@ import Glibc
         let registry = NBDExportRegistry()
         try registry.add(MemoryExport(name: "live", size: 4096))
         let server = NBDServer(registry: registry)
-        let bound = try await server.listen(on: ["unix:\(directory.path)/a.sock", "unix:\(directory.path)/b.sock", "tcp://127.0.0.1:0"])
+        let bound = try await server.listen(on: [
+            "unix:\(directory.path)/a.sock", "unix:\(directory.path)/b.sock", "tcp://127.0.0.1:0",
+        ])
         let port = try #require(bound[2].port)
-        for uri in ["nbd+unix:///?socket=\(directory.path)/a.sock", "nbd+unix:///?socket=\(directory.path)/b.sock", "nbd://127.0.0.1:\(port)/"] {
+        for uri in [
+            "nbd+unix:///?socket=\(directory.path)/a.sock", "nbd+unix:///?socket=\(directory.path)/b.sock",
+            "nbd://127.0.0.1:\(port)/",
+        ] {
             let size = try await blocking { () -> UInt64 in
                 let client = try NBDTestClient()
                 try client.connect(uri: uri)
@@ -150,6 +202,20 @@ import Glibc
             }
             #expect(size == 4096, "\(uri)")
         }
+        await server.shutdown()
+    }
+
+    /// Listening on several addresses is all or nothing: a bad one closes those already bound.
+    @Test func listeningIsAllOrNothing() async throws {
+        let directory = TemporaryDirectory()
+        defer { directory.remove() }
+        let server = NBDServer(registry: NBDExportRegistry())
+        let good = directory.path + "/good.sock"
+        await #expect(throws: NBDError.self) {
+            try await server.listen(on: ["unix:\(good)", "unix:\(directory.path)/missing-dir/x.sock"])
+        }
+        #expect(server.localAddresses.isEmpty)
+        #expect(access(good, F_OK) != 0)
         await server.shutdown()
     }
 
@@ -164,7 +230,9 @@ import Glibc
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(path.utf8)) }
         let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(stale, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(stale, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         #expect(bound == 0)
         close(stale)

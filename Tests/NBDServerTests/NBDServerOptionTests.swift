@@ -67,9 +67,15 @@ private func exports() -> [MemoryExport] {
             let client = try await fixture.negotiatingClient { try $0.setExportName("live@aaaa") }
             try await blocking { () throws in
                 try client.optInfo()
-                let info = (try client.size(), try client.isReadOnly, try client.canFlush, try client.canDF, try client.blockSize())
+                let info = (
+                    try client.size(), try client.isReadOnly, try client.canFlush, try client.canDF,
+                    try client.blockSize()
+                )
                 try client.optGo()
-                let go = (try client.size(), try client.isReadOnly, try client.canFlush, try client.canDF, try client.blockSize())
+                let go = (
+                    try client.size(), try client.isReadOnly, try client.canFlush, try client.canDF,
+                    try client.blockSize()
+                )
                 #expect(info.0 == go.0 && info.1 == go.1 && info.2 == go.2 && info.3 == go.3 && info.4 == go.4)
                 try client.shutdown()
             }
@@ -94,7 +100,10 @@ private func exports() -> [MemoryExport] {
         try await ServerFixture.with(exports()) { fixture in
             let client = try await fixture.negotiatingClient { try $0.setExportName("live") }
             try await blocking { () throws in
-                #expect(try client.optListMetaContext() == ["base:allocation", "qemu:dirty-bitmap:aaaa", "qemu:dirty-bitmap:bbbb"])
+                #expect(
+                    try client.optListMetaContext() == [
+                        "base:allocation", "qemu:dirty-bitmap:aaaa", "qemu:dirty-bitmap:bbbb",
+                    ])
                 try client.addMetaContext("qemu:dirty-bitmap:")
                 #expect(try client.optListMetaContext() == ["qemu:dirty-bitmap:aaaa", "qemu:dirty-bitmap:bbbb"])
                 try client.clearMetaContexts()

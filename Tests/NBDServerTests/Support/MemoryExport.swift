@@ -58,7 +58,8 @@ final class MemoryExport: NBDExport {
         self.supportsFastZero = supportsFastZero
         self.metaContexts = dirtyBitmaps.map { NBDMetaContextName.qemuDirtyBitmapPrefix + $0 }
         let blocks = (Int(size) + Self.blockBytes - 1) / Self.blockBytes
-        var initial = State(bytes: [UInt8](repeating: 0, count: Int(size)), allocated: [Bool](repeating: false, count: blocks))
+        var initial = State(
+            bytes: [UInt8](repeating: 0, count: Int(size)), allocated: [Bool](repeating: false, count: blocks))
         for context in metaContexts { initial.dirty[context] = [] }
         self.state = Mutex(initial)
     }
@@ -129,7 +130,8 @@ final class MemoryExport: NBDExport {
         }
     }
 
-    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws {
+    func write(offset: UInt64, data payload: NBDWritePayload, fua: Bool) async throws {
+        let data = payload.contiguous()
         try takeFailure(.write)
         state.withLock { state in
             state.calls.append(.write(offset: offset, length: data.readableBytes, fua: fua))
@@ -185,7 +187,9 @@ final class MemoryExport: NBDExport {
                 let block = position / Self.blockBytes
                 let flags: UInt32
                 if context == NBDMetaContextName.baseAllocation {
-                    flags = state.allocated[block] ? 0 : (NBDAllocationFlags.hole.rawValue | NBDAllocationFlags.zero.rawValue)
+                    flags =
+                        state.allocated[block]
+                        ? 0 : (NBDAllocationFlags.hole.rawValue | NBDAllocationFlags.zero.rawValue)
                 } else {
                     flags = state.dirty[context]?.contains(block) == true ? NBDDirtyBitmapFlags.dirty : 0
                 }
@@ -216,7 +220,9 @@ final class MemoryExport: NBDExport {
         for block in first..<last {
             state.allocated[block] = false
             let start = block * blockBytes
-            state.bytes.replaceSubrange(start..<min(start + blockBytes, state.bytes.count), with: repeatElement(0, count: min(blockBytes, state.bytes.count - start)))
+            state.bytes.replaceSubrange(
+                start..<min(start + blockBytes, state.bytes.count),
+                with: repeatElement(0, count: min(blockBytes, state.bytes.count - start)))
         }
     }
 }

@@ -54,11 +54,13 @@ extension ByteBuffer {
     /// Reads option replies until the buffer ends or something else starts.
     mutating func readOptionReplies() -> [(option: NBDOption, type: NBDOptionReplyType, data: ByteBuffer)] {
         var replies: [(option: NBDOption, type: NBDOptionReplyType, data: ByteBuffer)] = []
-        while let (magic, option, type, length) = getMultipleIntegers(at: readerIndex, as: (UInt64, UInt32, UInt32, UInt32).self),
+        while let (magic, option, type, length) = getMultipleIntegers(
+            at: readerIndex, as: (UInt64, UInt32, UInt32, UInt32).self),
             magic == NBDMagic.optionReply, readableBytes >= 20 + Int(length)
         {
             moveReaderIndex(forwardBy: 20)
-            replies.append((NBDOption(rawValue: option), NBDOptionReplyType(rawValue: type), readSlice(length: Int(length))!))
+            replies.append(
+                (NBDOption(rawValue: option), NBDOptionReplyType(rawValue: type), readSlice(length: Int(length))!))
         }
         return replies
     }

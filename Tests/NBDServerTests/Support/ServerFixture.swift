@@ -7,7 +7,7 @@ import UmbraTestSupport
 @testable import NBDServer
 
 #if canImport(Glibc)
-import Glibc
+    import Glibc
 #endif
 
 /// Threads for libnbd's blocking calls, so they never block Swift's cooperative pool (which
@@ -49,7 +49,9 @@ struct TemporaryDirectory {
     func remove() {
         if let directory = opendir(path) {
             while let entry = readdir(directory) {
-                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+                let name = withUnsafeBytes(of: entry.pointee.d_name) {
+                    String(cString: $0.bindMemory(to: CChar.self).baseAddress!)
+                }
                 if name != "." && name != ".." { unlink(path + "/" + name) }
             }
             closedir(directory)
