@@ -24,6 +24,13 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// Writes all of `bytes` at `offset`, extending the file if needed.
     func write(toAbsoluteOffset offset: ByteOffset, _ bytes: UnsafeRawBufferPointer) throws(BlockIOError)
 
+    /// Writes `pieces` back to back at `offset` (pwritev), extending the file if needed.
+    func write(toAbsoluteOffset offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer]) throws(BlockIOError)
+
+    /// The open file descriptor, for callers that send straight from the file (sendfile); nil for
+    /// storage that has none.
+    var fileDescriptor: Int32? { get }
+
     /// Makes every completed write durable (fdatasync).
     func synchronize() throws(BlockIOError)
 
@@ -57,6 +64,19 @@ nonisolated(unsafe) let zeroBlock: UnsafeRawBufferPointer = {
 }()
 
 extension BlockStorage {
+    /// Writes the pieces one after another (storage without a vectored write).
+    public func write(toAbsoluteOffset offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer])
+        throws(BlockIOError)
+    {
+        var position = offset
+        for piece in pieces {
+            try write(toAbsoluteOffset: position, piece)
+            position += ByteCount(piece.count)
+        }
+    }
+
+    public var fileDescriptor: Int32? { nil }
+
     /// Writes zeros with plain writes, a megabyte at a time.
     func writeZeroesByWriting(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
         var position = offset.rawValue

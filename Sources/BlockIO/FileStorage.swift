@@ -87,6 +87,20 @@ public final class FileStorage: BlockStorage {
         try Syscall.write(descriptor, toAbsoluteOffset: offset.rawValue, bytes, path: path)
     }
 
+    public func write(toAbsoluteOffset offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer])
+        throws(BlockIOError)
+    {
+        try checkOpen("pwritev")
+        if pieces.count == 1 {
+            try Syscall.write(descriptor, toAbsoluteOffset: offset.rawValue, pieces[0], path: path)
+        } else {
+            try Syscall.write(descriptor, toAbsoluteOffset: offset.rawValue, gathering: pieces, path: path)
+        }
+    }
+
+    /// Valid for as long as this object lives (it closes the descriptor only in deinit).
+    public var fileDescriptor: Int32? { closed.load(ordering: .relaxed) ? nil : descriptor }
+
     public func synchronize() throws(BlockIOError) {
         try checkOpen("fdatasync")
         try Syscall.dataSync(descriptor, path: path)

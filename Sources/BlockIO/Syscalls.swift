@@ -90,6 +90,37 @@ enum Syscall {
         }
     }
 
+    /// Writes all of `pieces`, back to back, at `offset`.
+    /// pwritev(2)
+    static func write(
+        _ fd: Int32, toAbsoluteOffset offset: UInt64, gathering pieces: [UnsafeRawBufferPointer], path: String
+    ) throws(BlockIOError) {
+        var vectors = pieces.filter { $0.count > 0 }.map {
+            iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: $0.count)
+        }
+        var position = offset
+        var first = 0
+        while first < vectors.count {
+            let count = Int32(min(vectors.count - first, 1024))  // IOV_MAX on Linux
+            let written = vectors.withUnsafeBufferPointer { buffer in
+                retryingInterrupts { Glibc.pwritev(fd, buffer.baseAddress! + first, count, off_t(position)) }
+            }
+            if written < 0 { throw lastError("pwritev", path) }
+            if written == 0 { throw BlockIOError(.system(.noSpace), operation: "pwritev", path: path) }
+            position += UInt64(written)
+            // Skip what was written; a short write leaves part of one vector to go again.
+            var remaining = written
+            while first < vectors.count && remaining >= vectors[first].iov_len {
+                remaining -= vectors[first].iov_len
+                first += 1
+            }
+            if remaining > 0 {
+                vectors[first].iov_base = vectors[first].iov_base! + remaining
+                vectors[first].iov_len -= remaining
+            }
+        }
+    }
+
     /// fdatasync(2)
     static func dataSync(_ fd: Int32, path: String) throws(BlockIOError) {
         if retryingInterrupts({ Glibc.fdatasync(fd) }) != 0 { throw lastError("fdatasync", path) }

@@ -141,6 +141,34 @@ public final class Volume: Sendable {
         if fua { try await flush() }
     }
 
+    /// Writes `pieces`, back to back, to the live volume at `offset` (one vectored write), like
+    /// `write(at:from:fua:)`. The caller keeps the pieces' memory valid until this returns.
+    public func write(at offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer], fua: Bool = false) async throws
+    {
+        let count = pieces.reduce(0) { $0 + $1.count }
+        try checkRange(offset, ByteCount(count))
+        guard count > 0 else { return }
+        let source = UnsafeTransfer(pieces)
+        let live = self.live
+        try await mutate(offset, ByteCount(count)) {
+            try live.write(toAbsoluteOffset: offset, gathering: source.value)
+        }
+        if fua { try await flush() }
+    }
+
+    /// Where bytes of the live volume sit in its backing file, for sending them straight from the
+    /// file: the descriptor, and `releasing`, which keeps the volume (and so the descriptor) alive
+    /// until it is called. Nil when the storage has no descriptor. The bytes may change under a
+    /// concurrent write, as with any read racing a write.
+    public func liveFileRange(at offset: ByteOffset, count: ByteCount) throws -> (
+        descriptor: Int32, release: @Sendable () -> Void
+    )? {
+        try checkUsable()
+        try checkRange(offset, count)
+        guard let descriptor = live.fileDescriptor else { return nil }
+        return (descriptor, { withExtendedLifetime(self) {} })
+    }
+
     /// Makes every completed write to the live volume durable.
     public func flush() async throws {
         try checkUsable()

@@ -23,6 +23,9 @@ import Synchronization
 
 enum ExportNaming {
     static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
+    /// Live reads at least this long are sent from the file with sendfile(2) rather than copied into
+    /// a buffer (measured: about a third of the CPU for 1 MiB reads; more than a copy for 4 KiB).
+    static let sendfileThreshold: UInt32 = 128 * 1024
 
     static func blockSize(chunkSize: ByteCount) -> NBDBlockSize {
         // Preferred: a chunk (capped at 64 KiB), so well-behaved clients copy on write whole chunks.
@@ -120,18 +123,26 @@ struct LiveVolumeExport: NBDExport {
 
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {
         try await ExportError.wrapping {
-            .data(
+            if length >= ExportNaming.sendfileThreshold,
+                let file = try volume.liveFileRange(at: ByteOffset(offset), count: ByteCount(UInt64(length)))
+            {
+                return .file(
+                    NBDFileSegment(descriptor: file.descriptor, offset: offset, length: length, release: file.release))
+            }
+            return .data(
                 try await readIntoBuffer(length: length, buffers: buffers) { target in
                     try await volume.read(at: ByteOffset(offset), into: target)
                 })
         }
     }
 
-    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws {
+    func write(offset: UInt64, data: NBDWritePayload, fua: Bool) async throws {
         try await ExportError.wrapping {
-            let source = data.withUnsafeReadableBytes { $0 }
-            try await volume.write(at: ByteOffset(offset), from: source, fua: fua)
-            withExtendedLifetime(data) {}
+            // The payload's buffers own the memory the pieces point into; they live until the end.
+            let buffers = data.buffers
+            let pieces = buffers.map { $0.withUnsafeReadableBytes { $0 } }
+            try await volume.write(at: ByteOffset(offset), gathering: pieces, fua: fua)
+            withExtendedLifetime(buffers) {}
         }
     }
 
@@ -196,7 +207,7 @@ struct SnapshotExport: NBDExport {
         }
     }
 
-    func write(offset: UInt64, data: ByteBuffer, fua: Bool) async throws {
+    func write(offset: UInt64, data: NBDWritePayload, fua: Bool) async throws {
         throw NBDError(.eperm, "snapshots are read-only")
     }
 
