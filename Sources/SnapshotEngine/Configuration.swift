@@ -28,6 +28,11 @@ public struct StoreConfiguration: Sendable {
     /// Serve reads of the live volume that the page cache already holds on the caller's thread
     /// (preadv2 with RWF_NOWAIT) instead of hopping to the I/O executor.
     public var readsCachedDataInline = true
+    /// Write to the live volume on the caller's thread once the copy-on-write (if any) is done,
+    /// instead of hopping to the I/O executor: a buffered write usually only copies into the page
+    /// cache, and the hop there and back costs more than the write. It can block when the kernel
+    /// throttles dirty memory, so callers that must never block (an event loop) decide.
+    public var writesLiveDataInline = false
     /// The most snapshots one volume may have.
     public var maximumSnapshotsPerVolume = 2048
     /// Compact the catalog when this many bytes were appended since it was last written whole, and

@@ -65,6 +65,8 @@ public final class Volume: Sendable {
     let context: StoreContext
     let gate = WriteGate()
     let metadata: Mutex<VolumeMetadata>
+    /// Buffers for copy-on-write, reused: a fresh megabyte per write costs a page fault per page.
+    let copyBuffers = BufferPool()
     /// Set once the volume is deleted: every later request is refused.
     let removed = Atomic<Bool>(false)
 
@@ -272,7 +274,11 @@ public final class Volume: Sendable {
                 continue
             }
             do {
-                try await context.io.run(apply)
+                if context.configuration.writesLiveDataInline {
+                    try apply()
+                } else {
+                    try await context.io.run(apply)
+                }
             } catch {
                 gate.leave()
                 throw EngineError.wrap(error)
@@ -340,8 +346,8 @@ public final class Volume: Sendable {
         -> CopyOutcome
     {
         let chunkBytes = self.chunkBytes
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunks.count * chunkBytes, alignment: 4096)
-        defer { buffer.deallocate() }
+        let buffer = copyBuffers.take(byteCount: chunks.count * chunkBytes)
+        defer { copyBuffers.give(buffer) }
         var placed: [(chunk: UInt64, slot: DiffSlot, bufferIndex: Int)] = []
         var unplaced: [UInt64] = []
         do {
@@ -370,13 +376,24 @@ public final class Volume: Sendable {
             let dataCopies = placed.filter { !$0.slot.isZero }
             if !dataCopies.isEmpty {
                 let diff = self.diff
+                // Copies whose slots are consecutive go out as one vectored write.
+                var groups: [(slot: UInt64, pieces: [Int])] = []
+                for copy in dataCopies {
+                    if let last = groups.last, last.slot + UInt64(last.pieces.count) == copy.slot.rawValue {
+                        groups[groups.count - 1].pieces.append(copy.bufferIndex)
+                    } else {
+                        groups.append((copy.slot.rawValue, [copy.bufferIndex]))
+                    }
+                }
+                let runs = groups
                 try await context.io.run {
-                    for copy in dataCopies {
+                    for run in runs {
                         try diff.write(
-                            toAbsoluteOffset: ByteOffset(copy.slot.rawValue << shift),
-                            UnsafeRawBufferPointer(
-                                rebasing: target.value[
-                                    (copy.bufferIndex * chunkBytes)..<((copy.bufferIndex + 1) * chunkBytes)]))
+                            toAbsoluteOffset: ByteOffset(run.slot << shift),
+                            gathering: run.pieces.map {
+                                UnsafeRawBufferPointer(
+                                    rebasing: target.value[($0 * chunkBytes)..<(($0 + 1) * chunkBytes)])
+                            })
                     }
                 }
             }
@@ -751,5 +768,35 @@ struct ReadPlan: Sendable {
             }
             position = stopPosition
         }
+    }
+}
+
+/// A few page-aligned buffers kept for reuse, by size.
+final class BufferPool: Sendable {
+    /// The most buffers kept; more are freed when given back.
+    static let maximumKept = 16
+
+    private let kept = Mutex<[UnsafeTransfer<UnsafeMutableRawBufferPointer>]>([])
+
+    func take(byteCount: Int) -> UnsafeMutableRawBufferPointer {
+        if let buffer = kept.withLock({ kept -> UnsafeMutableRawBufferPointer? in
+            guard let index = kept.firstIndex(where: { $0.value.count == byteCount }) else { return nil }
+            return kept.remove(at: index).value
+        }) {
+            return buffer
+        }
+        return UnsafeMutableRawBufferPointer.allocate(byteCount: byteCount, alignment: 4096)
+    }
+
+    func give(_ buffer: UnsafeMutableRawBufferPointer) {
+        let overflow = kept.withLock { kept -> UnsafeMutableRawBufferPointer? in
+            kept.append(UnsafeTransfer(buffer))
+            return kept.count > Self.maximumKept ? kept.removeFirst().value : nil
+        }
+        overflow?.deallocate()
+    }
+
+    deinit {
+        for buffer in kept.withLock({ $0 }) { buffer.value.deallocate() }
     }
 }

@@ -59,6 +59,17 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "How long a writer may take to answer an event, in seconds.")
     var writerTimeout: Double = 30
 
+    @Option(help: "Threads for blocking disk I/O (copy-on-write copies, syncs, reads the page cache misses).")
+    var ioThreads: Int = 4
+
+    @Flag(
+        help: """
+            Hand every live write to the I/O threads instead of writing it into the page cache on the NBD \
+            event loop (slower: measured 0.7x on 4 KiB writes; never blocks an event loop when the kernel \
+            throttles dirty memory).
+            """)
+    var offloadWrites = false
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -67,6 +78,7 @@ struct Serve: AsyncParsableCommand {
         if Set(names).count != names.count { throw ValidationError("Each volume may be named once.") }
         for address in listen { _ = try NBDListenAddress(parsing: address) }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("Unknown log level '\(logLevel)'.") }
+        guard (1...256).contains(ioThreads) else { throw ValidationError("--io-threads must be from 1 to 256.") }
         for (name, value) in [
             ("--hold-limit", holdLimit), ("--freeze-timeout", freezeTimeout), ("--writer-timeout", writerTimeout),
         ]
@@ -140,6 +152,8 @@ struct Serve: AsyncParsableCommand {
         var configuration = StoreConfiguration()
         configuration.holdLimit = .milliseconds(Int64(holdLimit * 1000))
         configuration.logger = Logger(label: "umbra.engine")
+        configuration.ioThreadCount = max(1, ioThreads)
+        configuration.writesLiveDataInline = !offloadWrites
         configuration.eventHandler = { event in exports.storeChanged(event) }
         let store = try await SnapshotStore.open(path: data, configuration: configuration)
         exports.attach(store)
