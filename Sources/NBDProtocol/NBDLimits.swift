@@ -30,5 +30,9 @@ public struct NBDLimits: Hashable, Sendable {
     /// Extents sent per metadata context in one BLOCK_STATUS reply.
     public var maximumExtentsPerReply: Int = 8192
 
+    /// How long a connection whose export was removed stays open answering `ESHUTDOWN` (so requests
+    /// the client already sent get an answer rather than a reset) before the server closes it.
+    public var exportRemovalGraceMilliseconds: Int64 = 1000
+
     public init() {}
 }

@@ -17,8 +17,8 @@ final class NBDConnection: NBDExportBinding, Sendable {
 
     var closed: EventLoopFuture<Void> { channel.closeFuture }
 
-    func exportRemoved() -> EventLoopFuture<Void> {
-        channel.eventLoop.submit { self.handler.value.drain(closeWhenIdle: true) }
+    func exportRemoved() -> EventLoopFuture<EventLoopFuture<Void>> {
+        channel.eventLoop.submit { self.handler.value.drainForRemoval(on: self.channel.eventLoop) }
     }
 
     /// Starts draining for a server shutdown. The outer future completes once new requests are

@@ -408,6 +408,25 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         flushIfNeeded()
     }
 
+    /// The export went away: answer what is in flight, then `ESHUTDOWN` to everything until the client
+    /// disconnects or the grace period passes. Closing as soon as idle would reset requests the client
+    /// had already sent but this side had not read yet.
+    func drainForRemoval(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
+        guard let context, !isClosing, transmission != nil else {
+            closeAfterWrites()
+            return eventLoop.makeSucceededVoidFuture()
+        }
+        let promise = drainPromise ?? context.eventLoop.makePromise()
+        drainPromise = promise
+        let grace = TimeAmount.milliseconds(environment.limits.exportRemovalGraceMilliseconds)
+        let loop = context.eventLoop
+        promise.futureResult.assumeIsolated().whenSuccess {
+            loop.assumeIsolated().scheduleTask(in: grace) { self.closeAfterWrites() }
+        }
+        drain(closeWhenIdle: false)
+        return promise.futureResult
+    }
+
     func drainForShutdown(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
         guard let context, !isClosing else { return eventLoop.makeSucceededVoidFuture() }
         if handshake != nil {

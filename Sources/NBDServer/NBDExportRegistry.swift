@@ -10,17 +10,20 @@ import Synchronization
 
 /// Something bound to an export that must let go when the export is removed (a connection).
 protocol NBDExportBinding: Sendable {
-    /// The export was removed: answer what is in flight, refuse the rest with `ESHUTDOWN`, close.
-    /// Completes once new requests are being refused.
-    func exportRemoved() -> EventLoopFuture<Void>
+    /// The export was removed: answer what is in flight, refuse the rest with `ESHUTDOWN` until the
+    /// client goes or a grace period passes, then close. The outer future completes once new requests
+    /// are refused, the inner one once what was in flight is answered.
+    func exportRemoved() -> EventLoopFuture<EventLoopFuture<Void>>
     /// Completes once the binding is gone (the connection closed).
     var closed: EventLoopFuture<Void> { get }
 }
 
 /// A removal under way: `draining` completes once every connection of the export refuses new
-/// requests, `closed` once they have all closed.
+/// requests with `ESHUTDOWN`, `answered` once they have answered what was in flight, `closed` once
+/// they have all closed.
 struct NBDExportRemoval {
     var draining: [EventLoopFuture<Void>]
+    var answered: [EventLoopFuture<Void>]
     var closed: [EventLoopFuture<Void>]
 }
 
@@ -63,13 +66,14 @@ public final class NBDExportRegistry: Sendable {
         }
     }
 
-    /// Removes the export called `name`, tells every connection using it to drain (in-flight
-    /// requests are answered, later ones get `ESHUTDOWN`) and waits until they have closed.
+    /// Removes the export called `name`, tells every connection using it to drain, and waits until
+    /// they have answered what was in flight. They go on answering `ESHUTDOWN` to anything more
+    /// until the client disconnects or `NBDLimits.exportRemovalGraceMilliseconds` pass, then close.
     /// Returns false if there was no such export.
     @discardableResult
     public func remove(named name: String) async -> Bool {
         guard let removal = beginRemoval(named: name) else { return false }
-        for future in removal.draining + removal.closed { try? await future.get() }
+        for future in removal.answered { try? await future.get() }
         return true
     }
 
@@ -77,7 +81,10 @@ public final class NBDExportRegistry: Sendable {
     func beginRemoval(named name: String) -> NBDExportRemoval? {
         guard let removed = state.withLock({ $0.entries.removeValue(forKey: name) }) else { return nil }
         let bindings = Array(removed.bindings.values)
-        return NBDExportRemoval(draining: bindings.map { $0.exportRemoved() }, closed: bindings.map(\.closed))
+        let removals = bindings.map { $0.exportRemoved() }
+        return NBDExportRemoval(
+            draining: removals.map { $0.map { _ in } }, answered: removals.map { $0.flatMap { $0 } },
+            closed: bindings.map(\.closed))
     }
 
     /// The export called `name`; the empty name means the default export.
