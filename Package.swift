@@ -59,7 +59,9 @@ let package = Package(
         ),
         .target(
             name: "UmbraTestSupport",
-            dependencies: ["BlockIO", "SnapshotEngine", "CNBD"]
+            dependencies: [
+                "BlockIO", "SnapshotEngine", "NBDProtocol", "CNBD", .product(name: "NIOCore", package: "swift-nio"),
+            ]
         ),
         .executableTarget(
             name: "umbra",

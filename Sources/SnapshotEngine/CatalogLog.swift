@@ -246,8 +246,12 @@ final class CatalogLog: Sendable {
     // MARK: - Appending
 
     /// Makes `records` durable, after making `dataFirst` durable (the diff stores holding the data the
-    /// records point at). Concurrent calls share one write and one fdatasync.
-    func append(_ records: [CatalogRecord], syncingFirst dataFirst: [any BlockStorage] = []) async throws {
+    /// records point at). Concurrent calls share one write and one fdatasync. `whenQueued` runs once
+    /// the records have their place in the log (every later append lands after them), before they are
+    /// durable; it does not run if the log has failed.
+    func append(
+        _ records: [CatalogRecord], syncingFirst dataFirst: [any BlockStorage] = [], whenQueued: (() -> Void)? = nil
+    ) async throws {
         var writer = BinaryWriter()
         for record in records { record.encode(into: &writer) }
         let payload = writer.bytes
@@ -268,6 +272,7 @@ final class CatalogLog: Sendable {
                 state.leaderActive = true
                 return .lead
             }
+            if case .fail = decision {} else { whenQueued?() }
             switch decision {
             case .fail(let error): continuation.resume(throwing: error)
             case .lead: continuation.resume(returning: .lead)

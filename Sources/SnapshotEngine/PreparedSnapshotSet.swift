@@ -1,12 +1,13 @@
 // A snapshot set in the making: writes held on all its volumes until it is committed or aborted, and
 // never longer than the hold limit.
 //
-// Phases: acquiring (taking each volume's gate, in volume order, then flushing them) → held →
-// committing → finished; or expired, when the watchdog fires first. Exactly one party releases the
-// gates and the store's operation lock on each path: the acquisition itself if it fails, the watchdog
-// if it expires a held set, and commit or abort otherwise. A commit already under way is not
-// interrupted: releasing the writes before the snapshots join their chains would let a write skip its
-// copy.
+// The volumes are flushed first while writes still flow. Phases: acquiring (taking each volume's
+// gate, in volume order, which drains the writes in flight) → held → committing → finished; or
+// expired, when the watchdog fires first. Exactly one party releases the gates and the store's
+// operation lock on each path: the acquisition itself if it fails, the watchdog if it expires a held
+// set, and commit or abort otherwise. A commit already under way is not interrupted; it releases the
+// writes once the set's record is queued in the catalog (the snapshots have joined their chains by
+// then), so writes are held for the drain only, never for a device flush.
 
 import BlockIO
 import Synchronization
@@ -60,19 +61,21 @@ public final class PreparedSnapshotSet: Sendable {
         let configuration = store.context.configuration
         let members = self.members
         let io = store.context.io
+        // Flush once while writes still flow, so the flush under the hold only has the writes of the
+        // last moments to make durable: the hold stays short however much was dirty.
+        do {
+            try await Self.flush(members, io: io)
+        } catch {
+            state.withLock { $0.phase = .finished }
+            store.operations.unlock()
+            throw EngineError.wrap(error)
+        }
         let acquisition = Task(executorPreference: configuration.taskExecutor) {
             var acquired: [Volume] = []
             do {
                 for volume in members {
                     try await volume.gate.acquireExclusive()
                     acquired.append(volume)
-                }
-                try await withThrowingTaskGroup(of: Void.self) { group in
-                    for volume in members {
-                        let live = volume.live
-                        group.addTask { try await io.run { try live.synchronize() } }
-                    }
-                    try await group.waitForAll()
                 }
             } catch {
                 for volume in acquired { volume.gate.releaseExclusive() }
@@ -114,6 +117,17 @@ public final class PreparedSnapshotSet: Sendable {
             for volume in members { volume.gate.releaseExclusive() }
             store.operations.unlock()
             throw expiredError
+        }
+    }
+
+    /// Makes the members' live data durable, all at once.
+    private static func flush(_ members: [Volume], io: any IOExecutor) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for volume in members {
+                let live = volume.live
+                group.addTask { try await io.run { try live.synchronize() } }
+            }
+            try await group.waitForAll()
         }
     }
 
@@ -168,9 +182,13 @@ public final class PreparedSnapshotSet: Sendable {
             }
         }
         watchdog?.cancel()
+        var writesReleased = false
         defer {
             state.withLock { $0.phase = .finished }
-            releaseAll()
+            if !writesReleased {
+                for volume in members { volume.gate.releaseExclusive() }
+            }
+            store.operations.unlock()
         }
         let configuration = store.context.configuration
         let setID = requestedID ?? configuration.makeIdentifier()
@@ -182,18 +200,27 @@ public final class PreparedSnapshotSet: Sendable {
             members: members.indices.map {
                 SetMember(volume: members[$0].id, snapshotID: snapshotIDs[$0], sequence: sequences[$0])
             })
+        // Writes may go on as soon as the record has its place in the log: each of them needs a copy
+        // for the new snapshot, and that copy's record lands after this one, so no new data reaches a
+        // live volume before the set is durable. The same group commit makes the live volumes durable
+        // before it writes the record, so the set never depends on live data a crash could undo.
         do {
-            try await store.context.catalog.append([.setCreated(definition)])
+            try await store.context.catalog.append(
+                [.setCreated(definition)], syncingFirst: members.map(\.live),
+                whenQueued: { [members] in
+                    for (index, volume) in members.enumerated() {
+                        volume.metadata.withLock { metadata in
+                            metadata.addSnapshot(
+                                SnapshotState(
+                                    id: snapshotIDs[index], setID: setID, sequence: sequences[index],
+                                    createdAtNanoseconds: createdAt))
+                        }
+                        volume.gate.releaseExclusive()
+                    }
+                    writesReleased = true
+                })
         } catch {
             throw EngineError.wrap(error)
-        }
-        for (index, volume) in members.enumerated() {
-            volume.metadata.withLock { metadata in
-                metadata.addSnapshot(
-                    SnapshotState(
-                        id: snapshotIDs[index], setID: setID, sequence: sequences[index],
-                        createdAtNanoseconds: createdAt))
-            }
         }
         let date = SnapshotStore.date(createdAt)
         let snapshots = members.indices.map {

@@ -1,6 +1,7 @@
 import NBDProtocol
 import NIOCore
 import Testing
+import UmbraTestSupport
 
 @Suite struct NBDHandshakeStateMachineTests {
     /// The server greets with fixed newstyle and no-zeroes.
