@@ -23,9 +23,9 @@ let regionBytes = 256 << 20
 let benchmarks: @Sendable () -> Void = {
     Benchmark.defaultConfiguration = .init(
         metrics: [.wallClock, .throughput, .cpuTotal, .mallocCountTotal],
-        timeUnits: .milliseconds,
+        timeUnits: .microseconds,
         warmupIterations: 1,
-        maxDuration: .seconds(3),
+        maxDuration: .seconds(6),
         maxIterations: 40
     )
 
