@@ -67,6 +67,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     private var closeWhenDrained = false
     /// Whether this session negotiated structured replies (cached off the hot path's way).
     var structuredReplies = false
+    /// Whether read data may go out as file regions (`sendfile`): not once TLS wraps the
+    /// connection, nor over a pipe.
+    var sendsFileRegions = true
     private var drainPromise: EventLoopPromise<Void>?
 
     init(
@@ -290,9 +293,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         let contexts = request.command == .blockStatus ? transmission!.session.metaContexts : []
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let buffers = self.buffers
+        let allowsFiles = sendsFileRegions
         Self.launch(on: executor) {
             let outcome = await Self.perform(
-                request, payload: payload, contexts: contexts, on: export, buffers: buffers)
+                request, payload: payload, contexts: contexts, on: export, buffers: buffers, allowsFiles: allowsFiles)
             handler.value.finish(request, outcome)
         }
     }
@@ -306,13 +310,16 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         payload: NBDWritePayload?,
         contexts: [NBDMetaContext],
         on export: any NBDExport,
-        buffers: NBDBufferPool
+        buffers: NBDBufferPool,
+        allowsFiles: Bool
     ) async -> Outcome {
         let fua = request.flags.contains(.fua)
         do {
             switch request.command {
             case .read:
-                return .read(try await export.read(offset: request.offset, length: request.length, buffers: buffers))
+                let result = try await export.read(
+                    offset: request.offset, length: request.length, buffers: buffers, allowsFileSegments: allowsFiles)
+                return .read(allowsFiles ? result : try result.copyingFileSegments(buffers: buffers))
             case .write:
                 try await export.write(offset: request.offset, data: payload ?? NBDWritePayload(ByteBuffer()), fua: fua)
             case .flush:

@@ -1,6 +1,10 @@
 import NBDProtocol
 import NIOCore
 
+#if canImport(Glibc)
+    import Glibc
+#endif
+
 /// A block device the server exports. The `umbra` executable implements it over the snapshot
 /// engine (live volumes read-write, snapshots read-only); tests implement it in memory.
 ///
@@ -32,6 +36,12 @@ public protocol NBDExport: Sendable {
     /// Reads `length` bytes at `offset`. Data buffers should come from `buffers` (which recycles
     /// big ones once they have been sent).
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult
+    /// The same, for a connection that can send file ranges only when `allowsFileSegments` (a TLS
+    /// session or a pipe cannot use `sendfile`). The default calls `read(offset:length:buffers:)`;
+    /// file segments returned anyway where they are not allowed are copied into memory by the server.
+    func read(
+        offset: UInt64, length: UInt32, buffers: NBDBufferPool, allowsFileSegments: Bool
+    ) async throws -> NBDReadResult
     /// Writes `data` at `offset`; with `fua`, returns only once the data is durable. Big payloads
     /// come in the pieces they were received in (write them with one `pwritev`); the buffers may
     /// be kept after returning (the server does not reuse them).
@@ -57,6 +67,12 @@ extension NBDExport {
     public var blockSize: NBDBlockSize { .default }
     public var supportsFastZero: Bool { false }
     public var metaContexts: [String] { [] }
+
+    public func read(
+        offset: UInt64, length: UInt32, buffers: NBDBufferPool, allowsFileSegments: Bool
+    ) async throws -> NBDReadResult {
+        try await read(offset: offset, length: length, buffers: buffers)
+    }
 
     public func trim(offset: UInt64, length: UInt32, fua: Bool) async throws {}
 
@@ -118,5 +134,57 @@ public struct NBDFileSegment: Sendable {
         self.offset = offset
         self.length = length
         self.release = release
+    }
+}
+
+extension NBDReadResult {
+    /// The same bytes with every file segment read into memory, for a connection that cannot send
+    /// file regions and an export that returned them anyway.
+    func copyingFileSegments(buffers: NBDBufferPool) throws(NBDError) -> NBDReadResult {
+        switch self {
+        case .data, .zeroes:
+            return self
+        case .file(let file):
+            return .data(try file.copied(buffers: buffers))
+        case .segments(let segments):
+            var copied: [NBDReadSegment] = []
+            copied.reserveCapacity(segments.count)
+            for (index, segment) in segments.enumerated() {
+                guard case .file(let file) = segment else {
+                    copied.append(segment)
+                    continue
+                }
+                do {
+                    copied.append(.data(try file.copied(buffers: buffers)))
+                } catch {
+                    for case .file(let rest) in segments[(index + 1)...] { rest.release?() }
+                    throw error
+                }
+            }
+            return .segments(copied)
+        }
+    }
+}
+
+extension NBDFileSegment {
+    /// Reads the range into a buffer and releases the segment.
+    fileprivate func copied(buffers: NBDBufferPool) throws(NBDError) -> ByteBuffer {
+        defer { release?() }
+        var buffer = buffers.buffer(capacity: Int(length))
+        var done = 0
+        let total = Int(length)
+        while done < total {
+            var result = 0
+            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: total - done) { target in
+                result = pread(descriptor, target.baseAddress, total - done, off_t(offset) + off_t(done))
+                return max(result, 0)
+            }
+            if result < 0 && errno == EINTR { continue }
+            guard result > 0 else {
+                throw NBDError(.eio, "reading \(total) bytes at \(offset) for a read reply failed")
+            }
+            done += result
+        }
+        return buffer
     }
 }

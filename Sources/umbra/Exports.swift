@@ -122,8 +122,14 @@ struct LiveVolumeExport: NBDExport {
     }
 
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {
+        try await read(offset: offset, length: length, buffers: buffers, allowsFileSegments: true)
+    }
+
+    func read(
+        offset: UInt64, length: UInt32, buffers: NBDBufferPool, allowsFileSegments: Bool
+    ) async throws -> NBDReadResult {
         try await ExportError.wrapping {
-            if length >= ExportNaming.sendfileThreshold,
+            if allowsFileSegments, length >= ExportNaming.sendfileThreshold,
                 let file = try volume.liveFileRange(at: ByteOffset(offset), count: ByteCount(UInt64(length)))
             {
                 return .file(
