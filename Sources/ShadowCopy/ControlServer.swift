@@ -48,7 +48,13 @@ public final class ControlServer: Sendable {
         group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         logger: Logger = Logger(label: "umbra.control")
     ) async throws -> ControlServer {
-        try await removeStaleSocket(at: socketPath, group: group)
+        try await ControlSocketFile.prepare(path: socketPath) { path in
+            guard let live = try? await ClientBootstrap(group: group).connect(unixDomainSocketPath: path).get() else {
+                return false
+            }
+            try? await live.close()
+            return true
+        }
         let channel: NIOAsyncChannel<NIOAsyncChannel<ControlFrame, ByteBuffer>, Never>
         do {
             channel = try await ServerBootstrap(group: group)
@@ -63,6 +69,12 @@ public final class ControlServer: Sendable {
                 }
         } catch {
             throw ShadowCopyError(.internal, "Cannot listen on the control socket '\(socketPath)': \(error).")
+        }
+        do {
+            try ControlSocketFile.restrict(path: socketPath)
+        } catch {
+            try? await channel.channel.close()
+            throw error
         }
         return ControlServer(
             socketPath: socketPath,
@@ -331,21 +343,5 @@ public final class ControlServer: Sendable {
             let result = try? message.result(IdentifyResult.self)
             return .success(metadata: result?.metadata)
         }
-    }
-
-    private static func removeStaleSocket(at path: String, group: any EventLoopGroup) async throws {
-        guard let attributes = try? FileManager.default.attributesOfItem(atPath: path) else { return }
-        guard attributes[.type] as? FileAttributeType == .typeSocket else {
-            throw ShadowCopyError(
-                .alreadyExists,
-                "'\(path)' exists and is not a socket; remove it or choose another --control path."
-            )
-        }
-        let live = try? await ClientBootstrap(group: group).connect(unixDomainSocketPath: path).get()
-        if let live {
-            try? await live.close()
-            throw ShadowCopyError(.alreadyExists, "Another daemon is already listening on '\(path)'.")
-        }
-        try FileManager.default.removeItem(atPath: path)
     }
 }

@@ -147,6 +147,8 @@ struct Serve: AsyncParsableCommand {
     }
 
     private func serve(logger: Logger) async throws {
+        DaemonFiles.restrictNewFiles()
+        try DaemonFiles.checkDataDirectory(data, logger: logger)
         let registry = NBDExportRegistry { sortedNames in sortedNames.first { !$0.contains("@") } }
         let exports = ExportReconciler(registry: registry, logger: logger)
         var configuration = StoreConfiguration()

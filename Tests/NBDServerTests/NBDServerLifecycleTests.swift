@@ -225,17 +225,7 @@ import UmbraTestSupport
         defer { directory.remove() }
         let path = directory.path + "/s.sock"
         // A socket bound and then abandoned (nobody listening): stale.
-        let stale = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(path.utf8)) }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(stale, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        #expect(bound == 0)
-        close(stale)
+        #expect(makeStaleUnixSocket(at: path))
 
         let registry = NBDExportRegistry()
         let first = NBDServer(registry: registry)

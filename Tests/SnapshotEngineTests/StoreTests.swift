@@ -350,7 +350,7 @@ extension ByteCount: ExpressibleByIntegerLiteral {
 
     /// A second open of the same data directory is refused while the first holds it.
     @Test func refusesSecondOpen() async throws {
-        try await Fixture.withStore { _, path in
+        _ = try await Fixture.withStore { _, path in
             await #expect(throws: EngineError.directoryLocked(path)) {
                 _ = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
             }
@@ -405,7 +405,7 @@ extension ByteCount: ExpressibleByIntegerLiteral {
     /// A directory holding other files is not taken over as a data directory.
     @Test func refusesForeignDirectory() async throws {
         try await TemporaryDirectory.with { directory in
-            FileManager.default.createFile(atPath: directory.path + "/important.txt", contents: Data("hello".utf8))
+            #expect(FileManager.default.createFile(atPath: directory.path + "/important.txt", contents: Data("hello".utf8)))
             await #expect(throws: EngineError.notADataDirectory(directory.path)) {
                 _ = try await SnapshotStore.open(path: directory.path, configuration: Fixture.configuration())
             }

@@ -125,7 +125,7 @@ import UmbraTestSupport
         var random = SeededRandom(seed: 77)
         var original = [UInt8](repeating: 0, count: 1 << 20)
         original.withUnsafeMutableBytes { random.fill($0) }
-        FileManager.default.createFile(atPath: path, contents: Data(original))
+        #expect(FileManager.default.createFile(atPath: path, contents: Data(original)))
         try await DaemonFixture.with(volumes: [], extraArguments: ["--volume-file", "disk:" + path]) { daemon in
             let live = try daemon.connect("disk")
             #expect(try live.size() == UInt64(original.count))
