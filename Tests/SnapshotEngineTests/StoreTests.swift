@@ -115,7 +115,7 @@ extension ByteCount: ExpressibleByIntegerLiteral {
         try await TemporaryDirectory.with { directory in
             let path = directory.path + "/disk.img"
             let original = Fixture.pattern(3, count: 65536)
-            FileManager.default.createFile(atPath: path, contents: Data(original))
+            #expect(FileManager.default.createFile(atPath: path, contents: Data(original)))
             let store = try await SnapshotStore.open(
                 path: directory.path + "/data", configuration: Fixture.configuration())
             let info = try await store.createVolume(VolumeSpec(name: "ext", size: nil, backing: .external(path: path)))
