@@ -109,7 +109,8 @@ private func raiseDescriptorLimit() {
     setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit)
 }
 
-@Suite struct HostileClientTests {
+// One daemon at a time: nine at once, each flooded, load a 2-core machine enough to upset other suites.
+@Suite(.serialized) struct HostileClientTests {
     /// Wrong magics (client flags, option, request) end the connection; nothing else is disturbed.
     @Test func wrongMagics() async throws {
         try await withAttack("wrong magics") { daemon, _ in
