@@ -109,7 +109,11 @@ let package = Package(
         ),
         // Tests that run the `umbra` executable as a real process.
         .testTarget(
-            name: "UmbraTests", dependencies: ["umbra", "SnapshotEngine", "BlockIO", "ShadowCopy", "UmbraTestSupport"]
+            name: "UmbraTests",
+            dependencies: [
+                "umbra", "SnapshotEngine", "BlockIO", "ShadowCopy", "NBDProtocol", "UmbraTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
         ),
     ],
     swiftLanguageModes: [.v6]

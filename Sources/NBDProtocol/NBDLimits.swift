@@ -23,9 +23,38 @@ public struct NBDLimits: Hashable, Sendable {
     /// Requests of one connection being served at once; when reached the connection stops reading.
     public var maximumInFlightRequests: Int = 128
 
-    /// Payload bytes (WRITE data held plus READ lengths being produced) of one connection at once;
-    /// when reached the connection stops reading.
-    public var maximumInFlightBytes: Int = 256 * 1024 * 1024
+    /// Payload bytes of one connection at once: WRITE data held until written, READ data from the
+    /// moment the request is accepted until its reply has gone to the socket. When reached the
+    /// connection stops reading (a request is accepted while below it, so the bound can be passed by
+    /// at most one request). 64 MiB is two maximum-sized requests or 128 requests of 512 KiB, deeper
+    /// than qemu or the kernel client queue; it bounds what a client that stops reading replies
+    /// makes the server hold.
+    public var maximumInFlightBytes: Int = 64 * 1024 * 1024
+
+    /// Payload bytes in flight over all connections of a server (counted as for
+    /// `maximumInFlightBytes`). A connection that cannot get its request's bytes holds its reads until
+    /// other connections' replies have gone out; a request alone bigger than this is served when
+    /// nothing else is in flight. 1 GiB: sixteen connections at their own bound.
+    public var maximumServerInFlightBytes: Int = 1024 * 1024 * 1024
+
+    /// Open connections over all listeners; more are closed at once without a greeting. 1024 keeps
+    /// the server well inside the descriptors a default hard `RLIMIT_NOFILE` (4096 and up) allows.
+    public var maximumConnections: Int = 1024
+
+    /// Open TCP connections from one peer IP address; more are closed at once. Unix-socket peers
+    /// are not counted here (the socket file's permissions decide who may connect; they count
+    /// toward `maximumConnections`). 64 leaves room for multi-queue clients (`nbd-client -C`) and
+    /// several machines behind one address.
+    public var maximumConnectionsPerClient: Int = 64
+
+    /// How long a connection may take from accept to transmission (option haggling takes a real
+    /// client a few round trips); past it the connection is closed. 0 turns it off.
+    public var handshakeTimeoutMilliseconds: Int64 = 10_000
+
+    /// How long a connection in transmission may stay with no request and nothing in flight before
+    /// it is closed. 0 (the default) turns it off: the kernel client keeps an idle device's connection
+    /// open for as long as the device is attached, and reconnecting is not free for it.
+    public var idleTimeoutMilliseconds: Int64 = 0
 
     /// Extents sent per metadata context in one BLOCK_STATUS reply.
     public var maximumExtentsPerReply: Int = 8192

@@ -10,7 +10,11 @@ import NIOCore
 // request. Replies are encoded in NBDConnectionHandler+Replies.swift. Flushes happen at
 // `channelReadComplete` or, for completions outside a read, once per loop tick.
 // Backpressure: reads are held while the in-flight bounds are reached or the channel is not
-// writable, and resumed as soon as neither holds.
+// writable, and resumed as soon as neither holds. READ and WRITE payload bytes are counted from the
+// request until the reply has gone to the socket (or the data is written), against this
+// connection's bound and the server-wide budget; a request the budget cannot take yet waits, with
+// reads held, until other connections give bytes back. Timeouts (handshake, idle) are one task
+// scheduled on the connection's event loop.
 
 final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     typealias InboundIn = ByteBuffer
@@ -24,6 +28,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         var tlsMode: NBDTLSMode
         /// Zero bytes to send for holes where the reply cannot say "hole".
         var zeroes: ByteBuffer
+        /// Payload bytes in flight over all the server's connections.
+        var budget = NBDInFlightBudget(capacityBytes: NBDLimits().maximumServerInFlightBytes)
     }
 
     enum Outcome: Sendable {
@@ -71,6 +77,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     /// connection, nor over a pipe.
     var sendsFileRegions = true
     private var drainPromise: EventLoopPromise<Void>?
+    /// A request accepted by the transmission machine, waiting for bytes from the server's budget.
+    private var budgetWait: (request: NBDRequest, ticket: NBDInFlightBudget.Ticket)?
+    /// Payload bytes this connection holds from the server's budget.
+    private var budgetHeldBytes = 0
+    /// The handshake or idle timeout, whichever applies now.
+    private var timeout: Scheduled<Void>?
+    /// When the last request came in or the last reply went out (kept only with an idle timeout).
+    private var lastActivity = NIODeadline.uptimeNanoseconds(0)
 
     init(
         environment: Environment,
@@ -109,6 +123,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     func channelInactive(context: ChannelHandlerContext) {
         isClosing = true
+        timeout?.cancel()
+        timeout = nil
+        if let wait = budgetWait, environment.budget.cancel(wait.ticket) { budgetWait = nil }
+        if let request = pendingWrite {
+            // Its payload will never come.
+            pendingWrite = nil
+            giveBack(Self.budgetBytes(of: request))
+        }
         if let binding {
             environment.registry.unbind(exportNamed: binding.exportName, id: binding.id)
             self.binding = nil
@@ -163,6 +185,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         guard !started, handshake != nil, !isClosing else { return }
         started = true
         logger.debug("NBD connection opened")
+        scheduleTimeout(after: environment.limits.handshakeTimeoutMilliseconds) { handler in
+            handler.logger.debug("NBD handshake timed out, disconnecting")
+            handler.closeNow()
+        }
         apply(self.handshake!.start())
         flushIfNeeded()
     }
@@ -172,7 +198,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         isProcessingInbound = true
         defer { isProcessingInbound = false }
         while !isClosing {
-            if pendingWrite == nil, pendingRefusal == nil, let transmission, !transmission.canAcceptRequest { return }
+            if budgetWait != nil { return }
+            if !isWaitingForPayload, let transmission, !transmission.canAcceptRequest || isOverConnectionBudget {
+                return
+            }
             let message: NBDServerDecoder.Message?
             do {
                 message = try decoder.next()
@@ -228,6 +257,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             decoder.startTransmission()
             handshake = nil
             transmission = NBDTransmissionStateMachine(session: session, limits: environment.limits)
+            timeout?.cancel()
+            timeout = nil
+            noteActivity()
+            scheduleIdleCheck(after: environment.limits.idleTimeoutMilliseconds)
             structuredReplies = session.structuredReplies
             logger[metadataKey: "nbd.export"] = "\(session.export.name)"
             logger.debug(
@@ -238,20 +271,22 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     }
 
     private func handleRequest(_ request: NBDRequest) {
-        guard transmission != nil else { return invariantBroken("request outside transmission") }
+        guard transmission != nil, let context else { return invariantBroken("request outside transmission") }
+        noteActivity()
         switch transmission!.receivedRequest(request) {
         case .serve(let request):
-            if request.command == .write {
-                // Big payloads stay in the receive buffers they arrived in (no copy); small ones are
-                // copied out so a slow write does not keep a whole receive buffer alive.
-                let length = Int(request.length)
-                decoder.keepWritePayload(
-                    length >= Self.inPlacePayloadBytes ? .inPlace : .copy(into: allocator.buffer(capacity: length))
-                )
-                pendingWrite = request
-            } else {
-                serve(request, payload: nil)
+            let bytes = Self.budgetBytes(of: request)
+            if bytes > 0 {
+                let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+                let loop = context.eventLoop
+                let ticket = environment.budget.take(bytes) { loop.execute { handler.value.budgetGranted() } }
+                if let ticket {
+                    budgetWait = (request, ticket)
+                    return
+                }
+                budgetHeldBytes += bytes
             }
+            accept(request)
         case .reject(let request, let errno):
             if request.command == .write {
                 decoder.discardWritePayload()
@@ -266,6 +301,30 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             logger.debug("NBD client sent an unreadable request, disconnecting", metadata: ["nbd.reason": "\(reason)"])
             closeNow()
         }
+    }
+
+    /// Serves a request that has its bytes, or starts reading its WRITE payload.
+    private func accept(_ request: NBDRequest) {
+        guard request.command == .write else { return serve(request, payload: nil) }
+        // Big payloads stay in the receive buffers they arrived in (no copy); small ones are
+        // copied out so a slow write does not keep a whole receive buffer alive.
+        let length = Int(request.length)
+        decoder.keepWritePayload(
+            length >= Self.inPlacePayloadBytes ? .inPlace : .copy(into: allocator.buffer(capacity: length))
+        )
+        pendingWrite = request
+    }
+
+    /// The server's budget took the bytes of the request waiting for them.
+    private func budgetGranted() {
+        guard let wait = budgetWait else { return invariantBroken("budget granted to nobody") }
+        budgetWait = nil
+        let bytes = Self.budgetBytes(of: wait.request)
+        guard !isClosing else { return environment.budget.give(back: bytes) }
+        budgetHeldBytes += bytes
+        accept(wait.request)
+        processInbound()
+        resumeReadsIfPossible()
     }
 
     private func refuse(_ request: NBDRequest, _ errno: NBDErrno) {
@@ -359,12 +418,24 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     /// A served request has its outcome: reply, account, and resume whatever was waiting on it.
     private func finish(_ request: NBDRequest, _ outcome: Outcome) {
-        guard context != nil, transmission != nil, !isClosing else {
+        let bytes = Self.budgetBytes(of: request)
+        guard let context, transmission != nil, !isClosing else {
             // Closed meanwhile: nobody to answer, but file segments must still be let go.
             if case .read(let result) = outcome { Self.releaseFiles(of: result) }
+            giveBack(bytes)
             return
         }
         writeReply(to: request, outcome)
+        noteActivity()
+        if bytes > 0, request.command == .read {
+            // The reply's data is held until the socket has taken it: writes complete in order,
+            // so an empty write behind it says when.
+            let sent = context.eventLoop.makePromise(of: Void.self)
+            writePayload(.byteBuffer(ByteBuffer()), promise: sent)
+            sent.futureResult.assumeIsolated().whenComplete { _ in self.gaveBackAfterSending(bytes) }
+        } else {
+            giveBack(bytes)
+        }
         switch transmission!.requestCompleted(request) {
         case .none:
             break
@@ -380,6 +451,28 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         } else {
             scheduleFlush()
         }
+        processInbound()
+        resumeReadsIfPossible()
+    }
+
+    /// The bytes a request holds while in flight: its WRITE payload or its READ data.
+    private static func budgetBytes(of request: NBDRequest) -> Int {
+        request.command == .write || request.command == .read ? Int(request.length) : 0
+    }
+
+    private func giveBack(_ bytes: Int) {
+        guard bytes > 0 else { return }
+        assert(budgetHeldBytes >= bytes, "more bytes given back than held")
+        budgetHeldBytes -= bytes
+        environment.budget.give(back: bytes)
+    }
+
+    /// A READ reply has gone to the socket (or the connection failed): its bytes are free, which
+    /// may let this connection read on.
+    private func gaveBackAfterSending(_ bytes: Int) {
+        giveBack(bytes)
+        guard !isClosing else { return }
+        noteActivity()
         processInbound()
         resumeReadsIfPossible()
     }
@@ -478,10 +571,17 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     private var shouldHoldReads: Bool {
         guard let context, !isClosing else { return true }
-        if !context.channel.isWritable { return true }
-        if let transmission, !transmission.canAcceptRequest { return true }
+        if !context.channel.isWritable || budgetWait != nil { return true }
+        // The payload of a request already taken must still come in, or it could never complete.
+        if isWaitingForPayload { return false }
+        if let transmission, !transmission.canAcceptRequest || isOverConnectionBudget { return true }
         return false
     }
+
+    /// A WRITE's payload (kept or read past) is being read.
+    private var isWaitingForPayload: Bool { pendingWrite != nil || pendingRefusal != nil }
+
+    private var isOverConnectionBudget: Bool { budgetHeldBytes >= environment.limits.maximumInFlightBytes }
 
     private func resumeReadsIfPossible() {
         guard readHeld, !shouldHoldReads, let context else { return }
@@ -511,6 +611,43 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         isClosing = true
         flushIfNeeded()
         context.close(promise: nil)
+    }
+
+    // MARK: - Timeouts
+
+    /// Schedules `fire` on this loop in `milliseconds` (none if 0), replacing the current timeout.
+    private func scheduleTimeout(after milliseconds: Int64, _ fire: @escaping (NBDConnectionHandler) -> Void) {
+        timeout?.cancel()
+        timeout = nil
+        guard milliseconds > 0, let context else { return }
+        timeout = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(milliseconds)) {
+            self.timeout = nil
+            fire(self)
+        }
+    }
+
+    private func noteActivity() {
+        guard environment.limits.idleTimeoutMilliseconds > 0, let context else { return }
+        lastActivity = context.eventLoop.now
+    }
+
+    /// Closes the connection if it has been idle for the idle timeout by the time this fires, or
+    /// checks again when it would be: nothing is scheduled per request.
+    private func scheduleIdleCheck(after milliseconds: Int64) {
+        scheduleTimeout(after: milliseconds) { handler in
+            guard let context = handler.context, let transmission = handler.transmission else { return }
+            let limit = TimeAmount.milliseconds(handler.environment.limits.idleTimeoutMilliseconds)
+            let busy =
+                transmission.inFlightRequests > 0 || handler.isWaitingForPayload || handler.budgetWait != nil
+                || handler.budgetHeldBytes > 0
+            let idleSince = busy ? context.eventLoop.now : handler.lastActivity
+            let remaining = idleSince + limit - context.eventLoop.now
+            guard remaining <= .zero else {
+                return handler.scheduleIdleCheck(after: max(1, remaining.nanoseconds / 1_000_000))
+            }
+            handler.logger.debug("NBD connection idle too long, disconnecting")
+            handler.closeNow()
+        }
     }
 
     private func invariantBroken(_ what: String) {

@@ -36,6 +36,7 @@ public final class NBDServer: Sendable {
         var connections: [UInt64: NBDConnection] = [:]
         var nextConnectionID: UInt64 = 0
         var isShuttingDown = false
+        var admission: NBDConnectionAdmission
     }
 
     public let registry: NBDExportRegistry
@@ -45,7 +46,7 @@ public final class NBDServer: Sendable {
     private let environment: NBDConnectionHandler.Environment
     private let executors: [ObjectIdentifier: EventLoopTaskExecutor]
     private let bufferPools: [ObjectIdentifier: NBDBufferPool]
-    private let state = Mutex(State())
+    private let state: Mutex<State>
 
     /// Zero bytes shared by all connections for holes that must be sent as data.
     private static let zeroBytes = 1024 * 1024
@@ -60,13 +61,15 @@ public final class NBDServer: Sendable {
         self.configuration = configuration
         self.group = group
         self.logger = logger
+        self.state = Mutex(State(admission: NBDConnectionAdmission(limits: configuration.limits)))
         var zeroes = ByteBufferAllocator().buffer(capacity: Self.zeroBytes)
         zeroes.writeRepeatingByte(0, count: Self.zeroBytes)
         self.environment = .init(
             registry: registry,
             limits: configuration.limits,
             tlsMode: configuration.tlsMode,
-            zeroes: zeroes
+            zeroes: zeroes,
+            budget: NBDInFlightBudget(capacityBytes: configuration.limits.maximumServerInFlightBytes)
         )
         var executors: [ObjectIdentifier: EventLoopTaskExecutor] = [:]
         var bufferPools: [ObjectIdentifier: NBDBufferPool] = [:]
@@ -271,13 +274,35 @@ public final class NBDServer: Sendable {
     }
 
     private func initialize(_ channel: any Channel) throws {
-        let id = state.withLock { state -> UInt64 in
+        let client = NBDConnectionAdmission.client(of: channel.remoteAddress)
+        let (id, decision) = state.withLock { state in
+            let decision = state.admission.admit(client: client)
             state.nextConnectionID += 1
-            return state.nextConnectionID
+            return (state.nextConnectionID, decision)
         }
         var logger = self.logger
         logger[metadataKey: "nbd.connection"] = "\(id)"
         if let peer = channel.remoteAddress { logger[metadataKey: "nbd.peer"] = "\(peer)" }
+        switch decision {
+        case .refuse(let reason, let firstOfBurst):
+            // Throwing makes the bootstrap close the channel before anything is sent.
+            if firstOfBurst {
+                logger.warning("NBD connection refused: \(reason); more refusals are logged at debug level")
+            } else {
+                logger.debug("NBD connection refused: \(reason)")
+            }
+            throw NBDError(.eio, "NBD connection refused: \(reason)")
+        case .admit(let refusedBefore) where refusedBefore > 0:
+            logger.notice("NBD connection accepted again after refusing \(refusedBefore) over a connection limit")
+        case .admit:
+            break
+        }
+        channel.closeFuture.whenComplete { [self] _ in
+            state.withLock { state in
+                state.connections.removeValue(forKey: id)
+                state.admission.closed(client: client)
+            }
+        }
         guard let executor = executors[ObjectIdentifier(channel.eventLoop)],
             let buffers = bufferPools[ObjectIdentifier(channel.eventLoop)]
         else {
@@ -298,9 +323,6 @@ public final class NBDServer: Sendable {
             return true
         }
         guard tracked else { throw NBDError(.eshutdown, "the server is shutting down") }
-        channel.closeFuture.whenComplete { [self] _ in
-            _ = state.withLock { $0.connections.removeValue(forKey: id) }
-        }
         try channel.pipeline.syncOperations.addHandler(handler)
     }
 

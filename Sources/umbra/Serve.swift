@@ -70,6 +70,9 @@ struct Serve: AsyncParsableCommand {
             """)
     var offloadWrites = false
 
+    @OptionGroup(title: "Limits on NBD clients")
+    var limits: ServeLimitOptions
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -178,7 +181,10 @@ struct Serve: AsyncParsableCommand {
                 logger.info("attached volume", metadata: ["volume": "\(name)", "path": "\(path)"])
             }
             exports.reconcile()
-            let nbd = NBDServer(registry: registry, logger: Logger(label: "umbra.nbd"))
+            var nbdConfiguration = NBDServer.Configuration()
+            limits.apply(to: &nbdConfiguration.limits)
+            limits.raiseDescriptorLimit(logger: logger)
+            let nbd = NBDServer(registry: registry, configuration: nbdConfiguration, logger: Logger(label: "umbra.nbd"))
             let requested = listen.isEmpty ? [Self.defaultListenAddress] : listen
             let addresses: [String]
             do {

@@ -12,13 +12,16 @@ import UmbraTestSupport
 final class DaemonFixture: @unchecked Sendable {
     let directory: TemporaryDirectory
     let process: ChildProcess
+    /// The `ready nbd=… control=…` line, with every NBD address as bound.
+    let readyLine: String
     var data: String { directory.path + "/data" }
     var nbdSocket: String { directory.path + "/nbd.sock" }
     var controlSocket: String { directory.path + "/control.sock" }
 
-    private init(directory: TemporaryDirectory, process: ChildProcess) {
+    private init(directory: TemporaryDirectory, process: ChildProcess, readyLine: String) {
         self.directory = directory
         self.process = process
+        self.readyLine = readyLine
     }
 
     static func start(volumes: [String], extraArguments: [String] = []) throws -> DaemonFixture {
@@ -34,7 +37,7 @@ final class DaemonFixture: @unchecked Sendable {
             directory.remove()
             throw FixtureError("the daemon did not start")
         }
-        return DaemonFixture(directory: directory, process: process)
+        return DaemonFixture(directory: directory, process: process, readyLine: line)
     }
 
     /// SIGTERM, then the exit status.

@@ -1,0 +1,91 @@
+// The daemon's flags for the NBD server's limits against hostile or broken clients (connections,
+// timeouts, memory held for replies). Defaults are NBDLimits' own; each flag says what it bounds.
+// Thousands of connections need thousands of descriptors, so the daemon raises its soft
+// RLIMIT_NOFILE to the hard limit at start and says so if the connection limit still does not fit.
+
+import ArgumentParser
+import Logging
+import NBDProtocol
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+struct ServeLimitOptions: ParsableArguments {
+    private static let defaults = NBDLimits()
+
+    @Option(help: "Open NBD connections at most, over all listeners; more are closed at once.")
+    var maxConnections: Int = defaults.maximumConnections
+
+    @Option(help: "Open NBD connections at most from one TCP client address (Unix-socket clients are not counted).")
+    var maxConnectionsPerClient: Int = defaults.maximumConnectionsPerClient
+
+    @Option(help: "Seconds a client may take to reach transmission (0: no limit).")
+    var handshakeTimeout: Double = Double(defaults.handshakeTimeoutMilliseconds) / 1000
+
+    @Option(help: "Seconds a connection may stay without requests before it is closed (0: never).")
+    var idleTimeout: Double = Double(defaults.idleTimeoutMilliseconds) / 1000
+
+    @Option(help: "READ and WRITE payload bytes in flight over all connections (memory held for them).")
+    var maxInflightBytes: Size = Size(bytes: UInt64(defaults.maximumServerInFlightBytes))
+
+    @Option(help: "READ and WRITE payload bytes in flight on one connection.")
+    var maxInflightBytesPerConnection: Size = Size(bytes: UInt64(defaults.maximumInFlightBytes))
+
+    @Option(help: "Requests in flight on one connection.")
+    var maxInflightRequests: Int = defaults.maximumInFlightRequests
+
+    func validate() throws {
+        guard (1...1_000_000).contains(maxConnections) else {
+            throw ValidationError("--max-connections must be from 1 to 1000000.")
+        }
+        guard (1...maxConnections).contains(maxConnectionsPerClient) else {
+            throw ValidationError("--max-connections-per-client must be from 1 to --max-connections (\(maxConnections)).")
+        }
+        for (name, value) in [("--handshake-timeout", handshakeTimeout), ("--idle-timeout", idleTimeout)]
+        where !(value >= 0 && value <= 86400) {
+            throw ValidationError("\(name) must be from 0 (no limit) to 86400 seconds.")
+        }
+        let range = UInt64(1 << 20)...UInt64(1 << 40)
+        for (name, size) in [
+            ("--max-inflight-bytes", maxInflightBytes), ("--max-inflight-bytes-per-connection", maxInflightBytesPerConnection),
+        ] where !range.contains(size.bytes) {
+            throw ValidationError("\(name) must be from 1M to 1T (got \(size)).")
+        }
+        guard maxInflightBytesPerConnection.bytes <= maxInflightBytes.bytes else {
+            throw ValidationError("--max-inflight-bytes-per-connection cannot be more than --max-inflight-bytes.")
+        }
+        guard (1...65536).contains(maxInflightRequests) else {
+            throw ValidationError("--max-inflight-requests must be from 1 to 65536.")
+        }
+    }
+
+    /// The server's limits with these flags applied.
+    func apply(to limits: inout NBDLimits) {
+        limits.maximumConnections = maxConnections
+        limits.maximumConnectionsPerClient = maxConnectionsPerClient
+        limits.handshakeTimeoutMilliseconds = Int64((handshakeTimeout * 1000).rounded())
+        limits.idleTimeoutMilliseconds = Int64((idleTimeout * 1000).rounded())
+        limits.maximumServerInFlightBytes = Int(maxInflightBytes.bytes)
+        limits.maximumInFlightBytes = Int(maxInflightBytesPerConnection.bytes)
+        limits.maximumInFlightRequests = maxInflightRequests
+    }
+
+    /// Raises the soft descriptor limit to the hard one and warns if the connection limit still
+    /// cannot be reached (each connection is one descriptor; the store and listeners need some).
+    func raiseDescriptorLimit(logger: Logger) {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+        if limit.rlim_cur < limit.rlim_max {
+            let previous = limit.rlim_cur
+            limit.rlim_cur = limit.rlim_max
+            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) != 0 { limit.rlim_cur = previous }
+        }
+        let reserved: rlim_t = 64
+        if limit.rlim_cur != rlim_t.max, rlim_t(maxConnections) + reserved > limit.rlim_cur {
+            logger.warning(
+                "--max-connections is \(maxConnections) but only \(limit.rlim_cur) descriptors are allowed (RLIMIT_NOFILE); the system's limit is reached first"
+            )
+        }
+    }
+}
