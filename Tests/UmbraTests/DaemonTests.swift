@@ -30,7 +30,7 @@ import UmbraTestSupport
         }
     }
 
-    /// Deleting a snapshot ends the connections to its export with ESHUTDOWN; the volume's export keeps working.
+    /// Deleting a snapshot ends the connections to its export (ESHUTDOWN, then closed); the volume's export keeps working.
     @Test func deletingASnapshotEndsItsConnections() async throws {
         try await DaemonFixture.with(volumes: ["disk:4M"]) { daemon in
             let control = try await daemon.control()
@@ -44,7 +44,10 @@ import UmbraTestSupport
                 _ = try snapshot.pread(count: 4096, offset: 0)
                 Issue.record("a read of a deleted snapshot succeeded")
             } catch let error as NBDClientError {
-                #expect(error.errno == ESHUTDOWN)
+                // ESHUTDOWN during the export-removal grace period (1 s); on a loaded machine the
+                // grace may be over before this read, and then the connection is already closed.
+                // (The grace itself is tested deterministically in NBDServerLifecycleTests.)
+                #expect(error.errno == ESHUTDOWN || error.errno == ENOTCONN, "errno \(error.errno)")
             }
             try live.pwrite([1, 2, 3], offset: 100)
             #expect(try live.pread(count: 3, offset: 100) == [1, 2, 3])
