@@ -93,6 +93,7 @@ let package = Package(
             name: "NBDServerTests",
             dependencies: [
                 "NBDServer",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 "NBDProtocol",
                 "UmbraTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),

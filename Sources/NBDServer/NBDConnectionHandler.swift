@@ -554,6 +554,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     /// Closes once everything written so far has been sent.
     private func closeAfterWrites() {
+        // Mid TLS handshake NIOSSL holds writes back until it completes, which it may never do.
+        if tlsSession != nil, handshake?.isTLSEstablished == false { return closeNow() }
         guard !isClosing, let context else { return }
         isClosing = true
         let promise = context.eventLoop.makePromise(of: Void.self)
