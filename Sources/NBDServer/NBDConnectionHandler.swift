@@ -77,7 +77,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     /// connection, nor over a pipe.
     var sendsFileRegions = true
     private var drainPromise: EventLoopPromise<Void>?
-    /// Who the client proved to be (so far: TLS may change it during the handshake).
+    /// Who the client proved to be: unauthenticated until a TLS handshake says otherwise.
     private(set) var clientIdentity = NBDClientIdentity.unauthenticated
     /// The TLS handler once STARTTLS was acknowledged.
     private var tlsSession: (handler: NIOSSLServerHandler, pskRecord: NBDTLSConfiguration.PSKIdentityRecord?)?
@@ -265,7 +265,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         flushIfNeeded()
         do {
             let session = try tls.makeServerHandler()
-            try context.pipeline.syncOperations.addHandler(session.0, position: .first)
+            try context.pipeline.syncOperations.addHandler(session.handler, position: .first)
             tlsSession = session
             // NIOSSL encrypts bytes only: exports are asked for data instead of file ranges.
             sendsFileRegions = false

@@ -125,7 +125,7 @@ public struct NBDTLSConfiguration: Sendable {
     }
 
     /// A TLS handler for one connection, and where it records the PSK identity it accepts.
-    func makeServerHandler() throws -> (NIOSSLServerHandler, PSKIdentityRecord?) {
+    func makeServerHandler() throws -> (handler: NIOSSLServerHandler, pskRecord: PSKIdentityRecord?) {
         if let sharedContext { return (NIOSSLServerHandler(context: sharedContext), nil) }
         let record = PSKIdentityRecord()
         let context = try NIOSSLContext(configuration: Self.adding(keys: preSharedKeys, to: base, recordingIn: record))
