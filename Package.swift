@@ -41,6 +41,7 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
+                .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
@@ -71,6 +72,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
             ]
         ),
         .testTarget(name: "BlockIOTests", dependencies: ["BlockIO", "UmbraTestSupport"]),
@@ -91,6 +93,7 @@ let package = Package(
             name: "NBDServerTests",
             dependencies: [
                 "NBDServer",
+                .product(name: "NIOSSL", package: "swift-nio-ssl"),
                 "NBDProtocol",
                 "UmbraTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),

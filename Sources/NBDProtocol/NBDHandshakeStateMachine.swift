@@ -6,14 +6,21 @@ import NIOCore
 // the server can bind a connection to its export atomically with the lookup for GO/EXPORT_NAME:
 // the machine asks `forTransmission: true` only once nothing else can fail.
 //
-// TLS: `NBD_OPT_STARTTLS` is answered by `startTLS(payload:)` from `configuration.tlsMode`. Adding
-// TLS means a mode that replies ACK with a new `.sendAndStartTLS` action, plus a `tlsEstablished()`
-// input that resets the negotiation (the spec forbids keeping state from before the upgrade).
+// TLS (proto.md, "TLS support"): STARTTLS is answered ACK with `.sendAndStartTLS`; the caller then
+// upgrades the connection and reports `tlsEstablished()`, which starts the negotiation afresh
+// (structured replies and meta contexts chosen in plain text could have been injected by a
+// man in the middle, CVE-2021-3716). Until then any option is a protocol violation. A second
+// STARTTLS gets `NBD_REP_ERR_INVALID`. In `.required` mode every option but STARTTLS and ABORT gets
+// `NBD_REP_ERR_TLS_REQD` before the upgrade, and EXPORT_NAME (which cannot be refused) closes.
 
 /// How the server treats `NBD_OPT_STARTTLS`.
 public enum NBDTLSMode: Hashable, Sendable {
     /// No TLS (proto.md's NOTLS mode): STARTTLS is refused with `NBD_REP_ERR_POLICY`.
     case disabled
+    /// TLS at the client's choice (SELECTIVETLS): plain-text clients may negotiate too.
+    case optional
+    /// TLS before anything else (FORCEDTLS): other options get `NBD_REP_ERR_TLS_REQD` until then.
+    case required
 }
 
 /// The server side of the handshake phase.
@@ -37,6 +44,8 @@ public struct NBDHandshakeStateMachine {
         case sendAndClose([NBDHandshakeMessage])
         /// Send these, then switch to the transmission phase of `NBDSession`.
         case sendAndStartTransmission([NBDHandshakeMessage], NBDSession)
+        /// Send these (the STARTTLS ACK), then start the TLS handshake and report `tlsEstablished()`.
+        case sendAndStartTLS([NBDHandshakeMessage])
     }
 
     private struct Negotiation {
@@ -51,6 +60,8 @@ public struct NBDHandshakeStateMachine {
         case initial
         case awaitingClientFlags
         case negotiating(Negotiation)
+        /// STARTTLS was acknowledged; the TLS handshake has not completed yet.
+        case upgradingToTLS(NBDClientFlags)
         case finished
     }
 
@@ -60,6 +71,8 @@ public struct NBDHandshakeStateMachine {
     public let configuration: Configuration
     private var state: State = .initial
     private var isShuttingDown = false
+    /// Whether the connection is encrypted (TLS was established).
+    public private(set) var isTLSEstablished = false
 
     public init(configuration: Configuration = Configuration()) {
         self.configuration = configuration
@@ -90,17 +103,29 @@ public struct NBDHandshakeStateMachine {
         return .none
     }
 
+    /// The TLS handshake that followed `.sendAndStartTLS` completed: negotiate afresh, encrypted.
+    public mutating func tlsEstablished() -> Action {
+        guard case .upgradingToTLS(let clientFlags) = state else { return unexpected("TLS established") }
+        isTLSEstablished = true
+        // Nothing negotiated in plain text survives the upgrade (proto.md; CVE-2021-3716).
+        state = .negotiating(Negotiation(clientFlags: clientFlags))
+        return .none
+    }
+
     /// An option whose payload was within the limit.
     public mutating func receivedOption(
         _ option: NBDOption,
         payload: ByteBuffer,
         catalog: some NBDExportCatalog
     ) -> Action {
+        if case .upgradingToTLS = state { return clientSentDuringUpgrade() }
         guard case .negotiating(var negotiation) = state else { return unexpected("option \(option)") }
         var payload = payload
         let action: Action
         if isShuttingDown && option != .abort {
             action = shutdownReply(option)
+        } else if requiresTLSFirst && option != .startTLS && option != .abort {
+            action = tlsRequiredReply(option)
         } else {
             switch option {
             case .exportName:
@@ -111,7 +136,7 @@ public struct NBDHandshakeStateMachine {
             case .list:
                 action = list(payload: payload, catalog: catalog)
             case .startTLS:
-                action = startTLS(payload: payload)
+                action = startTLS(payload: payload, clientFlags: negotiation.clientFlags)
             case .info, .go:
                 action = infoOrGo(option, payload: &payload, negotiation: negotiation, catalog: catalog)
             case .structuredReply:
@@ -128,6 +153,7 @@ public struct NBDHandshakeStateMachine {
 
     /// An option whose payload exceeded `maximumOptionPayloadBytes`; the payload was read past.
     public mutating func receivedOversizedOption(_ option: NBDOption, length: UInt32) -> Action {
+        if case .upgradingToTLS = state { return clientSentDuringUpgrade() }
         guard case .negotiating(var negotiation) = state else { return unexpected("option \(option)") }
         switch option {
         case .exportName:
@@ -139,6 +165,8 @@ public struct NBDHandshakeStateMachine {
             return .sendAndClose([.optionReply(.ack(.abort))])
         case _ where isShuttingDown:
             return shutdownReply(option)
+        case _ where requiresTLSFirst && option != .startTLS:
+            return tlsRequiredReply(option)
         case .setMetaContext:
             negotiation.metaContextExport = nil
             negotiation.metaContexts = []
@@ -185,13 +213,19 @@ public struct NBDHandshakeStateMachine {
         return .send(messages)
     }
 
-    private func startTLS(payload: ByteBuffer) -> Action {
+    private mutating func startTLS(payload: ByteBuffer, clientFlags: NBDClientFlags) -> Action {
         guard payload.readableBytes == 0 else {
             return reply(.error(.startTLS, .errInvalid, "STARTTLS takes no data"))
         }
         switch configuration.tlsMode {
         case .disabled:
             return reply(.error(.startTLS, .errPolicy, "TLS is not enabled on this server"))
+        case .optional, .required:
+            guard !isTLSEstablished else {
+                return reply(.error(.startTLS, .errInvalid, "TLS is already established"))
+            }
+            state = .upgradingToTLS(clientFlags)
+            return .sendAndStartTLS([.optionReply(.ack(.startTLS))])
         }
     }
 
@@ -280,6 +314,24 @@ public struct NBDHandshakeStateMachine {
     }
 
     // MARK: - Helpers
+
+    /// FORCEDTLS before the upgrade: only STARTTLS and ABORT are served.
+    private var requiresTLSFirst: Bool { configuration.tlsMode == .required && !isTLSEstablished }
+
+    private mutating func tlsRequiredReply(_ option: NBDOption) -> Action {
+        if option == .exportName {
+            // EXPORT_NAME cannot be refused with an error: the session must end.
+            state = .finished
+            return .sendAndClose([])
+        }
+        return reply(.error(option, .errTLSRequired, "this server requires TLS: send STARTTLS first"))
+    }
+
+    /// The client must wait for the TLS handshake after the STARTTLS ACK; anything else is a violation.
+    private mutating func clientSentDuringUpgrade() -> Action {
+        state = .finished
+        return .sendAndClose([])
+    }
 
     private mutating func shutdownReply(_ option: NBDOption) -> Action {
         if option == .exportName {

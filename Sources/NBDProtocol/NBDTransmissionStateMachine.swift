@@ -149,9 +149,8 @@ public struct NBDTransmissionStateMachine {
         case .write where tooLarge, .cache where tooLarge:
             return .einval
         case .writeZeroes:
-            let fast = request.flags.contains(.fastZero)
-            if tooLarge && !fast { return .einval }
-            if fast && !export.supportsFastZero { return .enotsup }
+            // Like TRIM, no payload: any length inside the export (nbdcopy zeroes whole holes at once).
+            if request.flags.contains(.fastZero) && !export.supportsFastZero { return .enotsup }
         case .blockStatus where request.length == 0:
             return .einval
         default:

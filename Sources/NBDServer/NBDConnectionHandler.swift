@@ -1,6 +1,8 @@
 import Logging
 import NBDProtocol
 import NIOCore
+import NIOSSL
+import NIOTLS
 
 // Design note. One handler per connection drives the decoder and the two state machines of
 // NBDProtocol and does nothing else protocol-wise. Requests are served by `Task.immediate` tasks
@@ -15,6 +17,9 @@ import NIOCore
 // connection's bound and the server-wide budget; a request the budget cannot take yet waits, with
 // reads held, until other connections give bytes back. Timeouts (handshake, idle) are one task
 // scheduled on the connection's event loop.
+// TLS: on STARTTLS the ACK is flushed in plain text, then a TLS handler goes first in the pipeline;
+// its handshake-completed event names the client, whose access (`environment.accessPolicy`) then
+// filters every export lookup: an export it may not use does not exist for it.
 
 final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     typealias InboundIn = ByteBuffer
@@ -25,7 +30,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     struct Environment: Sendable {
         var registry: NBDExportRegistry
         var limits: NBDLimits
-        var tlsMode: NBDTLSMode
+        var tls: NBDTLSConfiguration?
+        var accessPolicy: NBDAccessPolicy?
         /// Zero bytes to send for holes where the reply cannot say "hole".
         var zeroes: ByteBuffer
         /// Payload bytes in flight over all the server's connections.
@@ -85,6 +91,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     private var timeout: Scheduled<Void>?
     /// When the last request came in or the last reply went out (kept only with an idle timeout).
     private var lastActivity = NIODeadline.uptimeNanoseconds(0)
+    /// Who the client proved to be: unauthenticated until a TLS handshake says otherwise.
+    private(set) var clientIdentity = NBDClientIdentity.unauthenticated
+    /// The TLS handler once STARTTLS was acknowledged.
+    private var tlsSession: (handler: NIOSSLServerHandler, pskRecord: NBDTLSConfiguration.PSKIdentityRecord?)?
 
     init(
         environment: Environment,
@@ -100,7 +110,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         self.logger = logger
         self.decoder = NBDServerDecoder(limits: environment.limits, allocator: allocator)
         self.handshake = NBDHandshakeStateMachine(
-            configuration: .init(limits: environment.limits, tlsMode: environment.tlsMode)
+            configuration: .init(limits: environment.limits, tlsMode: environment.tls?.mode ?? .disabled)
         )
     }
 
@@ -162,6 +172,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         if case ChannelEvent.inputClosed = event {
             inputClosed = true
             processInbound()
+        } else if case TLSUserEvent.handshakeCompleted = event {
+            tlsHandshakeCompleted()
         }
         context.fireUserInboundEventTriggered(event)
     }
@@ -267,7 +279,48 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
                 "NBD transmission started",
                 metadata: ["nbd.structured_replies": "\(session.structuredReplies)"]
             )
+        case .sendAndStartTLS(let messages):
+            writeHandshake(messages)
+            startTLS()
         }
+    }
+
+    // MARK: - TLS
+
+    /// STARTTLS was acknowledged: flush the ACK in plain text, then put TLS in front of this handler.
+    private func startTLS() {
+        guard let context, let tls = environment.tls else { return invariantBroken("STARTTLS without TLS") }
+        // The client must wait for the ACK before it starts TLS: bytes already here are a violation.
+        guard decoder.queuedBytes == 0 else {
+            logger.debug("NBD client sent more after STARTTLS before its ACK, disconnecting")
+            return closeNow()
+        }
+        flushIfNeeded()
+        do {
+            let session = try tls.makeServerHandler()
+            try context.pipeline.syncOperations.addHandler(session.handler, position: .first)
+            tlsSession = session
+            // NIOSSL encrypts bytes only: exports are asked for data instead of file ranges.
+            sendsFileRegions = false
+            // TLS ends with close_notify, not a TCP half-close; a client that just closes its side
+            // (libnbd after NBD_CMD_DISC) must close the connection, or NIOSSL, waiting for the
+            // client's close_notify, would hold it open until its shutdown timeout.
+            try context.channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: false)
+        } catch {
+            logger.error("NBD connection cannot start TLS, disconnecting", metadata: ["nbd.error": "\(error)"])
+            closeNow()
+        }
+    }
+
+    private func tlsHandshakeCompleted() {
+        guard let tlsSession, let tls = environment.tls, handshake != nil else {
+            return invariantBroken("TLS handshake completed outside STARTTLS")
+        }
+        clientIdentity = tls.identity(of: tlsSession.handler, record: tlsSession.pskRecord)
+        logger[metadataKey: "nbd.client"] = "\(clientIdentity)"
+        logger.debug("NBD connection upgraded to TLS")
+        apply(handshake!.tlsEstablished())
+        processInbound()
     }
 
     private func handleRequest(_ request: NBDRequest) {
@@ -542,25 +595,35 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     // MARK: - NBDExportCatalog
 
     func listExports() -> [NBDExportListing] {
-        environment.registry.exports.map { NBDExportListing(name: $0.name, description: $0.description) }
+        environment.registry.exports.filter { access(to: $0.name) != .none }.map {
+            NBDExportListing(name: $0.name, description: $0.description)
+        }
     }
 
     func lookUpExport(named name: String, forTransmission: Bool) -> NBDExportDescription? {
-        guard forTransmission else {
-            return environment.registry.export(named: name).map(describe)
+        // The default export ("") is resolved first, so the rules judge the export it stands for.
+        guard let resolved = environment.registry.export(named: name) else { return nil }
+        let access = access(to: resolved.name)
+        guard access != .none else { return nil }
+        guard forTransmission else { return describe(resolved, access: access) }
+        guard let connection, let (export, id) = environment.registry.bind(resolved.name, connection) else {
+            return nil
         }
-        guard let connection, let (export, id) = environment.registry.bind(name, connection) else { return nil }
         self.export = export
         self.binding = (export.name, id)
-        return describe(export)
+        return describe(export, access: access)
     }
 
-    private func describe(_ export: any NBDExport) -> NBDExportDescription {
+    private func access(to exportName: String) -> NBDExportAccess {
+        environment.accessPolicy?(clientIdentity, exportName) ?? .readWrite
+    }
+
+    private func describe(_ export: any NBDExport, access: NBDExportAccess) -> NBDExportDescription {
         NBDExportDescription(
             name: export.name,
             description: export.description,
             size: export.size,
-            isReadOnly: export.isReadOnly,
+            isReadOnly: export.isReadOnly || access < .readWrite,
             blockSize: export.blockSize.capped(atMaximum: environment.limits.maximumRequestBytes),
             metaContexts: export.metaContexts,
             supportsFastZero: export.supportsFastZero
@@ -591,6 +654,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     /// Closes once everything written so far has been sent.
     private func closeAfterWrites() {
+        // Mid TLS handshake NIOSSL holds writes back until it completes, which it may never do.
+        if tlsSession != nil, handshake?.isTLSEstablished == false { return closeNow() }
         guard !isClosing, let context else { return }
         isClosing = true
         let promise = context.eventLoop.makePromise(of: Void.self)

@@ -14,7 +14,10 @@ import Synchronization
 public final class NBDServer: Sendable {
     public struct Configuration: Sendable {
         public var limits = NBDLimits()
-        public var tlsMode = NBDTLSMode.disabled
+        /// TLS (NBD_OPT_STARTTLS); nil serves plain text only.
+        public var tls: NBDTLSConfiguration?
+        /// Which clients may see, open and write which exports; nil allows everything to everyone.
+        public var accessPolicy: NBDAccessPolicy?
         /// Outbound bytes queued per connection above which it stops reading requests.
         public var writeBufferHighWaterMark = 4 * 1024 * 1024
         /// Largest buffer one socket read fills.
@@ -67,7 +70,8 @@ public final class NBDServer: Sendable {
         self.environment = .init(
             registry: registry,
             limits: configuration.limits,
-            tlsMode: configuration.tlsMode,
+            tls: configuration.tls,
+            accessPolicy: configuration.accessPolicy,
             zeroes: zeroes,
             budget: NBDInFlightBudget(capacityBytes: configuration.limits.maximumServerInFlightBytes)
         )

@@ -73,6 +73,24 @@ struct Serve: AsyncParsableCommand {
     @OptionGroup(title: "Limits on NBD clients")
     var limits: ServeLimitOptions
 
+    @Option(help: "PEM certificate (then intermediates) for NBD over TLS (STARTTLS).")
+    var tlsCert: String?
+
+    @Option(help: "PEM private key of --tls-cert.")
+    var tlsKey: String?
+
+    @Option(help: "PEM CA certificates: clients must present a certificate signed by one (mutual TLS).")
+    var tlsCa: String?
+
+    @Option(help: "require: nothing but STARTTLS in plain text (the default with TLS); optional: the client chooses.")
+    var tls: TLSModeArgument?
+
+    @Option(help: "TLS pre-shared keys, psktool format (IDENTITY:HEXKEY a line); limits TLS to version 1.2.")
+    var tlsPskFile: String?
+
+    @Option(help: "JSON access rules: which clients may see, read and write which volumes (default: all).")
+    var access: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -82,12 +100,18 @@ struct Serve: AsyncParsableCommand {
         for address in listen { _ = try NBDListenAddress(parsing: address) }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("Unknown log level '\(logLevel)'.") }
         guard (1...256).contains(ioThreads) else { throw ValidationError("--io-threads must be from 1 to 256.") }
+        try tlsOptions.validate()
         for (name, value) in [
             ("--hold-limit", holdLimit), ("--freeze-timeout", freezeTimeout), ("--writer-timeout", writerTimeout),
         ]
         where !(value > 0 && value <= 3600) {
             throw ValidationError("\(name) must be more than 0 and at most 3600 seconds.")
         }
+    }
+
+    var tlsOptions: ServeTLSOptions {
+        ServeTLSOptions(
+            certificate: tlsCert, key: tlsKey, certificateAuthority: tlsCa, mode: tls, preSharedKeyFile: tlsPskFile)
     }
 
     func volumeFiles() throws -> [(name: String, path: String)] {
@@ -152,6 +176,13 @@ struct Serve: AsyncParsableCommand {
     private func serve(logger: Logger) async throws {
         DaemonFiles.restrictNewFiles()
         try DaemonFiles.checkDataDirectory(data, logger: logger)
+        // Read before anything opens, so a bad file stops the daemon at once.
+        var nbdConfiguration = NBDServer.Configuration()
+        nbdConfiguration.tls = try tlsOptions.configuration()
+        if let access {
+            let rules = try AccessRules.load(path: access)
+            nbdConfiguration.accessPolicy = { client, export in rules.access(for: client, toExport: export) }
+        }
         let registry = NBDExportRegistry { sortedNames in sortedNames.first { !$0.contains("@") } }
         let exports = ExportReconciler(registry: registry, logger: logger)
         var configuration = StoreConfiguration()
@@ -181,7 +212,6 @@ struct Serve: AsyncParsableCommand {
                 logger.info("attached volume", metadata: ["volume": "\(name)", "path": "\(path)"])
             }
             exports.reconcile()
-            var nbdConfiguration = NBDServer.Configuration()
             limits.apply(to: &nbdConfiguration.limits)
             limits.raiseDescriptorLimit(logger: logger)
             let nbd = NBDServer(registry: registry, configuration: nbdConfiguration, logger: Logger(label: "umbra.nbd"))

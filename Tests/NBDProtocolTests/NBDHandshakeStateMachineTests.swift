@@ -94,6 +94,95 @@ import UmbraTestSupport
         #expect(machine.receivedOption(.list, payload: ByteBuffer(), catalog: testCatalog).replyTypes.last == .ack)
     }
 
+    /// With TLS on, STARTTLS is acknowledged with the action that starts the TLS handshake; a second
+    /// one after the upgrade is ERR_INVALID (proto.md), and one with data is ERR_INVALID too.
+    @Test func startTLSUpgradesOnceOnly() {
+        for mode in [NBDTLSMode.optional, .required] {
+            var machine = negotiatingMachine(tlsMode: mode)
+            #expect(
+                machine.receivedOption(.startTLS, payload: ByteBuffer(string: "x"), catalog: testCatalog).replyTypes
+                    == [.errInvalid])
+            #expect(
+                machine.receivedOption(.startTLS, payload: ByteBuffer(), catalog: testCatalog)
+                    == .sendAndStartTLS([.optionReply(.ack(.startTLS))]))
+            #expect(!machine.isTLSEstablished)
+            #expect(machine.tlsEstablished() == .none)
+            #expect(machine.isTLSEstablished)
+            #expect(
+                machine.receivedOption(.startTLS, payload: ByteBuffer(), catalog: testCatalog).replyTypes == [
+                    .errInvalid
+                ])
+            #expect(machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session != nil)
+        }
+    }
+
+    /// FORCEDTLS: before the upgrade every option but STARTTLS and ABORT gets ERR_TLS_REQD (also when
+    /// oversized), EXPORT_NAME closes; after it, none does.
+    @Test func requiredTLSRefusesOptionsUntilUpgraded() {
+        let options: [NBDOption] = [.list, .info, .go, .structuredReply, .listMetaContext, .setMetaContext, .peekExport]
+        var machine = negotiatingMachine(tlsMode: .required)
+        for option in options {
+            let payload: ByteBuffer = option == .info || option == .go ? .infoRequest(name: "live") : ByteBuffer()
+            #expect(
+                machine.receivedOption(option, payload: payload, catalog: testCatalog).replyTypes == [.errTLSRequired],
+                "\(option)")
+            #expect(machine.receivedOversizedOption(option, length: 1 << 20).replyTypes == [.errTLSRequired])
+        }
+        var exporting = negotiatingMachine(tlsMode: .required)
+        #expect(
+            exporting.receivedOption(.exportName, payload: ByteBuffer(string: "live"), catalog: testCatalog)
+                == .sendAndClose([]))
+        var aborting = negotiatingMachine(tlsMode: .required)
+        #expect(aborting.receivedOption(.abort, payload: ByteBuffer(), catalog: testCatalog).replyTypes == [.ack])
+
+        _ = machine.receivedOption(.startTLS, payload: ByteBuffer(), catalog: testCatalog)
+        _ = machine.tlsEstablished()
+        #expect(machine.receivedOption(.list, payload: ByteBuffer(), catalog: testCatalog).replyTypes.last == .ack)
+        #expect(
+            machine.receivedOption(.exportName, payload: ByteBuffer(string: "live"), catalog: testCatalog).session
+                != nil)
+    }
+
+    /// SELECTIVETLS: plain-text clients negotiate normally, and never see ERR_TLS_REQD.
+    @Test func optionalTLSServesPlainText() {
+        var machine = negotiatingMachine(tlsMode: .optional)
+        #expect(machine.receivedOption(.list, payload: ByteBuffer(), catalog: testCatalog).replyTypes.last == .ack)
+        #expect(
+            machine.receivedOption(.exportName, payload: ByteBuffer(string: "live"), catalog: testCatalog).session
+                != nil)
+    }
+
+    /// Structured replies and meta contexts negotiated in plain text do not survive the upgrade
+    /// (CVE-2021-3716): after TLS they must be negotiated again.
+    @Test func upgradeDropsEarlierNegotiation() {
+        var machine = negotiatingMachine(tlsMode: .optional)
+        _ = machine.receivedOption(.structuredReply, payload: ByteBuffer(), catalog: testCatalog)
+        _ = machine.receivedOption(
+            .setMetaContext, payload: .metaContextRequest(name: "live", queries: ["base:allocation"]),
+            catalog: testCatalog)
+        _ = machine.receivedOption(.startTLS, payload: ByteBuffer(), catalog: testCatalog)
+        _ = machine.tlsEstablished()
+        // Meta contexts need structured replies first: refused, since those were forgotten.
+        #expect(
+            machine.receivedOption(
+                .listMetaContext, payload: .metaContextRequest(name: "live", queries: []), catalog: testCatalog
+            ).replyTypes == [.errInvalid])
+        let session = machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session
+        #expect(session?.structuredReplies == false)
+        #expect(session?.metaContexts == [])
+    }
+
+    /// Anything the client sends between the STARTTLS ACK and the end of the TLS handshake is a
+    /// protocol violation that ends the session.
+    @Test func optionDuringUpgradeCloses() {
+        var machine = negotiatingMachine(tlsMode: .required)
+        _ = machine.receivedOption(.startTLS, payload: ByteBuffer(), catalog: testCatalog)
+        #expect(machine.receivedOption(.list, payload: ByteBuffer(), catalog: testCatalog) == .sendAndClose([]))
+        var oversized = negotiatingMachine(tlsMode: .optional)
+        _ = oversized.receivedOption(.startTLS, payload: ByteBuffer(), catalog: testCatalog)
+        #expect(oversized.receivedOversizedOption(.list, length: 1 << 20) == .sendAndClose([]))
+    }
+
     /// INFO and GO give identical answers: block size always, name/description when asked, export, ACK.
     @Test func infoAndGoAnswerIdentically() {
         var machine = negotiatingMachine()

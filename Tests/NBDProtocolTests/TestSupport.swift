@@ -40,7 +40,8 @@ extension NBDHandshakeStateMachine.Action {
         let messages: [NBDHandshakeMessage]
         switch self {
         case .none: messages = []
-        case .send(let sent), .sendAndClose(let sent), .sendAndStartTransmission(let sent, _): messages = sent
+        case .send(let sent), .sendAndClose(let sent), .sendAndStartTransmission(let sent, _), .sendAndStartTLS(let sent):
+            messages = sent
         }
         return messages.compactMap { if case .optionReply(let reply) = $0 { reply } else { nil } }
     }
@@ -57,8 +58,8 @@ extension NBDHandshakeStateMachine.Action {
 }
 
 /// A handshake machine that has greeted and received fixed-newstyle + no-zeroes client flags.
-func negotiatingMachine(clientFlags: UInt32 = 3) -> NBDHandshakeStateMachine {
-    var machine = NBDHandshakeStateMachine()
+func negotiatingMachine(clientFlags: UInt32 = 3, tlsMode: NBDTLSMode = .disabled) -> NBDHandshakeStateMachine {
+    var machine = NBDHandshakeStateMachine(configuration: .init(tlsMode: tlsMode))
     _ = machine.start()
     _ = machine.receivedClientFlags(clientFlags)
     return machine

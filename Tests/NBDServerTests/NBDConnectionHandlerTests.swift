@@ -23,7 +23,8 @@ private struct HandlerHarness {
         let environment = NBDConnectionHandler.Environment(
             registry: registry,
             limits: limits,
-            tlsMode: .disabled,
+            tls: nil,
+            accessPolicy: nil,
             zeroes: zeroes
         )
         let handler = NBDConnectionHandler(

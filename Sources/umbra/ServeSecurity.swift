@@ -1,0 +1,222 @@
+// What `umbra serve` reads for NBD over TLS and per-export access: PEM certificates and key, a
+// psktool-format key file, and the JSON access file. Every problem is one sentence naming the file.
+//
+// Access file (JSON): rules that only grant; a client gets the most any matching rule grants, and
+// nothing (the export is invisible) when none matches.
+//
+//     { "rules": [
+//         { "client": "backup-host", "volumes": ["disk", "logs"], "access": "read-only" },
+//         { "client": "*", "volumes": ["scratch"], "access": "read-write" },
+//         { "unauthenticated": true, "volumes": ["public"], "access": "read-only" } ] }
+//
+// `client` is a client certificate's subject common name or a pre-shared key identity; "*" is any
+// authenticated client. `unauthenticated: true` instead matches clients that proved nothing (plain
+// text, or TLS without a client certificate or key). `volumes` lists volume names or "*". A snapshot
+// export VOLUME@GUID follows its volume's rules and is never writable.
+
+import ArgumentParser
+import Foundation
+import NBDProtocol
+import NBDServer
+import NIOSSL
+import SnapshotEngine
+
+/// `--tls require|optional`.
+enum TLSModeArgument: String, ExpressibleByArgument, CaseIterable {
+    case require, optional
+
+    var mode: NBDTLSMode { self == .require ? .required : .optional }
+}
+
+/// The access rules of `--access FILE`.
+struct AccessRules: Sendable {
+    enum Clients: Hashable, Sendable {
+        case unauthenticated
+        case anyAuthenticated
+        case named(String)
+    }
+
+    struct Rule: Hashable, Sendable {
+        var clients: Clients
+        /// nil: every volume.
+        var volumes: Set<String>?
+        var access: NBDExportAccess
+    }
+
+    var rules: [Rule]
+
+    /// What `client` may do with the export `exportName` (a volume, or `VOLUME@GUID`).
+    func access(for client: NBDClientIdentity, toExport exportName: String) -> NBDExportAccess {
+        let parts = exportName.split(separator: "@", maxSplits: 1, omittingEmptySubsequences: false)
+        let volume = String(parts[0])
+        var granted = NBDExportAccess.none
+        for rule in rules where rule.matches(client) && (rule.volumes?.contains(volume) ?? true) {
+            granted = max(granted, rule.access)
+        }
+        return parts.count > 1 ? min(granted, .readOnly) : granted
+    }
+
+    /// Reads and checks the access file at `path`.
+    static func load(path: String) throws -> AccessRules {
+        let data: Data
+        do {
+            data = try Data(contentsOf: URL(fileURLWithPath: path))
+        } catch {
+            throw ValidationError("Cannot read the access file \(path): \(error.localizedDescription).")
+        }
+        guard let document = try? JSONSerialization.jsonObject(with: data) else {
+            throw ValidationError("The access file \(path) is not valid JSON.")
+        }
+        guard let top = document as? [String: Any], Set(top.keys) == ["rules"], let list = top["rules"] as? [Any]
+        else {
+            throw ValidationError("The access file \(path) must be an object with one key, \"rules\", a list.")
+        }
+        return AccessRules(
+            rules: try list.enumerated().map { index, entry in
+                do {
+                    return try Rule(parsing: entry)
+                } catch let problem as RuleProblem {
+                    throw ValidationError("Access rule \(index + 1) in \(path) \(problem.text).")
+                }
+            })
+    }
+
+    private struct RuleProblem: Error {
+        var text: String
+    }
+}
+
+extension AccessRules.Rule {
+    fileprivate init(parsing entry: Any) throws {
+        typealias Problem = AccessRules.RuleProblem
+        guard let rule = entry as? [String: Any] else { throw Problem(text: "is not an object") }
+        let unknown = Set(rule.keys).subtracting(["client", "unauthenticated", "volumes", "access"])
+        guard unknown.isEmpty else { throw Problem(text: "has unknown keys \(unknown.sorted())") }
+        switch (rule["client"], rule["unauthenticated"]) {
+        case (let name as String, nil) where name == "*":
+            clients = .anyAuthenticated
+        case (let name as String, nil) where !name.isEmpty:
+            clients = .named(name)
+        case (nil, let flag as Bool) where flag:
+            clients = .unauthenticated
+        default:
+            throw Problem(text: "needs either \"client\" (a name or \"*\") or \"unauthenticated\": true")
+        }
+        guard let names = rule["volumes"] as? [String], !names.isEmpty else {
+            throw Problem(text: "needs \"volumes\", a list of volume names or \"*\"")
+        }
+        if names.contains("*") {
+            volumes = nil
+        } else if let invalid = names.first(where: { !VolumeSpec.isValidName($0) }) {
+            throw Problem(text: "names \"\(invalid)\", which is not a volume name")
+        } else {
+            volumes = Set(names)
+        }
+        switch rule["access"] as? String {
+        case "read-only": access = .readOnly
+        case "read-write": access = .readWrite
+        default: throw Problem(text: "needs \"access\": \"read-only\" or \"read-write\"")
+        }
+    }
+
+    fileprivate func matches(_ client: NBDClientIdentity) -> Bool {
+        switch (clients, client.name) {
+        case (.unauthenticated, nil): true
+        case (.anyAuthenticated, .some): true
+        case (.named(let wanted), let name?): wanted == name
+        default: false
+        }
+    }
+}
+
+/// The TLS flags of `umbra serve`, turned into the server's TLS configuration.
+struct ServeTLSOptions {
+    var certificate: String?
+    var key: String?
+    var certificateAuthority: String?
+    var mode: TLSModeArgument?
+    var preSharedKeyFile: String?
+
+    /// Checks the flags go together (files are read by `configuration()`).
+    func validate() throws {
+        if key != nil && certificate == nil { throw ValidationError("--tls-key needs --tls-cert.") }
+        if certificate != nil && key == nil { throw ValidationError("--tls-cert needs --tls-key.") }
+        if certificateAuthority != nil && certificate == nil {
+            throw ValidationError("--tls-ca (client certificates) needs --tls-cert and --tls-key.")
+        }
+        if mode != nil && certificate == nil && preSharedKeyFile == nil {
+            throw ValidationError("--tls needs --tls-cert and --tls-key, or --tls-psk-file.")
+        }
+    }
+
+    /// The server's TLS configuration, or nil without TLS flags. Throws one sentence per problem.
+    func configuration() throws -> NBDTLSConfiguration? {
+        guard certificate != nil || preSharedKeyFile != nil else { return nil }
+        var chain: [NIOSSLCertificate] = []
+        var privateKey: NIOSSLPrivateKey?
+        if let certificate, let key {
+            chain = try Self.certificates(certificate, what: "--tls-cert")
+            do {
+                privateKey = try NIOSSLPrivateKey(file: key, format: .pem)
+            } catch {
+                throw ValidationError("--tls-key \(key) is not a readable PEM private key (\(error)).")
+            }
+        }
+        let authorities = try certificateAuthority.map { try Self.certificates($0, what: "--tls-ca") } ?? []
+        let keys = try preSharedKeyFile.map(Self.preSharedKeys(path:)) ?? [:]
+        do {
+            return try NBDTLSConfiguration(
+                mode: (mode ?? .require).mode, certificateChain: chain, privateKey: privateKey,
+                clientCertificateAuthorities: authorities, preSharedKeys: keys)
+        } catch {
+            throw ValidationError("The TLS files do not work together: \(error.message).")
+        }
+    }
+
+    private static func certificates(_ path: String, what: String) throws -> [NIOSSLCertificate] {
+        let certificates = try? NIOSSLCertificate.fromPEMFile(path)
+        guard let certificates, !certificates.isEmpty else {
+            throw ValidationError("\(what) \(path) is not a readable PEM certificate file.")
+        }
+        return certificates
+    }
+
+    /// psktool's format: `IDENTITY:HEXKEY` per line.
+    static func preSharedKeys(path: String) throws -> [String: [UInt8]] {
+        guard let text = try? String(contentsOfFile: path, encoding: .utf8) else {
+            throw ValidationError("Cannot read the PSK file \(path).")
+        }
+        var keys: [String: [UInt8]] = [:]
+        for (index, line) in text.split(separator: "\n", omittingEmptySubsequences: false).enumerated() {
+            let line = line.trimmingCharacters(in: .whitespaces)
+            if line.isEmpty { continue }
+            guard let colon = line.firstIndex(of: ":"), colon != line.startIndex,
+                let key = hexBytes(line[line.index(after: colon)...]), !key.isEmpty
+            else {
+                throw ValidationError("Line \(index + 1) of the PSK file \(path) is not IDENTITY:HEXKEY.")
+            }
+            let identity = String(line[..<colon])
+            guard keys.updateValue(key, forKey: identity) == nil else {
+                throw ValidationError("The PSK file \(path) names \(identity) twice.")
+            }
+        }
+        guard !keys.isEmpty else { throw ValidationError("The PSK file \(path) holds no keys.") }
+        return keys
+    }
+
+    private static func hexBytes(_ text: Substring) -> [UInt8]? {
+        let digits = Array(text.utf8)
+        guard digits.count % 2 == 0, digits.allSatisfy({ Character(Unicode.Scalar($0)).isHexDigit }) else {
+            return nil
+        }
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(digits.count / 2)
+        for index in stride(from: 0, to: digits.count, by: 2) {
+            guard let byte = UInt8(String(decoding: digits[index..<index + 2], as: UTF8.self), radix: 16) else {
+                return nil
+            }
+            bytes.append(byte)
+        }
+        return bytes
+    }
+}
