@@ -29,7 +29,9 @@ swift build --package-path Fuzz -c release --product NBDFuzzTarget \
 fuzzer=Fuzz/.build/release/NBDFuzzTarget
 
 log=$work/last-run.log
-before=$(find Fuzz/Crashers -type f | wc -l)
+crashers() { find Fuzz/Crashers -type f -name '[a-z]*-*' | wc -l; }
+before=$(crashers)
+started=$SECONDS
 status=0
 # One job: the machine is shared. New inputs go to the first directory only.
 "$fuzzer" -max_total_time=$((minutes * 60)) -max_len=131072 -timeout=10 -rss_limit_mb=2048 \
@@ -39,8 +41,8 @@ status=0
 executions=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
 last=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
 coverage=$(sed -n 's/.* cov: \([0-9]*\) ft: \([0-9]*\) corp: \([0-9]*\).*/\1 edges, \2 features, corpus \3 inputs/p' <<<"$last")
-crashes=$(($(find Fuzz/Crashers -type f | wc -l) - before))
-echo "fuzz: ${minutes} min, ${executions:-?} executions, ${coverage:-coverage unknown}, $crashes new crasher(s) (log: $log)"
+crashes=$(($(crashers) - before))
+echo "fuzz: $((SECONDS - started)) s, ${executions:-?} executions, ${coverage:-coverage unknown}, $crashes new crasher(s) (log: $log)"
 if [ "$status" -ne 0 ]; then
     grep -E 'ERROR|Fatal error|NBD fuzz finding|Test unit written' "$log" | head -5 >&2 || true
     exit "$status"

@@ -90,7 +90,8 @@ struct Serve: AsyncParsableCommand {
         if let stdio {
             guard !stdio.isEmpty else { throw ValidationError("--stdio needs an export name.") }
             guard listen.isEmpty, control == nil else {
-                throw ValidationError("--stdio serves stdin and stdout only; it cannot be combined with --listen or --control.")
+                throw ValidationError(
+                    "--stdio serves stdin and stdout only; it cannot be combined with --listen or --control.")
             }
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("Unknown log level '\(logLevel)'.") }
