@@ -34,7 +34,7 @@ before=$(crashers)
 started=$SECONDS
 status=0
 # One job: the machine is shared. New inputs go to the first directory only.
-"$fuzzer" -max_total_time=$((minutes * 60)) -max_len=131072 -timeout=10 -rss_limit_mb=2048 \
+"$fuzzer" -max_total_time=$((minutes * 60)) -max_len=81920 -timeout=10 -rss_limit_mb=2048 \
     -artifact_prefix=Fuzz/Crashers/ -print_final_stats=1 \
     "$work/corpus" Fuzz/Corpus Fuzz/Crashers >"$log" 2>&1 || status=$?
 

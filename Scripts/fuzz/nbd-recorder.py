@@ -4,8 +4,8 @@
 connection ends writes what the client sent, byte for byte, to OUTDIR/LABEL-N (LABEL is read from
 OUTDIR/label when the connection is accepted, so one proxy records many tools).
 
-Before writing, the capture is made small and portable: WRITE payloads are cut (4 KiB, one per
-session up to 80 KiB so the decoder's big-payload path stays covered) with the request length
+Before writing, the capture is made small and portable: WRITE payloads are cut (512 bytes, one
+per session 64.5 KiB so the decoder's big-payload path stays covered) with the request length
 changed to match, and GUIDs are replaced (--rename OLD=NEW) so the files name the exports of the
 fuzz driver's catalog (Sources/NBDFuzzing).
 
@@ -22,7 +22,7 @@ OPTION_MAGIC = 0x49484156454F5054
 REQUEST_MAGIC = 0x25609513
 OPT_EXPORT_NAME, OPT_GO = 1, 7
 CMD_WRITE = 1
-SMALL_WRITE, BIG_WRITE = 4096, 80 * 1024
+SMALL_WRITE, BIG_WRITE = 512, 64 * 1024 + 512
 
 
 def shrink(data):
