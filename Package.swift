@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "NBDServer", targets: ["NBDServer"]),
         .library(name: "ShadowCopy", targets: ["ShadowCopy"]),
         .library(name: "UmbraTestSupport", targets: ["UmbraTestSupport"]),
+        .library(name: "NBDFuzzing", targets: ["NBDFuzzing"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
@@ -33,6 +34,11 @@ let package = Package(
         .target(
             name: "NBDProtocol",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
+        // The fuzz driver (run by Fuzz/ under libFuzzer and by NBDProtocolTests over the corpus).
+        .target(
+            name: "NBDFuzzing",
+            dependencies: ["NBDProtocol", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(
             name: "NBDServer",
@@ -84,6 +90,7 @@ let package = Package(
             name: "NBDProtocolTests",
             dependencies: [
                 "NBDProtocol",
+                "NBDFuzzing",
                 "UmbraTestSupport",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),

@@ -109,7 +109,28 @@ public final class NBDServer: Sendable {
         } catch {
             throw NBDError(.eio, "cannot listen on \(address): \(error)")
         }
-        let listener = Listener(channel: channel, address: address, unixSocket: unixSocket)
+        try await track(Listener(channel: channel, address: address, unixSocket: unixSocket))
+        guard let bound = channel.localAddress else { throw NBDError(.eio, "no local address for \(address)") }
+        return bound
+    }
+
+    /// Serves connections accepted on `descriptor`, a Unix socket already bound and listening (systemd
+    /// socket activation passes one as descriptor 3), taking ownership of it.
+    public func listen(onListeningDescriptor descriptor: CInt) async throws {
+        guard !state.withLock({ $0.isShuttingDown }) else {
+            throw NBDError(.eshutdown, "the server is shutting down")
+        }
+        let channel: any Channel
+        do {
+            channel = try await bootstrap(tcp: false).withBoundSocket(descriptor).get()
+        } catch {
+            throw NBDError(.eio, "cannot listen on descriptor \(descriptor): \(error)")
+        }
+        let address = NBDListenAddress.unix(path: channel.localAddress?.pathname ?? "descriptor \(descriptor)")
+        try await track(Listener(channel: channel, address: address, unixSocket: nil))
+    }
+
+    private func track(_ listener: Listener) async throws {
         let accepted = state.withLock { state in
             guard !state.isShuttingDown else { return false }
             state.listeners.append(listener)
@@ -119,9 +140,7 @@ public final class NBDServer: Sendable {
             await close(listener)
             throw NBDError(.eshutdown, "the server is shutting down")
         }
-        logger.debug("NBD server listening", metadata: ["nbd.listen": "\(address)"])
-        guard let bound = channel.localAddress else { throw NBDError(.eio, "no local address for \(address)") }
-        return bound
+        logger.debug("NBD server listening", metadata: ["nbd.listen": "\(listener.address)"])
     }
 
     /// Parses each address and listens on all of them; on failure, closes the ones already bound.
@@ -154,6 +173,38 @@ public final class NBDServer: Sendable {
             return matching
         }
         for listener in closing { await close(listener) }
+    }
+
+    /// Serves exactly one connection over `input` and `output` (two pipes or one socket twice, such
+    /// as stdin and stdout when a client spawned this process, like `nbdkit -s`), taking ownership of
+    /// both descriptors. Returns once the connection has closed and its export has been flushed.
+    /// A pipe cannot carry file regions, so read data goes out as buffers.
+    public func serveConnection(input: CInt, output: CInt) async throws {
+        let made = ConnectionSlot()
+        let channel: any Channel
+        do {
+            channel = try await NIOPipeBootstrap(group: group)
+                .channelInitializer { [self] channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        let connection = try self.initialize(channel, sendsFileRegions: false)
+                        made.connection.withLock { $0 = connection }
+                    }
+                }
+                .takingOwnershipOfDescriptors(input: input, output: output).get()
+        } catch let error as NBDError {
+            throw error
+        } catch {
+            throw NBDError(.eio, "cannot serve over descriptors \(input) and \(output): \(error)")
+        }
+        try? await channel.closeFuture.get()
+        guard let connection = made.connection.withLock({ $0 }),
+            let export = try? await connection.boundExport().get()
+        else { return }
+        do {
+            try await export.flush()
+        } catch {
+            throw NBDError(.eio, "flushing export \"\(export.name)\" failed: \(error)")
+        }
     }
 
     /// The addresses listened on.
@@ -252,19 +303,8 @@ public final class NBDServer: Sendable {
     // MARK: - Internals
 
     private func bootstrap(tcp: Bool) -> ServerBootstrap {
-        let high = configuration.writeBufferHighWaterMark
-        let maximumRead = configuration.maximumReadBytes
         var bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
-            .childChannelOption(.allowRemoteHalfClosure, value: true)
-            // Also the number of receive buffers NIO keeps for reuse; big WRITE payloads hold theirs
-            // until the export is done, so keep several.
-            .childChannelOption(.maxMessagesPerRead, value: 16)
-            .childChannelOption(.writeBufferWaterMark, value: .init(low: high / 2, high: high))
-            .childChannelOption(
-                .recvAllocator,
-                value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 * 1024, maximum: maximumRead)
-            )
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture { try self.initialize(channel) }
             }
@@ -277,7 +317,24 @@ public final class NBDServer: Sendable {
         return bootstrap
     }
 
-    private func initialize(_ channel: any Channel) throws {
+    private final class ConnectionSlot: Sendable {
+        let connection = Mutex<NBDConnection?>(nil)
+    }
+
+    @discardableResult
+    private func initialize(_ channel: any Channel, sendsFileRegions: Bool = true) throws -> NBDConnection {
+        let high = configuration.writeBufferHighWaterMark
+        guard let options = channel.syncOptions else { throw NBDError(.eio, "the channel has no options to set") }
+        try options.setOption(.allowRemoteHalfClosure, value: true)
+        // Also the number of receive buffers NIO keeps for reuse; big WRITE payloads hold theirs
+        // until the export is done, so keep several.
+        try options.setOption(.maxMessagesPerRead, value: 16)
+        try options.setOption(.writeBufferWaterMark, value: .init(low: high / 2, high: high))
+        try options.setOption(
+            .recvAllocator,
+            value: AdaptiveRecvByteBufferAllocator(
+                minimum: 1024, initial: 64 * 1024, maximum: configuration.maximumReadBytes)
+        )
         let client = NBDConnectionAdmission.client(of: channel.remoteAddress)
         let (id, decision) = state.withLock { state in
             let decision = state.admission.admit(client: client)
@@ -319,6 +376,7 @@ public final class NBDServer: Sendable {
             allocator: channel.allocator,
             logger: logger
         )
+        handler.sendsFileRegions = sendsFileRegions
         let connection = NBDConnection(id: id, channel: channel, handler: handler)
         handler.connection = connection
         let tracked = state.withLock { state in
@@ -328,6 +386,7 @@ public final class NBDServer: Sendable {
         }
         guard tracked else { throw NBDError(.eshutdown, "the server is shutting down") }
         try channel.pipeline.syncOperations.addHandler(handler)
+        return connection
     }
 
     private func close(_ listener: Listener) async {

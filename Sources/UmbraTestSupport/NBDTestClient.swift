@@ -106,6 +106,14 @@ public final class NBDTestClient: @unchecked Sendable {
 
     public func connect(uri: String) throws { try check(nbd_connect_uri(handle, uri)) }
     public func connect(unixSocket path: String) throws { try check(nbd_connect_unix(handle, path)) }
+    /// Runs `command` (the executable's path, then its arguments) as the server, talking to it over
+    /// its stdin and stdout (`nbd_connect_command`); closing the client waits for it to exit.
+    public func connect(command: [String]) throws {
+        var arguments = command.map { strdup($0) }
+        defer { for argument in arguments { free(argument) } }
+        arguments.append(nil)
+        try check(nbd_connect_command(handle, &arguments))
+    }
     public func optGo() throws { try check(nbd_opt_go(handle)) }
     public func optInfo() throws { try check(nbd_opt_info(handle)) }
     public func optAbort() throws { try check(nbd_opt_abort(handle)) }

@@ -242,10 +242,13 @@ final class ExportReconciler: Sendable {
     private let registry: NBDExportRegistry
     private let store = Mutex<SnapshotStore?>(nil)
     private let logger: Logger
+    /// The one export to keep (`umbra serve --stdio`), or nil for all of them.
+    private let only: String?
 
-    init(registry: NBDExportRegistry, logger: Logger) {
+    init(registry: NBDExportRegistry, logger: Logger, only: String? = nil) {
         self.registry = registry
         self.logger = logger
+        self.only = only
     }
 
     func attach(_ store: SnapshotStore) {
@@ -289,6 +292,7 @@ final class ExportReconciler: Sendable {
             guard let view = try? store.snapshot(id: info.id) else { continue }
             wanted[info.exportName] = SnapshotExport(snapshot: view, store: store)
         }
+        if let only { wanted = wanted.filter { $0.key == only } }
         let present = Set(registry.names)
         for (name, export) in wanted where !present.contains(name) {
             do {

@@ -3,6 +3,10 @@
 // `--listen` address, and takes requests and writers on the control socket. SIGINT or SIGTERM stops
 // it cleanly: no new connections, requests in flight answered, volumes flushed, exit status 0.
 //
+// `--stdio EXPORT` serves that one export to one client on stdin and stdout instead (a client that
+// spawns the server, like `nbdkit -s`: libnbd's nbd_connect_command, nbdinfo's `[ CMD ]`), with no
+// listener, no control socket and no ready line, and exits once the client is gone (Serve+Stdio.swift).
+//
 // Exports follow the store: every durable change the engine reports (a volume or a set created, a
 // snapshot deleted or failed, including by the diff-store policy) reconciles the export registry with
 // the store's contents. A new snapshot's export therefore exists before `snapshot create` returns.
@@ -91,6 +95,12 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "JSON access rules: which clients may see, read and write which volumes (default: all).")
     var access: String?
 
+    @Option(
+        help: ArgumentHelp(
+            "Serve only EXPORT (a volume or NAME@SNAPSHOT) to one client on stdin and stdout, then exit when it disconnects; no listener, no control socket.",
+            valueName: "export"))
+    var stdio: String?
+
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
@@ -98,6 +108,13 @@ struct Serve: AsyncParsableCommand {
         let names = try volumeSpecs().map(\.name) + volumeFiles().map(\.name)
         if Set(names).count != names.count { throw ValidationError("Each volume may be named once.") }
         for address in listen { _ = try NBDListenAddress(parsing: address) }
+        if let stdio {
+            guard !stdio.isEmpty else { throw ValidationError("--stdio needs an export name.") }
+            guard listen.isEmpty, control == nil else {
+                throw ValidationError(
+                    "--stdio serves stdin and stdout only; it cannot be combined with --listen or --control.")
+            }
+        }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("Unknown log level '\(logLevel)'.") }
         guard (1...256).contains(ioThreads) else { throw ValidationError("--io-threads must be from 1 to 256.") }
         try tlsOptions.validate()
@@ -183,8 +200,12 @@ struct Serve: AsyncParsableCommand {
             let rules = try AccessRules.load(path: access)
             nbdConfiguration.accessPolicy = { client, export in rules.access(for: client, toExport: export) }
         }
-        let registry = NBDExportRegistry { sortedNames in sortedNames.first { !$0.contains("@") } }
-        let exports = ExportReconciler(registry: registry, logger: logger)
+        let only = stdio
+        // The default export is the first volume, or with --stdio the one export there is.
+        let registry = NBDExportRegistry { sortedNames in
+            only == nil ? sortedNames.first { !$0.contains("@") } : sortedNames.first
+        }
+        let exports = ExportReconciler(registry: registry, logger: logger, only: only)
         var configuration = StoreConfiguration()
         configuration.holdLimit = .milliseconds(Int64(holdLimit * 1000))
         configuration.logger = Logger(label: "umbra.engine")
@@ -215,6 +236,11 @@ struct Serve: AsyncParsableCommand {
             limits.apply(to: &nbdConfiguration.limits)
             limits.raiseDescriptorLimit(logger: logger)
             let nbd = NBDServer(registry: registry, configuration: nbdConfiguration, logger: Logger(label: "umbra.nbd"))
+            if let only {
+                try await Self.serveStdio(only, nbd: nbd, logger: logger)
+                try await store.close()
+                return
+            }
             let requested = listen.isEmpty ? [Self.defaultListenAddress] : listen
             let addresses: [String]
             do {
