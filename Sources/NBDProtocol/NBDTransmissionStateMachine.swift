@@ -160,7 +160,7 @@ public struct NBDTransmissionStateMachine {
     }
 
     /// Memory a served request holds: its WRITE payload or the READ data being produced.
-    private static func payloadBytes(of request: NBDRequest) -> Int {
+    public static func payloadBytes(of request: NBDRequest) -> Int {
         request.command == .write || request.command == .read ? Int(request.length) : 0
     }
 }

@@ -139,7 +139,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         if let request = pendingWrite {
             // Its payload will never come.
             pendingWrite = nil
-            giveBack(Self.budgetBytes(of: request))
+            giveBack(NBDTransmissionStateMachine.payloadBytes(of: request))
         }
         if let binding {
             environment.registry.unbind(exportNamed: binding.exportName, id: binding.id)
@@ -328,7 +328,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         noteActivity()
         switch transmission!.receivedRequest(request) {
         case .serve(let request):
-            let bytes = Self.budgetBytes(of: request)
+            let bytes = NBDTransmissionStateMachine.payloadBytes(of: request)
             if bytes > 0 {
                 let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
                 let loop = context.eventLoop
@@ -372,7 +372,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     private func budgetGranted() {
         guard let wait = budgetWait else { return invariantBroken("budget granted to nobody") }
         budgetWait = nil
-        let bytes = Self.budgetBytes(of: wait.request)
+        let bytes = NBDTransmissionStateMachine.payloadBytes(of: wait.request)
         guard !isClosing else { return environment.budget.give(back: bytes) }
         budgetHeldBytes += bytes
         accept(wait.request)
@@ -471,7 +471,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     /// A served request has its outcome: reply, account, and resume whatever was waiting on it.
     private func finish(_ request: NBDRequest, _ outcome: Outcome) {
-        let bytes = Self.budgetBytes(of: request)
+        let bytes = NBDTransmissionStateMachine.payloadBytes(of: request)
         guard let context, transmission != nil, !isClosing else {
             // Closed meanwhile: nobody to answer, but file segments must still be let go.
             if case .read(let result) = outcome { Self.releaseFiles(of: result) }
@@ -489,16 +489,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         } else {
             giveBack(bytes)
         }
-        switch transmission!.requestCompleted(request) {
-        case .none:
-            break
-        case .drained:
-            drainPromise?.succeed(())
-            drainPromise = nil
-            if closeWhenDrained { closeAfterWrites() }
-        case .close:
-            closeAfterWrites()
-        }
+        apply(transmission!.requestCompleted(request))
         if inChannelRead {
             // channelReadComplete flushes.
         } else {
@@ -506,11 +497,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
         processInbound()
         resumeReadsIfPossible()
-    }
-
-    /// The bytes a request holds while in flight: its WRITE payload or its READ data.
-    private static func budgetBytes(of request: NBDRequest) -> Int {
-        request.command == .write || request.command == .read ? Int(request.length) : 0
     }
 
     private func giveBack(_ bytes: Int) {
@@ -528,6 +514,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         noteActivity()
         processInbound()
         resumeReadsIfPossible()
+    }
+
+    private func apply(_ action: NBDTransmissionStateMachine.CompletionAction) {
+        switch action {
+        case .none:
+            break
+        case .drained:
+            drainPromise?.succeed(())
+            drainPromise = nil
+            if closeWhenDrained { closeAfterWrites() }
+        case .close:
+            closeAfterWrites()
+        }
     }
 
     private static func releaseFiles(of result: NBDReadResult) {
@@ -548,16 +547,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             if closeWhenIdle { closeAfterWrites() }
             return
         }
-        switch transmission!.beginDraining() {
-        case .none:
-            break
-        case .drained:
-            drainPromise?.succeed(())
-            drainPromise = nil
-            if closeWhenDrained { closeAfterWrites() }
-        case .close:
-            closeAfterWrites()
-        }
+        apply(transmission!.beginDraining())
         flushIfNeeded()
     }
 
