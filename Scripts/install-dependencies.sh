@@ -9,6 +9,7 @@ packages=(
     qemu-utils fio                                 # qemu-img, qemu-io, fio --ioengine=nbd
     e2fsprogs fuse3 util-linux                     # mkfs.ext4, fsck, fusermount3, losetup
     python3                                        # the Python writer and nbdsh
+    openssl                                        # certificates made at test time (test-tls.sh)
 )
 
 missing=()
