@@ -72,6 +72,8 @@ public final class SimulatedDisk: Sendable {
         var operationCount = 0
         var crashAtOperation: Int?
         var crashed = false
+        /// Told, once, the moment a crash set by `crash(afterOperations:)` happens.
+        var crashObserver: (@Sendable () -> Void)?
     }
 
     let state: Mutex<State>
@@ -95,6 +97,12 @@ public final class SimulatedDisk: Sendable {
     /// Makes the `count`-th operation from now fail, and every operation after it.
     public func crash(afterOperations count: Int) {
         state.withLock { $0.crashAtOperation = $0.operationCount + max(1, count) }
+    }
+
+    /// Calls `observer` the moment the crash set by `crash(afterOperations:)` happens, inside the
+    /// operation that crashes (so it sees what the program was doing). It must not use the disk.
+    public func observeCrash(_ observer: @escaping @Sendable () -> Void) {
+        state.withLock { $0.crashObserver = observer }
     }
 
     /// Crashes now: every later operation fails.
@@ -192,6 +200,8 @@ public final class SimulatedDisk: Sendable {
             if let crashAt = state.crashAtOperation, state.operationCount >= crashAt {
                 state.crashed = true
                 onCrash?(&state)
+                state.crashObserver?()
+                state.crashObserver = nil
                 throw BlockIOError(.simulatedCrash, operation: operation, path: path)
             }
             return try body(&state)

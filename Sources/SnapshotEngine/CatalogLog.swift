@@ -16,7 +16,10 @@ final class CatalogLog: Sendable {
     static let fileName = "catalog"
     static let newFileName = "catalog.new"
     static let magic: [UInt8] = Array("UMBRACAT".utf8)
-    static let formatVersion: UInt32 = 1
+    /// The version this code writes. Version 2 added the pending-set records (types 8 and 9); a
+    /// version 1 catalog is read as it is and rewritten whole as version 2 when the store opens.
+    static let formatVersion: UInt32 = 2
+    static let readableFormatVersions: ClosedRange<UInt32> = 1...2
     static let headerSize = 512
     static let batchAlignment = 512
     static let batchHeaderSize = 32
@@ -69,9 +72,9 @@ final class CatalogLog: Sendable {
     // MARK: - Opening
 
     /// Opens the catalog of `directory`, creating an empty one if there is none, and returns it with
-    /// the records it holds.
+    /// the records it holds and the format version it was written in.
     static func open(in directory: any StorageDirectory, io: any IOExecutor) async throws -> (
-        CatalogLog, [CatalogRecord]
+        log: CatalogLog, records: [CatalogRecord], formatVersion: UInt32
     ) {
         if directory.fileExists(newFileName) {
             // A creation or compaction that did not reach its rename: the old catalog (if any) stands.
@@ -79,7 +82,9 @@ final class CatalogLog: Sendable {
         }
         if !directory.fileExists(fileName) {
             let storage = try await writeWhole(records: [], in: directory, io: io)
-            return (CatalogLog(storage: storage, io: io, tail: UInt64(headerSize), nextBatchSequence: 1), [])
+            return (
+                CatalogLog(storage: storage, io: io, tail: UInt64(headerSize), nextBatchSequence: 1), [], formatVersion
+            )
         }
         let storage = try directory.openFile(fileName, mode: .existing)
         let contents = try await io.run { try read(storage) }
@@ -92,10 +97,11 @@ final class CatalogLog: Sendable {
         }
         let log = CatalogLog(
             storage: storage, io: io, tail: contents.tail, nextBatchSequence: contents.nextBatchSequence)
-        return (log, contents.records)
+        return (log, contents.records, contents.formatVersion)
     }
 
     struct Contents {
+        var formatVersion: UInt32
         var records: [CatalogRecord]
         var tail: UInt64
         var nextBatchSequence: UInt64
@@ -117,8 +123,8 @@ final class CatalogLog: Sendable {
         let version = try header.u32OrCorrupt(path)
         let declaredHeaderSize = try header.u32OrCorrupt(path)
         let headerChecksum = try header.u32OrCorrupt(path)
-        guard version == formatVersion else {
-            throw EngineError.unsupportedFormatVersion(path: path, found: version, supported: formatVersion)
+        guard readableFormatVersions.contains(version) else {
+            throw EngineError.unsupportedFormatVersion(path: path, found: version, supported: readableFormatVersions)
         }
         guard declaredHeaderSize == UInt32(headerSize),
             headerChecksum == bytes.withUnsafeBytes({ CRC32C.checksum(UnsafeRawBufferPointer(rebasing: $0[0..<16])) })
@@ -153,7 +159,7 @@ final class CatalogLog: Sendable {
             probe += batchAlignment
         }
         return Contents(
-            records: records, tail: UInt64(position), nextBatchSequence: expectedSequence, fileSize: UInt64(size))
+            formatVersion: version, records: records, tail: UInt64(position), nextBatchSequence: expectedSequence, fileSize: UInt64(size))
     }
 
     private static func align(_ position: Int) -> Int {

@@ -55,6 +55,8 @@ struct SetDefinition: Sendable, Equatable {
     /// Nanoseconds since 1970-01-01T00:00:00Z.
     var createdAtNanoseconds: Int64
     var members: [SetMember]
+    /// Taken but not yet kept: recovery rolls the set back unless a `setKept` record follows.
+    var isPending = false
 }
 
 enum CatalogRecord: Sendable, Equatable {
@@ -62,7 +64,10 @@ enum CatalogRecord: Sendable, Equatable {
     case counters(nextSequence: UInt64, nextVolumeID: UInt32)
     case volumeCreated(VolumeDefinition)
     case volumeDeleted(VolumeID)
+    /// A set was taken: kept at once, or pending until a `setKept` record names it.
     case setCreated(SetDefinition)
+    /// A pending set reached the point where its snapshots are kept.
+    case setKept(UUID)
     /// Chunks `firstChunk ..< firstChunk + count` of a volume were preserved for the snapshot at
     /// `sequence`, in slots `firstSlot ..< firstSlot + count`, or all as zeros when `firstSlot` is zero.
     case preserved(volume: VolumeID, sequence: SnapshotSequence, firstChunk: UInt64, count: UInt32, firstSlot: DiffSlot)
@@ -80,6 +85,8 @@ enum CatalogRecord: Sendable, Equatable {
         case preserved = 5
         case snapshotsDeleted = 6
         case snapshotFailed = 7
+        case setPending = 8
+        case setKept = 9
     }
 
     func encode(into writer: inout BinaryWriter) {
@@ -110,7 +117,7 @@ enum CatalogRecord: Sendable, Equatable {
             kind = .volumeDeleted
             body.u32(volume.rawValue)
         case .setCreated(let set):
-            kind = .setCreated
+            kind = set.isPending ? .setPending : .setCreated
             body.uuid(set.id)
             body.i64(set.createdAtNanoseconds)
             body.u16(UInt16(set.members.count))
@@ -119,6 +126,9 @@ enum CatalogRecord: Sendable, Equatable {
                 body.uuid(member.snapshotID)
                 body.u64(member.sequence.rawValue)
             }
+        case .setKept(let id):
+            kind = .setKept
+            body.uuid(id)
         case .preserved(let volume, let sequence, let firstChunk, let count, let firstSlot):
             kind = .preserved
             body.u32(volume.rawValue)
@@ -179,7 +189,7 @@ enum CatalogRecord: Sendable, Equatable {
                     diffLimit: diffLimit, policy: policy))
         case .volumeDeleted:
             record = .volumeDeleted(VolumeID(rawValue: try body.u32()))
-        case .setCreated:
+        case .setCreated, .setPending:
             let id = try body.uuid()
             let createdAt = try body.i64()
             let count = Int(try body.u16())
@@ -190,7 +200,10 @@ enum CatalogRecord: Sendable, Equatable {
                         volume: VolumeID(rawValue: try body.u32()), snapshotID: try body.uuid(),
                         sequence: SnapshotSequence(rawValue: try body.u64())))
             }
-            record = .setCreated(SetDefinition(id: id, createdAtNanoseconds: createdAt, members: members))
+            record = .setCreated(
+                SetDefinition(id: id, createdAtNanoseconds: createdAt, members: members, isPending: kind == .setPending))
+        case .setKept:
+            record = .setKept(try body.uuid())
         case .preserved:
             record = .preserved(
                 volume: VolumeID(rawValue: try body.u32()), sequence: SnapshotSequence(rawValue: try body.u64()),

@@ -42,8 +42,12 @@ struct CatalogReplay {
                 volumes[member.volume]!.metadata.addSnapshot(
                     SnapshotState(
                         id: member.snapshotID, setID: set.id, sequence: member.sequence,
-                        createdAtNanoseconds: set.createdAtNanoseconds))
+                        createdAtNanoseconds: set.createdAtNanoseconds, isPending: set.isPending))
             }
+        case .setKept(let id):
+            var found = false
+            for volume in volumes.keys where volumes[volume]!.metadata.keepSet(id) { found = true }
+            if !found { ignoredRecords += 1 }
         case .preserved(let volume, let sequence, let firstChunk, let count, let firstSlot):
             guard var entry = volumes.removeValue(forKey: volume) else {
                 ignoredRecords += 1
@@ -82,10 +86,7 @@ struct CatalogReplay {
             }
             let snapshot = entry.metadata.chain[position]
             _ = entry.metadata.removeSnapshot(at: position)
-            entry.metadata.failed.append(
-                FailedSnapshot(
-                    id: snapshot.id, setID: snapshot.setID, sequence: snapshot.sequence,
-                    createdAtNanoseconds: snapshot.createdAtNanoseconds, reason: reason))
+            entry.metadata.failed.append(FailedSnapshot(failing: snapshot, reason: reason))
         }
     }
 
@@ -111,18 +112,20 @@ struct CatalogReplay {
             var createdAt: Int64
             var members: [SetMember]
             var firstSequence: SnapshotSequence
+            var isPending: Bool
         }
         var sets: [UUID: SetBuilder] = [:]
         var failures: [CatalogRecord] = []
         for (definition, metadata) in volumes.sorted(by: { $0.definition.id < $1.definition.id }) {
             records.append(.volumeCreated(definition))
             let members =
-                metadata.chain.map { ($0.id, $0.setID, $0.sequence, $0.createdAtNanoseconds) }
-                + metadata.failed.map { ($0.id, $0.setID, $0.sequence, $0.createdAtNanoseconds) }
-            for (id, setID, sequence, createdAt) in members {
+                metadata.chain.map { ($0.id, $0.setID, $0.sequence, $0.createdAtNanoseconds, $0.isPending) }
+                + metadata.failed.map { ($0.id, $0.setID, $0.sequence, $0.createdAtNanoseconds, $0.isPending) }
+            for (id, setID, sequence, createdAt, isPending) in members {
                 let member = SetMember(volume: definition.id, snapshotID: id, sequence: sequence)
                 if sets[setID] == nil {
-                    sets[setID] = SetBuilder(createdAt: createdAt, members: [member], firstSequence: sequence)
+                    sets[setID] = SetBuilder(
+                        createdAt: createdAt, members: [member], firstSequence: sequence, isPending: isPending)
                 } else {
                     sets[setID]!.members.append(member)
                     sets[setID]!.firstSequence = min(sets[setID]!.firstSequence, sequence)
@@ -139,7 +142,7 @@ struct CatalogReplay {
                 .setCreated(
                     SetDefinition(
                         id: id, createdAtNanoseconds: set.createdAt,
-                        members: set.members.sorted { $0.sequence < $1.sequence })))
+                        members: set.members.sorted { $0.sequence < $1.sequence }, isPending: set.isPending)))
         }
         // Failed snapshots hold no copies, so failing them again on replay hands nothing on.
         records.append(contentsOf: failures)

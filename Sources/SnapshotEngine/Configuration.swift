@@ -42,6 +42,8 @@ public struct StoreConfiguration: Sendable {
     /// Told of every change to the store's volumes and snapshots once it is durable, including those
     /// the diff-store policy makes on its own. Called synchronously: keep it short.
     public var eventHandler: (@Sendable (StoreEvent) -> Void)?
+    /// Tests only: leave pending sets alone at open, to show the crash simulation notices.
+    var skipsRollbackForTesting = false
 
     public init() {}
 }
@@ -128,6 +130,9 @@ public struct SnapshotInfo: Sendable, Equatable {
     /// Bytes of diff store this snapshot's own copies take.
     public var diffBytes: ByteCount
     public var state: State
+    /// Its set was taken with `commitPending()` and not yet kept: opening the store after a crash or
+    /// close rolls it back.
+    public var isPending = false
     /// The NBD export name: `VOLUME@GUID`.
     public var exportName: String { "\(volume)@\(id.guidString)" }
 }

@@ -27,7 +27,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
     case snapshotOrder(String)
     case directoryLocked(String)
     case notADataDirectory(String)
-    case unsupportedFormatVersion(path: String, found: UInt32, supported: UInt32)
+    case unsupportedFormatVersion(path: String, found: UInt32, supported: ClosedRange<UInt32>)
     case corruptCatalog(path: String, offset: UInt64, reason: String)
     /// Writes were held longer than the limit, so the set was aborted and the writes released.
     case holdExpired(limitMilliseconds: Int64)
@@ -61,7 +61,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
         case .directoryLocked(let path): "the data directory \(path) is in use by another Umbra process"
         case .notADataDirectory(let path): "\(path) is not an Umbra data directory (it holds other files)"
         case .unsupportedFormatVersion(let path, let found, let supported):
-            "\(path) has on-disk format version \(found); this Umbra reads version \(supported)"
+            "\(path) has on-disk format version \(found); this Umbra reads versions \(supported.lowerBound) to \(supported.upperBound)"
         case .corruptCatalog(let path, let offset, let reason): "\(path) is corrupt at byte \(offset): \(reason)"
         case .holdExpired(let limit):
             "writes were held longer than the limit of \(limit) ms, so the snapshot set was aborted"

@@ -7,7 +7,8 @@
 // operation lock on each path: the acquisition itself if it fails, the watchdog if it expires a held
 // set, and commit or abort otherwise. A commit already under way is not interrupted; it releases the
 // writes once the set's record is queued in the catalog (the snapshots have joined their chains by
-// then), so writes are held for the drain only, never for a device flush.
+// then), so writes are held for the drain only, never for a device flush. A pending commit returns
+// right then too, so a coordinator can thaw its writers without waiting for the disk.
 
 import BlockIO
 import Synchronization
@@ -31,6 +32,8 @@ public final class PreparedSnapshotSet: Sendable {
         var phase = Phase.acquiring
         var acquisition: Task<Void, any Error>?
         var watchdog: Task<Void, Never>?
+        /// A commit released the gates and the operation lock once its record was queued.
+        var releasedByCommit = false
     }
 
     /// The volumes of the set, in name order.
@@ -168,8 +171,21 @@ public final class PreparedSnapshotSet: Sendable {
     }
 
     /// Takes the snapshots: one durable record names the set, its GUID, its timestamp and a GUID per
-    /// snapshot; then the snapshots join their volumes' chains and writes are released.
+    /// snapshot; then the snapshots join their volumes' chains and writes are released. The set is
+    /// kept: returns once its record is durable.
     public func commit() async throws -> SnapshotSetInfo {
+        try await take(pending: false)
+    }
+
+    /// Takes the snapshots as a *pending* set: returns as soon as they have joined their chains and
+    /// writes are released, before anything is durable. The snapshots are readable at once; the set
+    /// is kept only by `SnapshotStore.keepSnapshotSet(id:)` (which waits for this record), and the
+    /// next open of the store rolls it back (deletes it) if that never happened.
+    public func commitPending() async throws -> SnapshotSetInfo {
+        try await take(pending: true)
+    }
+
+    private func take(pending: Bool) async throws -> SnapshotSetInfo {
         let watchdog = try state.withLock { (state: inout State) throws(EngineError) -> Task<Void, Never>? in
             switch state.phase {
             case .held:
@@ -182,13 +198,12 @@ public final class PreparedSnapshotSet: Sendable {
             }
         }
         watchdog?.cancel()
-        var writesReleased = false
         defer {
-            state.withLock { $0.phase = .finished }
-            if !writesReleased {
-                for volume in members { volume.gate.releaseExclusive() }
+            let released = state.withLock { state in
+                state.phase = .finished
+                return state.releasedByCommit
             }
-            store.operations.unlock()
+            if !released { releaseAll() }
         }
         let configuration = store.context.configuration
         let setID = requestedID ?? configuration.makeIdentifier()
@@ -199,26 +214,31 @@ public final class PreparedSnapshotSet: Sendable {
             id: setID, createdAtNanoseconds: createdAt,
             members: members.indices.map {
                 SetMember(volume: members[$0].id, snapshotID: snapshotIDs[$0], sequence: sequences[$0])
-            })
+            }, isPending: pending)
         // Writes may go on as soon as the record has its place in the log: each of them needs a copy
         // for the new snapshot, and that copy's record lands after this one, so no new data reaches a
         // live volume before the set is durable. The same group commit makes the live volumes durable
         // before it writes the record, so the set never depends on live data a crash could undo.
+        let joinChainsAndRelease: @Sendable () -> Void = { [self] in
+            for (index, volume) in members.enumerated() {
+                volume.metadata.withLock { metadata in
+                    metadata.addSnapshot(
+                        SnapshotState(
+                            id: snapshotIDs[index], setID: setID, sequence: sequences[index],
+                            createdAtNanoseconds: createdAt, isPending: pending))
+                }
+                volume.gate.releaseExclusive()
+            }
+            store.operations.unlock()
+            state.withLock { $0.releasedByCommit = true }
+        }
         do {
-            try await store.context.catalog.append(
-                [.setCreated(definition)], syncingFirst: members.map(\.live),
-                whenQueued: { [members] in
-                    for (index, volume) in members.enumerated() {
-                        volume.metadata.withLock { metadata in
-                            metadata.addSnapshot(
-                                SnapshotState(
-                                    id: snapshotIDs[index], setID: setID, sequence: sequences[index],
-                                    createdAtNanoseconds: createdAt))
-                        }
-                        volume.gate.releaseExclusive()
-                    }
-                    writesReleased = true
-                })
+            if pending {
+                try await appendPending(definition, joinChainsAndRelease: joinChainsAndRelease)
+            } else {
+                try await store.context.catalog.append(
+                    [.setCreated(definition)], syncingFirst: members.map(\.live), whenQueued: joinChainsAndRelease)
+            }
         } catch {
             throw EngineError.wrap(error)
         }
@@ -226,14 +246,47 @@ public final class PreparedSnapshotSet: Sendable {
         let snapshots = members.indices.map {
             SnapshotInfo(
                 id: snapshotIDs[$0], setID: setID, volume: members[$0].name, createdAt: date, diffBytes: .zero,
-                state: .ready)
+                state: .ready, isPending: pending)
         }.sorted { $0.volume < $1.volume }
         store.context.logger.debug(
             "took snapshot set",
-            metadata: ["set.id": "\(setID.guidString)", "volumes": "\(volumes.joined(separator: ","))"])
+            metadata: [
+                "set.id": "\(setID.guidString)", "volumes": "\(volumes.joined(separator: ","))", "pending": "\(pending)",
+            ])
         let info = SnapshotSetInfo(id: setID, createdAt: date, snapshots: snapshots)
         store.context.configuration.eventHandler?(.snapshotSetCreated(info))
         return info
+    }
+
+    /// Queues a pending set's record and returns once it is queued; the append itself goes on in a
+    /// task the store tracks, which `keepSnapshotSet` (and compaction, and close) wait for.
+    private func appendPending(_ definition: SetDefinition, joinChainsAndRelease: @escaping @Sendable () -> Void)
+        async throws
+    {
+        let store = self.store
+        let live = members.map(\.live)
+        let setID = definition.id
+        try await withCheckedThrowingContinuation { (queued: CheckedContinuation<Void, any Error>) in
+            let answered = Atomic<Bool>(false)
+            let append = Task(executorPreference: store.context.configuration.taskExecutor) {
+                do {
+                    try await store.context.catalog.append(
+                        [.setCreated(definition)], syncingFirst: live,
+                        whenQueued: {
+                            joinChainsAndRelease()
+                            answered.store(true, ordering: .releasing)
+                            queued.resume()
+                        })
+                } catch {
+                    // Not queued at all (the log had failed): the caller hears it. Queued but not
+                    // durable: the log has failed, so keeping the set fails, and the next open
+                    // rolls it back.
+                    if !answered.load(ordering: .acquiring) { queued.resume(throwing: error) }
+                }
+                store.pendingCommitFinished(setID)
+            }
+            store.trackPendingCommit(setID, append)
+        }
     }
 
     /// Gives up the set and releases the writes. Does nothing if it was already committed, aborted or

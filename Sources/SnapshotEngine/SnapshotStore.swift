@@ -3,6 +3,12 @@
 // Metadata operations (volumes created and deleted, sets taken, snapshots deleted) run one at a time
 // behind `operations`; the data path never touches that lock. A prepared snapshot set keeps it until
 // it is committed or aborted, which its hold limit bounds.
+//
+// A set may be taken *pending* (`PreparedSnapshotSet.commitPending`): its snapshots are readable at
+// once, but it is kept only when `keepSnapshotSet` says so (the coordinator does at BackupComplete).
+// Opening a data directory rolls back every set still pending, so a set whose writers never got to
+// the end (a crash while they thawed, or while a requester copied a kept-open set) is never handed
+// out as if it were whole.
 
 import BlockIO
 import Logging
@@ -25,6 +31,10 @@ public final class SnapshotStore: Sendable {
         var volumes: [String: Volume] = [:]
         var nextSequence: UInt64
         var nextVolumeID: UInt32
+        /// The appends of pending sets taken and not yet durable, by set GUID.
+        var pendingCommits: [UUID: Task<Void, Never>] = [:]
+        /// The sets that opening rolled back.
+        var rolledBackSets: [SnapshotSetInfo] = []
     }
 
     let state: Mutex<State>
@@ -84,7 +94,7 @@ public final class SnapshotStore: Sendable {
                 let unexpected = try directory.list("").filter { !entriesAllowedInNewDirectory.contains($0) }
                 if !unexpected.isEmpty { throw EngineError.notADataDirectory(directory.path) }
             }
-            let (catalog, records) = try await CatalogLog.open(in: directory, io: io)
+            let (catalog, records, formatVersion) = try await CatalogLog.open(in: directory, io: io)
             var replay = CatalogReplay()
             for record in records { replay.apply(record) }
             replay.rebuildAllocators()
@@ -98,7 +108,15 @@ public final class SnapshotStore: Sendable {
             let store = SnapshotStore(
                 directory: directory, context: context, lock: lock, ownedPool: ownedPool, volumes: volumes,
                 nextSequence: replay.nextSequence, nextVolumeID: replay.nextVolumeID)
-            try await store.compactIfWorthIt()
+            try await store.rollBackPendingSets()
+            if formatVersion < CatalogLog.formatVersion {
+                try await store.compact(force: true)
+                configuration.logger.info(
+                    "upgraded the catalog's format",
+                    metadata: ["from": "\(formatVersion)", "to": "\(CatalogLog.formatVersion)"])
+            } else {
+                try await store.compactIfWorthIt()
+            }
             configuration.logger.debug(
                 "opened data directory",
                 metadata: ["path": "\(directory.path)", "volumes": "\(volumes.count)", "records": "\(records.count)"])
@@ -160,6 +178,8 @@ public final class SnapshotStore: Sendable {
             operations.unlock()
             return
         }
+        // Pending sets stay pending (the next open rolls them back), but their records finish first.
+        await waitForPendingCommits()
         var firstError: (any Error)?
         for volume in allVolumes() {
             // Drain the writers that already passed the gate; the ones behind it will see `closed`.
@@ -402,7 +422,8 @@ public final class SnapshotStore: Sendable {
                             SnapshotInfo(
                                 id: snapshot.id, setID: snapshot.setID, volume: volume.name,
                                 createdAt: Self.date(snapshot.createdAtNanoseconds),
-                                diffBytes: ByteCount(snapshot.dataSlotCount << volume.chunkShift), state: .ready)
+                                diffBytes: ByteCount(snapshot.dataSlotCount << volume.chunkShift), state: .ready,
+                                isPending: snapshot.isPending)
                         ))
                 }
                 for failed in metadata.failed {
@@ -412,7 +433,7 @@ public final class SnapshotStore: Sendable {
                             SnapshotInfo(
                                 id: failed.id, setID: failed.setID, volume: volume.name,
                                 createdAt: Self.date(failed.createdAtNanoseconds), diffBytes: .zero,
-                                state: .failed(reason: failed.reason))
+                                state: .failed(reason: failed.reason), isPending: failed.isPending)
                         ))
                 }
             }
@@ -583,12 +604,20 @@ public final class SnapshotStore: Sendable {
     }
 
     /// Rewrites the catalog as the records of the current state when the appended log has grown well
-    /// past that. All volumes' gates are held meanwhile, so no copy is between durable and applied.
+    /// past that.
     private func compactIfWorthIt(holdingOperations: Bool = false) async throws {
-        let appended = context.catalog.appendedBytes
-        guard appended > context.configuration.catalogCompactionThreshold.rawValue else { return }
+        guard context.catalog.appendedBytes > context.configuration.catalogCompactionThreshold.rawValue else { return }
+        try await compact(force: false, holdingOperations: holdingOperations)
+    }
+
+    /// Rewrites the catalog as the records of the current state: always when `force` (a format
+    /// upgrade), else only if the appended log is over four times their size. All volumes' gates are
+    /// held meanwhile, so no copy is between durable and applied, and no set's append is in flight.
+    private func compact(force: Bool, holdingOperations: Bool = false) async throws {
         if !holdingOperations { await operations.lock() }
         defer { if !holdingOperations { operations.unlock() } }
+        await waitForPendingCommits()
+        let appended = context.catalog.appendedBytes
         let volumes = allVolumes().sorted { $0.id < $1.id }
         var held: [Volume] = []
         defer { for volume in held { volume.gate.releaseExclusive() } }
@@ -609,10 +638,76 @@ public final class SnapshotStore: Sendable {
         let records = CatalogReplay.records(volumes: snapshot, nextSequence: nextSequence, nextVolumeID: nextVolumeID)
         var writer = BinaryWriter()
         for record in records { record.encode(into: &writer) }
-        guard appended > 4 * UInt64(writer.bytes.count) else { return }
+        guard force || appended > 4 * UInt64(writer.bytes.count) else { return }
         try await context.catalog.rewrite(with: records, in: directory)
         context.logger.info(
             "compacted the catalog", metadata: ["bytes.before": "\(appended)", "bytes.after": "\(writer.bytes.count)"])
+    }
+
+    // MARK: - Pending sets
+
+    /// Remembers the append that makes pending set `id` durable; it removes itself when done.
+    func trackPendingCommit(_ id: UUID, _ task: Task<Void, Never>) {
+        state.withLock { $0.pendingCommits[id] = task }
+    }
+
+    func pendingCommitFinished(_ id: UUID) {
+        _ = state.withLock { $0.pendingCommits.removeValue(forKey: id) }
+    }
+
+    private func waitForPendingCommits() async {
+        for task in state.withLock({ Array($0.pendingCommits.values) }) { await task.value }
+    }
+
+    /// Keeps a set taken with `commitPending()`: once this returns, a crash no longer rolls it back.
+    /// Waits for the set's own record to be durable first. Keeping a set that is already kept does
+    /// nothing; a set with no snapshot left (deleted meanwhile) is `snapshotNotFound`.
+    public func keepSnapshotSet(id: UUID) async throws {
+        try checkOpen()
+        await operations.lock()
+        defer { operations.unlock() }
+        try checkOpen()
+        if let commit = state.withLock({ $0.pendingCommits[id] }) { await commit.value }
+        let members = allVolumes().filter { volume in
+            volume.metadata.withLock { metadata in
+                metadata.chain.contains { $0.setID == id } || metadata.failed.contains { $0.setID == id }
+            }
+        }
+        guard !members.isEmpty else { throw EngineError.snapshotNotFound(id.guidString) }
+        let pending = members.contains { volume in
+            volume.metadata.withLock { metadata in
+                metadata.chain.contains { $0.setID == id && $0.isPending }
+                    || metadata.failed.contains { $0.setID == id && $0.isPending }
+            }
+        }
+        guard pending else { return }
+        do {
+            try await context.catalog.append([.setKept(id)])
+        } catch {
+            throw EngineError.wrap(error)
+        }
+        for volume in members { _ = volume.metadata.withLock { $0.keepSet(id) } }
+        context.logger.debug("kept snapshot set", metadata: ["set.id": "\(id.guidString)"])
+    }
+
+    /// The sets that were still pending when the store was last closed or crashed, and that opening
+    /// it rolled back (deleted), oldest first.
+    public var rolledBackSets: [SnapshotSetInfo] { state.withLock { $0.rolledBackSets } }
+
+    /// Deletes every set that is still pending: what a crash (or a close) left unfinished.
+    private func rollBackPendingSets() async throws {
+        let pending = try snapshotSets().filter { set in set.snapshots.contains { $0.isPending } }
+        guard !pending.isEmpty, !context.configuration.skipsRollbackForTesting else { return }
+        for set in pending {
+            context.logger.warning(
+                "rolled back an unfinished snapshot set: it was taken but never completed (its writers or requester had not reached BackupComplete) when the store last stopped",
+                metadata: [
+                    "set.id": "\(set.id.guidString)", "set.createdAt": "\(set.createdAt)",
+                    "volumes": "\(set.snapshots.map(\.volume).joined(separator: ","))",
+                ])
+        }
+        try await deleteSnapshots(ids: pending.map(\.id))
+        state.withLock { $0.rolledBackSets = pending }
     }
 }
 

@@ -516,10 +516,7 @@ public final class Volume: Sendable {
             guard let position = metadata.position(of: snapshot.sequence) else { return [] }
             let freed = metadata.removeSnapshot(at: position)
             if policy == .failSnapshot {
-                metadata.failed.append(
-                    FailedSnapshot(
-                        id: snapshot.id, setID: snapshot.setID, sequence: snapshot.sequence,
-                        createdAtNanoseconds: snapshot.createdAtNanoseconds, reason: reason))
+                metadata.failed.append(FailedSnapshot(failing: snapshot, reason: reason))
             }
             return freed
         }

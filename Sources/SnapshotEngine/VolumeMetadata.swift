@@ -17,6 +17,8 @@ struct SnapshotState: Sendable {
     let setID: UUID
     let sequence: SnapshotSequence
     let createdAtNanoseconds: Int64
+    /// Its set was taken but not yet kept: recovery rolls the set back.
+    var isPending: Bool
     /// The chunks this snapshot holds a copy of (its change bitmap).
     var preserved = ChunkSet()
     /// How many of those copies occupy a diff slot (the rest were zeros).
@@ -27,11 +29,12 @@ struct SnapshotState: Sendable {
     var deleting = false
     var readersDrained: CheckedContinuation<Void, Never>?
 
-    init(id: UUID, setID: UUID, sequence: SnapshotSequence, createdAtNanoseconds: Int64) {
+    init(id: UUID, setID: UUID, sequence: SnapshotSequence, createdAtNanoseconds: Int64, isPending: Bool = false) {
         self.id = id
         self.setID = setID
         self.sequence = sequence
         self.createdAtNanoseconds = createdAtNanoseconds
+        self.isPending = isPending
     }
 }
 
@@ -41,6 +44,16 @@ struct FailedSnapshot: Sendable {
     let sequence: SnapshotSequence
     let createdAtNanoseconds: Int64
     let reason: String
+    var isPending: Bool
+
+    init(failing snapshot: SnapshotState, reason: String) {
+        id = snapshot.id
+        setID = snapshot.setID
+        sequence = snapshot.sequence
+        createdAtNanoseconds = snapshot.createdAtNanoseconds
+        self.reason = reason
+        isPending = snapshot.isPending
+    }
 }
 
 struct VolumeMetadata: Sendable {
@@ -76,6 +89,20 @@ struct VolumeMetadata: Sendable {
     mutating func addSnapshot(_ snapshot: SnapshotState) {
         let index = chain.firstIndex { $0.sequence > snapshot.sequence } ?? chain.count
         chain.insert(snapshot, at: index)
+    }
+
+    /// Marks every snapshot of set `id` kept; returns whether the volume has any.
+    mutating func keepSet(_ id: UUID) -> Bool {
+        var found = false
+        for position in chain.indices where chain[position].setID == id {
+            chain[position].isPending = false
+            found = true
+        }
+        for position in failed.indices where failed[position].setID == id {
+            failed[position].isPending = false
+            found = true
+        }
+        return found
     }
 
     /// Records that the snapshot at `position` holds a copy of `chunk` in `slot`.

@@ -37,26 +37,74 @@ import UmbraTestSupport
         let seeds = Self.seeds.enumerated().filter { $0.offset % Self.batches == batch }.map(\.element)
         // The simulation drives its executor on the calling thread; give it a thread of its own rather
         // than blocking one of Swift's few cooperative threads for the whole batch.
-        let (crashPoints, failure) = await withCheckedContinuation {
-            (continuation: CheckedContinuation<(Int, String?), Never>) in
+        let (crashPoints, phases, failure) = await withCheckedContinuation {
+            (continuation: CheckedContinuation<(Int, [SetPhase: Int], String?), Never>) in
             Thread.detachNewThread {
                 var crashPoints = 0
+                var phases: [SetPhase: Int] = [:]
                 for seed in seeds {
                     var simulation = Simulation(seed: seed)
                     do {
                         crashPoints += try simulation.run()
+                        phases.merge(simulation.setPhasesAtCrashes, uniquingKeysWith: +)
                     } catch {
                         let message =
                             "simulation seed \(seed) failed: \(error) (replay: UMBRA_SIMULATION_SEED=\(seed) swift test --filter CrashSimulation)"
-                        continuation.resume(returning: (crashPoints, message))
+                        continuation.resume(returning: (crashPoints, phases, message))
                         return
                     }
                 }
-                continuation.resume(returning: (crashPoints, String?.none))
+                continuation.resume(returning: (crashPoints, phases, String?.none))
             }
         }
         if let failure { Issue.record(Comment(rawValue: failure)) }
         #expect(seeds.isEmpty || crashPoints >= seeds.count)
+        // Every phase of a set's life met a crash somewhere in the batch (the default seed count).
+        if seeds.count >= Self.defaultSeedCount / UInt64(Self.batches) {
+            let missed = SetPhase.allCases.filter { phases[$0, default: 0] == 0 }
+            #expect(missed.isEmpty, "no crash while a set was \(missed); crashes by phase: \(phases)")
+        }
+        print("crash simulation batch \(batch): crashes while a set was \(SetPhase.allCases.map { "\($0) \(phases[$0, default: 0])" }.joined(separator: ", "))")
+    }
+}
+
+/// Where a set is in its life when the disk crashes (the coordinator's steps in brackets).
+enum SetPhase: String, CaseIterable, Sendable {
+    /// Flushing and draining writes (prepare).
+    case preparing
+    /// Writes held, before the commit (hold; writers frozen).
+    case held
+    /// The set's record being queued (commit).
+    case committing
+    /// Taken, not yet kept (thaw, post-snapshot, a kept-open set).
+    case pending
+    /// Being kept (backup-complete).
+    case keeping
+    /// Being deleted (an abort after the commit).
+    case aborting
+}
+
+extension CrashSimulationTests {
+    /// Teeth: with the rollback of unfinished sets switched off, the simulation fails within the
+    /// seeds a default run uses.
+    @Test func catchesUnfinishedSetsThatSurvive() async throws {
+        let failure = await withCheckedContinuation { (continuation: CheckedContinuation<String?, Never>) in
+            Thread.detachNewThread {
+                for seed in 1...Self.defaultSeedCount {
+                    var simulation = Simulation(seed: seed)
+                    simulation.skipsRollback = true
+                    do {
+                        _ = try simulation.run()
+                    } catch {
+                        continuation.resume(returning: "seed \(seed): \(error)")
+                        return
+                    }
+                }
+                continuation.resume(returning: nil)
+            }
+        }
+        let caught = try #require(failure, "no seed noticed unfinished sets surviving recovery")
+        #expect(caught.contains("never kept") || caught.contains("still pending"), "\(caught)")
     }
 }
 
@@ -76,6 +124,10 @@ struct Simulation {
     var random: SeededRandom
     var disk = SimulatedDisk()
     let model: SimulationModel
+    /// How often a crash found a set in each phase of its life.
+    var setPhasesAtCrashes: [SetPhase: Int] = [:]
+    /// Teeth: open stores without rolling back unfinished sets.
+    var skipsRollback = false
 
     init(seed: UInt64) {
         self.seed = seed
@@ -106,6 +158,7 @@ struct Simulation {
             }
         }
         configuration.wallClock = { Date(timeIntervalSince1970: 1_800_000_000) }
+        configuration.skipsRollbackForTesting = skipsRollback
         if ProcessInfo.processInfo.environment["UMBRA_SIMULATION_DEBUG"] != nil {
             configuration.logger = Logger(label: "sim") { StreamLogHandler.standardOutput(label: $0) }
             configuration.logger.logLevel = .trace
@@ -122,6 +175,8 @@ struct Simulation {
         for cycle in 0..<Self.cycles {
             let crashAt = Int.random(in: 1...operationBudget, using: &random)
             disk.crash(afterOperations: crashAt)
+            let phasesAtCrash = Mutex<[SetPhase]>([])
+            disk.observeCrash { [model] in phasesAtCrash.withLock { $0 = model.phasesOfSetsInFlight() } }
             let before = disk.operationCount
             let executor = SimulationExecutor(seed: random.next())
             let configuration = self.configuration(executor: executor, ioSeed: random.next())
@@ -133,7 +188,11 @@ struct Simulation {
             }
             guard let outcome else { throw SimulationFailure("cycle \(cycle): deadlock (a task never finished)") }
             if case .failure(let error) = outcome { throw SimulationFailure("cycle \(cycle): \(error)") }
-            if !disk.hasCrashed { operationBudget = max(50, disk.operationCount - before) }
+            if disk.hasCrashed {
+                for phase in phasesAtCrash.withLock({ $0 }) { setPhasesAtCrashes[phase, default: 0] += 1 }
+            } else {
+                operationBudget = max(50, disk.operationCount - before)
+            }
             disk.crashNow()
             self.disk = disk.recovered(using: &random)
             try recoverAndVerify(cycle: cycle)
@@ -196,6 +255,8 @@ struct Simulation {
             if disk.hasCrashed { return }
             throw error
         }
+        model.store = store
+        defer { model.store = nil }
         try await withThrowingTaskGroup(of: Void.self) { group in
             for worker in 0..<workers {
                 group.addTask {
@@ -250,11 +311,17 @@ final class SimulationModel: @unchecked Sendable {
         var maybe: [Write]
         /// A deletion of it began (by the diff-store policy) but may not have become durable.
         var mayBeGone = false
+        /// Its set was taken pending and `keepSnapshotSet` has not returned: recovery rolls it back,
+        /// unless the keep had begun (then it may go either way).
+        var isPending = false
+        var keepBegan = false
     }
 
     struct PendingSet {
         var volumes: [String]
         var start: Int
+        /// Taken pending (`commitPending`): never kept yet, so recovery must roll it back.
+        var rollsBack: Bool
         var atStart: [String: [UInt8]]
         /// Writes in flight when the set began or started while it was being taken, per volume.
         var maybe: [String: [Write]]
@@ -269,6 +336,22 @@ final class SimulationModel: @unchecked Sendable {
     var snapshots: [UUID: SnapshotModel] = [:]
     var pendingSets: [Int: PendingSet] = [:]
     var pendingDeletions: Set<UUID> = []
+    /// Where each set being taken is in its life, by the tick it started at; what a crash finds here
+    /// is counted, to show the simulation crashes sets in every phase.
+    var setPhases: [Int: SetPhase] = [:]
+    /// The sets taken pending and not yet finished, by the same key.
+    var pendingSetIDs: [Int: UUID] = [:]
+    /// The store the workload runs on (for the crash observer).
+    var store: SnapshotStore?
+
+    /// The phase of every set in flight; a pending set whose record is not yet durable is still
+    /// committing.
+    func phasesOfSetsInFlight() -> [SetPhase] {
+        setPhases.map { key, phase in
+            guard phase == .pending, let id = pendingSetIDs[key], let store else { return phase }
+            return store.state.withLock { $0.pendingCommits[id] != nil } ? .committing : phase
+        }
+    }
     var clock = 0
     var nextOwner = 0
 
@@ -297,9 +380,9 @@ final class SimulationModel: @unchecked Sendable {
 
     // MARK: - Operations
 
-    func performRandomOperation(_ store: SnapshotStore, random: inout SeededRandom) async throws {
+    func performRandomOperation(_ store: SnapshotStore, random: inout SeededRandom, sets: Bool = true) async throws {
         let name = Simulation.volumeNames.randomElement(using: &random)!
-        switch Int.random(in: 0..<100, using: &random) {
+        switch Int.random(in: 0..<(sets ? 100 : 60), using: &random) {
         case 0..<38: try await write(store, name, random: &random, kind: .data)
         case 38..<45: try await write(store, name, random: &random, kind: .discard)
         case 45..<50: try await write(store, name, random: &random, kind: .zeroes)
@@ -397,25 +480,84 @@ final class SimulationModel: @unchecked Sendable {
     func createSet(_ store: SnapshotStore, random: inout SeededRandom) async throws {
         var names = Simulation.volumeNames.filter { _ in random.chance(1, in: 2) }
         if names.isEmpty { names = [Simulation.volumeNames.randomElement(using: &random)!] }
+        let pending = random.chance(1, in: 2)
         let start = tick()
-        trace("set \(names) starts")
+        trace("set \(names) starts\(pending ? " (pending)" : "")")
         let key = start
         pendingSets[key] = PendingSet(
-            volumes: names, start: start,
+            volumes: names, start: start, rollsBack: pending,
             atStart: Dictionary(uniqueKeysWithValues: names.map { ($0, volumes[$0]!.content) }),
             maybe: Dictionary(
                 uniqueKeysWithValues: names.map { name in (name, volumes[name]!.writes.filter { $0.end == nil }) }))
-        let set = try await store.createSnapshotSet(volumes: names)
-        let pending = pendingSets.removeValue(forKey: key)!
+        let set: SnapshotSetInfo
+        if pending {
+            setPhases[key] = .preparing
+            let prepared = try await store.prepareSnapshotSet(volumes: names)
+            setPhases[key] = .held
+            for _ in 0..<Int.random(in: 1...4, using: &random) { await Task.yield() }
+            if random.chance(1, in: 8) {
+                prepared.abort()
+                trace("set \(names) started at \(start) aborted before its commit")
+                setPhases[key] = nil
+                pendingSets[key] = nil
+                releaseSetClaims()
+                return
+            }
+            setPhases[key] = .committing
+            set = try await prepared.commitPending()
+        } else {
+            set = try await store.createSnapshotSet(volumes: names)
+        }
+        let taking = pendingSets.removeValue(forKey: key)!
         trace("set \(names) started at \(start) ends: \(set.snapshots.map(\.id.guidString))")
         for snapshot in set.snapshots {
             snapshots[snapshot.id] = SnapshotModel(
                 id: snapshot.id, setID: set.id, volume: snapshot.volume, exact: nil,
-                atStart: pending.atStart[snapshot.volume]!,
-                maybe: pending.maybe[snapshot.volume] ?? [])
-            promote(snapshot.volume, completedBefore: start)
+                atStart: taking.atStart[snapshot.volume]!,
+                maybe: taking.maybe[snapshot.volume] ?? [], isPending: pending)
+            if !pending { promote(snapshot.volume, completedBefore: start) }
         }
         releaseSetClaims()
+        guard pending else { return }
+        try await finishPendingSet(set, key: key, start: start, store: store, random: &random)
+    }
+
+    /// What the coordinator does with a pending set: other I/O goes on while writers thaw and a
+    /// requester copies, then the set is kept (BackupComplete) or deleted (an abort).
+    func finishPendingSet(
+        _ set: SnapshotSetInfo, key: Int, start: Int, store: SnapshotStore, random: inout SeededRandom
+    ) async throws {
+        setPhases[key] = .pending
+        pendingSetIDs[key] = set.id
+        defer { pendingSetIDs[key] = nil }
+        for _ in 0..<Int.random(in: 0...2, using: &random) {
+            try await performRandomOperation(store, random: &random, sets: false)
+        }
+        let ids = set.snapshots.map(\.id)
+        if random.chance(1, in: 4) {
+            setPhases[key] = .aborting
+            trace("set \(set.id.guidString) is aborted")
+            pendingDeletions.formUnion(ids)
+            do {
+                try await store.deleteSnapshots(ids: [set.id])
+            } catch EngineError.snapshotNotFound where snapshotsMayVanish {
+                // The diff-store policy got there first.
+            }
+            pendingDeletions.subtract(ids)
+            for id in ids { snapshots[id] = nil }
+        } else {
+            setPhases[key] = .keeping
+            trace("set \(set.id.guidString) is kept")
+            for id in ids { snapshots[id]?.keepBegan = true }
+            do {
+                try await store.keepSnapshotSet(id: set.id)
+            } catch EngineError.snapshotNotFound where snapshotsMayVanish {
+            }
+            for id in ids { snapshots[id]?.isPending = false }
+            // Keeping waits for the set's record, which waited for the live volumes to be durable.
+            for name in Set(set.snapshots.map(\.volume)) { promote(name, completedBefore: start) }
+        }
+        setPhases[key] = nil
     }
 
     /// Frees ranges kept claimed for set creations that are no longer in flight.
@@ -429,7 +571,8 @@ final class SimulationModel: @unchecked Sendable {
     var inFlightOwners: Set<Int> = []
 
     func deleteSnapshot(_ store: SnapshotStore, random: inout SeededRandom) async throws {
-        let candidates = snapshots.values.sorted { $0.id.uuidString < $1.id.uuidString }
+        // A pending set is kept or deleted by the worker that took it.
+        let candidates = snapshots.values.filter { !$0.isPending }.sorted { $0.id.uuidString < $1.id.uuidString }
         guard let target = candidates.randomElement(using: &random) else { return }
         let useSet = random.chance(1, in: 3)
         let ids = useSet ? snapshots.values.filter { $0.setID == target.setID }.map(\.id) : [target.id]
@@ -554,6 +697,14 @@ final class SimulationModel: @unchecked Sendable {
         var seen: Set<UUID> = []
         for info in listed {
             seen.insert(info.id)
+            if let known = snapshots[info.id], known.isPending, !known.keepBegan {
+                throw SimulationFailure(
+                    "snapshot \(info.id.guidString) of \(info.volume) belongs to a set that was never kept, yet recovery did not roll it back"
+                )
+            }
+            if info.isPending {
+                throw SimulationFailure("snapshot \(info.id.guidString) is still pending after recovery")
+            }
             if case .failed = info.state {
                 guard diffLimit != nil, policy == .failSnapshot else {
                     throw SimulationFailure("snapshot \(info.id.guidString) failed without a diff-store limit")
@@ -564,7 +715,7 @@ final class SimulationModel: @unchecked Sendable {
             let bytes = try await store.snapshot(id: info.id).read(at: 0, count: volumeSize)
             if snapshots[info.id] == nil {
                 // A set whose creation was in flight at the crash may have made it; it must match one.
-                let candidates = pendingSets.values.filter { $0.volumes.contains(info.volume) }
+                let candidates = pendingSets.values.filter { $0.volumes.contains(info.volume) && !$0.rollsBack }
                 var matched = false
                 for pending in candidates where !matched {
                     snapshots[info.id] = SnapshotModel(
@@ -624,6 +775,7 @@ final class SimulationModel: @unchecked Sendable {
                 }
             }
             snapshots[info.id]!.mayBeGone = false
+            snapshots[info.id]!.isPending = false
             try check(snapshot: info.id, bytes: bytes)
             // Every chunk where the snapshot and the live volume differ must be reported as changed.
             let changed = try store.changes(volume: info.volume, since: info.id).extents
@@ -640,7 +792,7 @@ final class SimulationModel: @unchecked Sendable {
             }
         }
         for (id, snapshot) in snapshots where !seen.contains(id) {
-            if pendingDeletions.contains(id) || snapshotsMayVanish || snapshot.mayBeGone {
+            if pendingDeletions.contains(id) || snapshotsMayVanish || snapshot.mayBeGone || snapshot.isPending {
                 snapshots[id] = nil
             } else {
                 throw SimulationFailure("snapshot \(id.guidString) of \(snapshot.volume) vanished after recovery")
@@ -652,6 +804,8 @@ final class SimulationModel: @unchecked Sendable {
         }
         pendingSets = [:]
         pendingDeletions = []
+        setPhases = [:]
+        pendingSetIDs = [:]
         inFlightOwners = []
     }
 }
