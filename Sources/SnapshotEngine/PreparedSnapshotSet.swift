@@ -58,20 +58,23 @@ public final class PreparedSnapshotSet: Sendable {
         return .holdExpired(limitMilliseconds: seconds * 1000 + attoseconds / 1_000_000_000_000_000)
     }
 
-    /// Takes the gates and flushes; called once by the store, holding its operation lock. On failure
-    /// it has released everything, the operation lock included.
-    func hold() async throws {
+    /// Flushes (unless told not to) and takes the gates; called once by the store, holding its
+    /// operation lock. On failure it has released everything, the operation lock included. A
+    /// cancellation of the calling task before the writes are held gives up with `CancellationError`
+    /// (a flush under way finishes first), so a caller past its own deadline frees held writes at once.
+    func hold(flushingFirst: Bool) async throws {
         let configuration = store.context.configuration
         let members = self.members
         let io = store.context.io
         // Flush once while writes still flow, so the flush under the hold only has the writes of the
         // last moments to make durable: the hold stays short however much was dirty.
         do {
-            try await Self.flush(members, io: io)
+            if flushingFirst { try await Self.flush(members, io: io) }
+            try Task.checkCancellation()
         } catch {
             state.withLock { $0.phase = .finished }
             store.operations.unlock()
-            throw EngineError.wrap(error)
+            throw error is CancellationError ? error : EngineError.wrap(error)
         }
         let acquisition = Task(executorPreference: configuration.taskExecutor) {
             var acquired: [Volume] = []
@@ -100,7 +103,11 @@ public final class PreparedSnapshotSet: Sendable {
             state.watchdog = watchdog
         }
         do {
-            try await acquisition.value
+            try await withTaskCancellationHandler {
+                try await acquisition.value
+            } onCancel: {
+                acquisition.cancel()
+            }
         } catch {
             let expired = state.withLock { state -> Bool in
                 defer { state.phase = .finished }
@@ -108,7 +115,8 @@ public final class PreparedSnapshotSet: Sendable {
             }
             watchdog.cancel()
             store.operations.unlock()
-            throw expired ? expiredError : EngineError.wrap(error)
+            if expired { throw expiredError }
+            throw error is CancellationError ? error : EngineError.wrap(error)
         }
         let held = state.withLock { state -> Bool in
             guard state.phase == .acquiring else { return false }

@@ -368,10 +368,12 @@ public final class SnapshotStore: Sendable {
     /// Holds new writes on every volume of the set, drains the writes in flight, and makes the volumes
     /// durable; `commit()` then takes the snapshots, `abort()` gives up. Writes stay held for at most
     /// `holdLimit` (default: the configuration's): past it the set is aborted and the writes released.
-    /// The set gets GUID `id` if given (it must be new), else a fresh one.
-    public func prepareSnapshotSet(volumes names: [String], id: UUID? = nil, holdLimit: Duration? = nil) async throws
-        -> PreparedSnapshotSet
-    {
+    /// The set gets GUID `id` if given (it must be new), else a fresh one. `flushingFirst: false`
+    /// skips the flush that runs before writes are held (a caller that flushed just before, and wants
+    /// no disk wait here); the commit makes the volumes durable before the set either way.
+    public func prepareSnapshotSet(
+        volumes names: [String], id: UUID? = nil, holdLimit: Duration? = nil, flushingFirst: Bool = true
+    ) async throws -> PreparedSnapshotSet {
         try checkOpen()
         guard !names.isEmpty else { throw EngineError.invalidSnapshotSet("a snapshot set needs at least one volume") }
         guard Set(names).count == names.count else {
@@ -395,7 +397,7 @@ public final class SnapshotStore: Sendable {
             throw error
         }
         let prepared = PreparedSnapshotSet(store: self, members: members, holdLimit: limit, id: id)
-        try await prepared.hold()
+        try await prepared.hold(flushingFirst: flushingFirst)
         return prepared
     }
 

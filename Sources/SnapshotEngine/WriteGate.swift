@@ -41,6 +41,9 @@ final class WriteGate: Sendable {
         }
     }
 
+    /// Whether an exclusive holder is waiting or holds the gate (new writes wait).
+    var hasExclusiveWaiter: Bool { state.withLock { !$0.isOpen } }
+
     /// Leaves the gate after `enter()`.
     func leave() {
         let drained = state.withLock { state -> CheckedContinuation<Void, any Error>? in

@@ -129,3 +129,25 @@ import UmbraTestSupport
         }
     }
 }
+
+@Suite struct PreparedSetCancellationTests {
+    /// A prepare whose caller gives up (a coordinator past its freeze window) stops waiting for
+    /// writes to drain: it throws `CancellationError`, holds no gate, and the next set can be taken.
+    @Test func cancelledPrepareHoldsNothing() async throws {
+        try await Fixture.withStore { store, _ in
+            try await store.createVolume(VolumeSpec(name: "disk", size: 65536, chunkSize: .kibibytes(4)))
+            let volume = try store.volume(named: "disk")
+            // A write that never finishes: the drain would wait for it forever.
+            await volume.gate.enter()
+            let prepare = Task { try await store.prepareSnapshotSet(volumes: ["disk"], flushingFirst: false) }
+            while !volume.gate.hasExclusiveWaiter { await Task.yield() }
+            prepare.cancel()
+            await #expect(throws: CancellationError.self) { _ = try await prepare.value }
+            volume.gate.leave()
+            // Writes pass, and a new set is taken.
+            try await volume.write(at: 0, [7])
+            let set = try await store.createSnapshotSet(volumes: ["disk"])
+            #expect(set.snapshots.count == 1)
+        }
+    }
+}
