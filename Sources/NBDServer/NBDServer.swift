@@ -159,6 +159,16 @@ public final class NBDServer: Sendable {
         return bound
     }
 
+    /// Closes every listener: no new connections, while those already open go on being served (the
+    /// first step of a daemon's shutdown; `shutdown` ends the rest).
+    public func stopAccepting() async {
+        let listeners = state.withLock { state in
+            defer { state.listeners = [] }
+            return state.listeners
+        }
+        for listener in listeners { await close(listener) }
+    }
+
     /// Closes the listeners bound to `addresses`.
     private func stopListening(on addresses: [SocketAddress]) async {
         let closing = state.withLock { state -> [Listener] in

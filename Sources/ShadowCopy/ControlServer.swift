@@ -7,6 +7,13 @@
 // straight to the coordinator. Everything the daemon sends on a connection goes through one ordered
 // stream, so an event and an answer never interleave or overtake each other. Nothing a client sends is
 // asserted on: every bad line gets an error answer and the connection carries on.
+//
+// Each accepted connection gets its serving task inside the child channel's initializer, not through
+// the server channel's async sequence: a connection accepted while that sequence is being torn down
+// would otherwise be dropped unserved, which NIO turns into a trap (swift-nio#2813). Stopping is
+// `shutdown()`: stop accepting, let the coordinator answer requesters (`shutting-down`) and send writers
+// Abort, then end each connection's reading, finish its requests, write out everything it was sent
+// and only then close it.
 
 import Foundation
 import Logging
@@ -17,30 +24,43 @@ import Synchronization
 public final class ControlServer: Sendable {
     public let socketPath: String
     private let serverName: String
-    private let serverChannel: NIOAsyncChannel<NIOAsyncChannel<ControlFrame, ByteBuffer>, Never>
     private let coordinator: any SetCoordinating
     private let handler: any ControlRequestHandler
     private let logger: Logger
     private let nextConnectionID = Atomic<UInt64>(0)
+    private let state = Mutex(State())
+
+    private struct State {
+        var serverChannel: (any Channel)?
+        var isStopping = false
+        /// Every connection being served, by number, with its channel (to end it at shutdown).
+        var connections: [UInt64: any Channel] = [:]
+        var connectionsGone: [CheckedContinuation<Void, Never>] = []
+        var stopped = false
+        var stopWaiters: [CheckedContinuation<Void, Never>] = []
+    }
+
+    /// The longest shutdown waits for a client to take what it was sent before closing anyway.
+    static let drainTimeout = TimeAmount.seconds(2)
 
     private init(
         socketPath: String,
         serverName: String,
-        serverChannel: NIOAsyncChannel<NIOAsyncChannel<ControlFrame, ByteBuffer>, Never>,
         coordinator: any SetCoordinating,
         handler: any ControlRequestHandler,
         logger: Logger
     ) {
         self.socketPath = socketPath
         self.serverName = serverName
-        self.serverChannel = serverChannel
         self.coordinator = coordinator
         self.handler = handler
         self.logger = logger
     }
 
-    /// Binds the control socket at `socketPath`. A socket file left by a daemon that is gone is
-    /// replaced; a live daemon on it, or a file that is not a socket, is an error.
+    /// Binds the control socket at `socketPath` and starts serving connections. A socket file left by
+    /// a daemon that is gone is replaced; a live daemon on it, or a file that is not a socket, is an
+    /// error. Give it an event loop group of its own in a daemon whose other loops may block (the
+    /// NBD server's buffered writes can), so writers hear Thaw and Abort on time.
     public static func bind<Provider: SnapshotProvider, C: Clock>(
         socketPath: String,
         coordinator: ShadowCopyCoordinator<Provider, C>,
@@ -55,53 +75,90 @@ public final class ControlServer: Sendable {
             try? await live.close()
             return true
         }
-        let channel: NIOAsyncChannel<NIOAsyncChannel<ControlFrame, ByteBuffer>, Never>
+        let server = ControlServer(
+            socketPath: socketPath,
+            serverName: coordinator.serverName,
+            coordinator: coordinator,
+            handler: handler,
+            logger: logger
+        )
+        let channel: any Channel
         do {
             channel = try await ServerBootstrap(group: group)
                 .serverChannelOption(.backlog, value: 64)
-                .bind(unixDomainSocketPath: socketPath) { channel in
+                .childChannelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(
                             ByteToMessageHandler(ControlLineDecoder(lineBytesMax: ControlProtocol.requestLineBytesMax))
                         )
-                        return try NIOAsyncChannel<ControlFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
+                        let connection = try NIOAsyncChannel<ControlFrame, ByteBuffer>(
+                            wrappingChannelSynchronously: channel)
+                        server.accept(connection)
                     }
                 }
+                .bind(unixDomainSocketPath: socketPath)
+                .get()
         } catch {
             throw ShadowCopyError(.internal, "Cannot listen on the control socket '\(socketPath)': \(error).")
         }
         do {
             try ControlSocketFile.restrict(path: socketPath)
         } catch {
-            try? await channel.channel.close()
+            try? await channel.close()
             throw error
         }
-        return ControlServer(
-            socketPath: socketPath,
-            serverName: coordinator.serverName,
-            serverChannel: channel,
-            coordinator: coordinator,
-            handler: handler,
-            logger: logger
-        )
+        server.state.withLock { $0.serverChannel = channel }
+        return server
     }
 
-    /// Serves connections until the calling task is cancelled; then aborts any set in progress, closes
-    /// every connection and removes the socket file.
+    /// Waits until the server has stopped. Cancelling the waiting task stops it (`shutdown()`).
     public func run() async throws {
-        defer { try? FileManager.default.removeItem(atPath: socketPath) }
-        let coordinator = self.coordinator
-        try await withTaskCancellationHandler {
-            try await serverChannel.executeThenClose { inbound in
-                try await withThrowingDiscardingTaskGroup { group in
-                    for try await connection in inbound {
-                        group.addTask { await self.serve(connection) }
-                    }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { continuation in
+                let stopped = state.withLock { state in
+                    if !state.stopped { state.stopWaiters.append(continuation) }
+                    return state.stopped
                 }
+                if stopped { continuation.resume() }
             }
         } onCancel: {
-            Task { await coordinator.shutdown() }
+            Task { await self.shutdown() }
         }
+    }
+
+    /// Stops: no new connections; the set in progress is aborted (its requester answered with
+    /// `shutting-down`, its writers sent Abort) and rolled back; every connection finishes what it
+    /// was asked, gets everything it was sent, and is closed; the socket file is removed. Safe to
+    /// call more than once; every call returns once the server has stopped.
+    public func shutdown() async {
+        let (first, serverChannel) = state.withLock { state in
+            defer { state.isStopping = true }
+            return (!state.isStopping, state.serverChannel)
+        }
+        guard first else {
+            try? await run()
+            return
+        }
+        try? await serverChannel?.close()
+        await coordinator.shutdown()
+        // End the reading side of every connection: each then finishes its requests, writes out what
+        // it was sent (Abort, `shutting-down` answers) and closes.
+        let channels = state.withLock { Array($0.connections.values) }
+        for channel in channels { channel.close(mode: .input, promise: nil) }
+        await withCheckedContinuation { continuation in
+            let none = state.withLock { state in
+                if !state.connections.isEmpty { state.connectionsGone.append(continuation) }
+                return state.connections.isEmpty
+            }
+            if none { continuation.resume() }
+        }
+        try? FileManager.default.removeItem(atPath: socketPath)
+        let waiters = state.withLock { state in
+            state.stopped = true
+            defer { state.stopWaiters = [] }
+            return state.stopWaiters
+        }
+        for waiter in waiters { waiter.resume() }
     }
 
     // MARK: - One connection
@@ -112,8 +169,31 @@ public final class ControlServer: Sendable {
         case writer(WriterID)
     }
 
-    private func serve(_ channel: NIOAsyncChannel<ControlFrame, ByteBuffer>) async {
+    /// Called from the child channel's initializer: the connection is served from here on, whatever
+    /// else happens, so it is always closed through `executeThenClose`.
+    private func accept(_ channel: NIOAsyncChannel<ControlFrame, ByteBuffer>) {
         let number = nextConnectionID.add(1, ordering: .relaxed).newValue
+        let stopping = state.withLock { state in
+            if !state.isStopping { state.connections[number] = channel.channel }
+            return state.isStopping
+        }
+        Task {
+            if stopping {
+                try? await channel.executeThenClose { _, _ in }
+                return
+            }
+            await self.serve(channel, number: number)
+            let gone = self.state.withLock { state -> [CheckedContinuation<Void, Never>] in
+                state.connections[number] = nil
+                guard state.connections.isEmpty else { return [] }
+                defer { state.connectionsGone = [] }
+                return state.connectionsGone
+            }
+            for waiter in gone { waiter.resume() }
+        }
+    }
+
+    private func serve(_ channel: NIOAsyncChannel<ControlFrame, ByteBuffer>, number: UInt64) async {
         var logger = logger
         logger[metadataKey: "control.connection"] = "\(number)"
         let (replies, replyContinuation) = AsyncStream.makeStream(of: ByteBuffer.self)
@@ -122,6 +202,9 @@ public final class ControlServer: Sendable {
                 await withTaskGroup(of: Void.self) { pump in
                     pump.addTask {
                         for await line in replies { try? await outbound.write(line) }
+                        // Everything queued is written once the output side closes; a client that
+                        // never reads gets `drainTimeout`, then the connection is closed regardless.
+                        await Self.closeOutputWhenWritten(channel.channel)
                     }
                     var role = Role.awaitingHello
                     await withTaskGroup(of: Void.self) { requests in
@@ -152,6 +235,12 @@ public final class ControlServer: Sendable {
         } catch {
             logger.debug("control connection ended", metadata: ["control.error": "\(error)"])
         }
+    }
+
+    private static func closeOutputWhenWritten(_ channel: any Channel) async {
+        let deadline = channel.eventLoop.scheduleTask(in: drainTimeout) { channel.close(promise: nil) }
+        try? await channel.close(mode: .output).get()
+        deadline.cancel()
     }
 
     private func received(

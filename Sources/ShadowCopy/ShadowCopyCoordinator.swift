@@ -76,7 +76,7 @@ protocol SetCoordinating: Actor {
     func abortSet(_ id: UUID, requester: RequesterID) async throws
     func requesterDisconnected(_ requester: RequesterID)
     func listWriters() -> WriterList
-    func shutdown()
+    func shutdown() async
 }
 
 public actor ShadowCopyCoordinator<Provider: SnapshotProvider, C: Clock>: SetCoordinating
@@ -108,6 +108,10 @@ where C.Duration == Duration {
         var abortWaiter: CheckedContinuation<Void, any Error>?
         var timer: Task<Void, Never>?
         var timerDeadline: C.Instant?
+        /// The provider's prepare, cancelled when the set is aborted while it drains writes.
+        var prepareTask: Task<Void, Never>?
+        /// Callers waiting for the set to be finished, clean-up included (shutdown).
+        var finishWaiters: [CheckedContinuation<Void, Never>] = []
     }
 
     private enum Slot {
@@ -130,6 +134,8 @@ where C.Duration == Duration {
     private var creating: [RequesterID: Int] = [:]
     private var departed: Set<RequesterID> = []
     private var isShuttingDown = false
+    /// Early flushes still running (nobody waits for them, but shutdown lets them end first).
+    private var flushes: [UUID: Task<Void, Never>] = [:]
 
     public init(
         provider: Provider,
@@ -259,6 +265,10 @@ where C.Duration == Duration {
             releaseSlot()
             throw ShadowCopyError(.connectionClosed, "The requester's connection closed.")
         }
+        guard !isShuttingDown else {
+            releaseSlot()
+            throw ShadowCopyError(.shuttingDown, "The daemon is shutting down.")
+        }
 
         let participants =
             params.writers
@@ -330,17 +340,38 @@ where C.Duration == Duration {
         }
     }
 
-    /// Aborts the set in progress and turns away everyone waiting or arriving.
-    public func shutdown() {
+    /// Stops for good: turns away everyone waiting or arriving, answers the requester of the set in
+    /// progress with `shutting-down` at once, sends its writers Abort, and returns once the set is
+    /// rolled back (its hold released or its snapshots deleted). A set already at BackupComplete is
+    /// kept and finishes as created, its unanswered writers failed at backup-complete.
+    public func shutdown() async {
         isShuttingDown = true
         let error = ShadowCopyError(.shuttingDown, "The daemon is shutting down.")
         for waiter in waiting { waiter.continuation.resume(throwing: error) }
         waiting = []
         if case .running(let active) = slot {
-            drive(set: active.machine.id) { machine, now in
-                machine.requesterAborted(reason: "The daemon is shutting down; the set was aborted.", now: now)
+            let id = active.machine.id
+            if active.machine.step != .event(.backupComplete) {
+                let aborted = ShadowCopyError(
+                    .shuttingDown,
+                    "The daemon is shutting down; the shadow copy set \(id.guidString) was aborted and its snapshots"
+                        + " are deleted.",
+                    details: ControlErrorDetails(set: id, writers: active.machine.writerInfos()))
+                update { active in
+                    active.createWaiter?.resume(throwing: aborted)
+                    active.completeWaiter?.resume(throwing: aborted)
+                    active.abortWaiter?.resume()
+                    active.createWaiter = nil
+                    active.completeWaiter = nil
+                    active.abortWaiter = nil
+                }
+            }
+            drive(set: id) { machine, now in machine.shuttingDown(now: now) }
+            if case .running(let still) = slot, still.machine.id == id {
+                await withCheckedContinuation { continuation in update { $0.finishWaiters.append(continuation) } }
             }
         }
+        for flush in flushes.values { await flush.value }
     }
 
     /// The set in progress, if any (for tests and status).
@@ -439,10 +470,16 @@ where C.Duration == Duration {
         switch action {
         case .send(let event, let targets):
             for target in targets { send(event, to: target, machine: machine) }
-        case .prepareProvider:
-            Task { [provider] in
+        case .flushProvider:
+            flushes[id] = Task { [provider] in
+                try? await provider.flushVolumes(machine.volumes)
+                self.flushFinished(set: id)
+            }
+        case .prepareProvider(let flushingFirst):
+            let task = Task { [provider] in
                 do {
-                    let token = try await provider.prepareSnapshotSet(id: id, volumes: machine.volumes)
+                    let token = try await provider.prepareSnapshotSet(
+                        id: id, volumes: machine.volumes, flushingFirst: flushingFirst)
                     self.prepared(set: id, token: token)
                 } catch {
                     self.drive(set: id) { machine, now in
@@ -450,15 +487,29 @@ where C.Duration == Duration {
                     }
                 }
             }
-        case .commitProvider:
+            update { $0.prepareTask = task }
+        case .cancelPrepare:
+            active.prepareTask?.cancel()
+        case .commitProvider(let keep):
             guard let token = active.token else { preconditionFailure("commit without a hold") }
             Task { [provider] in
                 do {
-                    let committed = try await provider.commitSnapshotSet(token)
+                    let committed = try await provider.commitSnapshotSet(token, keep: keep)
                     self.drive(set: id) { machine, now in machine.providerCommitted(committed, now: now) }
                 } catch {
                     self.drive(set: id) { machine, now in
                         machine.providerCommitFailed(ShadowCopyError.wrapping(error, as: .providerFailed), now: now)
+                    }
+                }
+            }
+        case .keepSet:
+            Task { [provider] in
+                do {
+                    try await provider.keepSnapshotSet(id: id)
+                    self.drive(set: id) { machine, now in machine.providerKept(now: now) }
+                } catch {
+                    self.drive(set: id) { machine, now in
+                        machine.providerKeepFailed(ShadowCopyError.wrapping(error, as: .providerFailed), now: now)
                     }
                 }
             }
@@ -487,6 +538,10 @@ where C.Duration == Duration {
         }
     }
 
+    private func flushFinished(set id: UUID) {
+        flushes[id] = nil
+    }
+
     private func prepared(set id: UUID, token: Provider.HoldToken) {
         update { if $0.machine.id == id { $0.token = token } }
         drive(set: id) { machine, now in machine.providerPrepared(now: now) }
@@ -500,10 +555,14 @@ where C.Duration == Duration {
         record.outstanding = record.outstanding.filter { $0.value.set == machine.id }
         record.outstanding[requestID] = (machine.id, event)
         writers[writer] = record
+        // A writer must answer Freeze within the freeze window too, whichever ends first.
+        let answerWithin =
+            event == .freeze
+            ? min(configuration.eventTimeout, machine.configuration.freezeWindow) : configuration.eventTimeout
         let params = WriterEventParams(
             set: machine.id,
             volumes: machine.volumes,
-            timeoutMs: Self.milliseconds(configuration.eventTimeout),
+            timeoutMs: Self.milliseconds(answerWithin),
             freezeWindowMs: event == .freeze ? Self.milliseconds(machine.configuration.freezeWindow) : nil,
             snapshots: [.thaw, .postSnapshot, .backupComplete, .abort].contains(event)
                 ? machine.committed?.snapshots : nil,
@@ -514,6 +573,7 @@ where C.Duration == Duration {
 
     private func finish(_ active: ActiveSet, outcome: Machine.Outcome) {
         active.timer?.cancel()
+        defer { for waiter in active.finishWaiters { waiter.resume() } }
         switch outcome {
         case .created:
             let result = active.machine.result()!

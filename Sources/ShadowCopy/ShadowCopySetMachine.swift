@@ -6,11 +6,16 @@
 // `nextDeadline` when to call `deadlinePassed`. Every input re-checks the deadlines against `now`, so an
 // answer that races a timer is judged the same way whichever arrives first.
 //
-// Steps: identify → prepare-for-backup → prepare-for-snapshot → freeze → provider prepare → provider
-// commit → thaw → post-snapshot → (open, for a requester that copies first) → backup-complete. Any
-// failure before backup-complete aborts: every writer still connected gets Abort, a held provider is
-// released, a committed set is deleted, and only then does the requester hear why. A failure at
-// backup-complete is recorded on the writer but the set stands: the backup is already done.
+// Steps: identify → prepare-for-backup → prepare-for-snapshot (the provider flushes meanwhile) →
+// freeze → provider prepare → provider commit → thaw → post-snapshot → (open, for a requester that
+// copies first) → provider keep → backup-complete. The commit takes the set *pending*: the provider
+// rolls it back after a crash unless the keep made it durable, so a set is kept exactly from
+// backup-complete on (a set without writers that nobody keeps open is kept by its commit). Any failure
+// before backup-complete aborts: every writer still connected gets Abort at once, then a held
+// provider is released (a prepare still draining is cancelled), a committed set is deleted, and only
+// then does the requester hear why. A failure at backup-complete is recorded on the writer but the set
+// stands: the backup is already done. Nothing between Freeze and Thaw or Abort waits for a disk
+// flush that the machine could avoid: the commit answers once writes are released.
 
 import Foundation
 
@@ -45,6 +50,7 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
         case preparing
         case committing
         case open
+        case keeping
         case releasing
         case deleting
         case finished
@@ -58,8 +64,15 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
     enum Action: Hashable, Sendable {
         /// Send `event` to these writers (never `.abort` to a writer whose connection is gone).
         case send(WriterEvent, to: [WriterID])
-        case prepareProvider
-        case commitProvider
+        /// Flush the volumes ahead of the freeze, so the prepare need not (nobody waits for it).
+        case flushProvider
+        case prepareProvider(flushingFirst: Bool)
+        /// Stop a prepare that is still draining writes: the set is off.
+        case cancelPrepare
+        /// Commit: kept at once when `keep`, else pending until `keepSet`.
+        case commitProvider(keep: Bool)
+        /// Make the set's snapshots survive a crash (before BackupComplete goes out).
+        case keepSet
         /// Release the provider's hold without (or after a failed) commit.
         case releaseProvider
         /// Delete the committed set.
@@ -77,6 +90,8 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
     private(set) var step: Step = .notStarted
     private(set) var statuses: [WriterID: WriterStatus]
     private(set) var committed: CommittedSnapshotSet?
+    /// The provider keeps the set: a crash no longer rolls it back.
+    private(set) var kept = false
     /// Set once the set is being aborted; the requester hears this when the provider is clean.
     private(set) var failure: ShadowCopyError?
     private var pending: Set<WriterID> = []
@@ -95,6 +110,10 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
 
     /// With no writer taking part the snapshots are only crash-consistent.
     var isCrashConsistent: Bool { participants.isEmpty }
+
+    /// Nothing can fail between the commit and BackupComplete of a set without writers that nobody
+    /// keeps open, so its commit keeps it at once.
+    private var keepsAtCommit: Bool { participants.isEmpty && !configuration.keepOpen }
 
     /// When the driver must call `deadlinePassed` next, if ever.
     var nextDeadline: Instant? {
@@ -145,8 +164,8 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
         if let actions = checkDeadlines(now: now) { return actions }
         let message = "its connection closed"
         switch step {
-        case .event(.backupComplete), .open:
-            // The snapshots are already taken and kept; the writer just misses BackupComplete.
+        case .event(.backupComplete), .open, .keeping:
+            // The snapshots are taken (and about to be kept); the writer just misses BackupComplete.
             pending.remove(writer)
             statuses[writer]!.failed(at: .backupComplete, .retryable, message: message)
             return step == .event(.backupComplete) && pending.isEmpty ? advance(after: .backupComplete, now: now) : []
@@ -171,7 +190,7 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
             return actions + [.releaseProvider]
         }
         step = .committing
-        return [.commitProvider]
+        return [.commitProvider(keep: keepsAtCommit)]
     }
 
     mutating func providerPrepareFailed(_ error: ShadowCopyError, now: Instant) -> [Action] {
@@ -183,6 +202,7 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
     mutating func providerCommitted(_ set: CommittedSnapshotSet, now: Instant) -> [Action] {
         guard step == .committing else { return [] }
         committed = set
+        kept = keepsAtCommit
         let actions = checkDeadlines(now: now) ?? []
         if failure != nil {
             step = .deleting
@@ -190,6 +210,23 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
         }
         freezeDeadline = nil
         return begin(.thaw, now: now)
+    }
+
+    mutating func providerKept(now: Instant) -> [Action] {
+        guard step == .keeping else { return [] }
+        if failure != nil {
+            step = .deleting
+            return [.deleteSet]
+        }
+        kept = true
+        return begin(.backupComplete, now: now)
+    }
+
+    mutating func providerKeepFailed(_ error: ShadowCopyError, now: Instant) -> [Action] {
+        guard step == .keeping else { return [] }
+        let actions = failure == nil ? abort(with: providerError(error, doing: "keep"), now: now) : []
+        step = .deleting
+        return actions + [.deleteSet]
     }
 
     mutating func providerCommitFailed(_ error: ShadowCopyError, now: Instant) -> [Action] {
@@ -212,10 +249,11 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
         return finish(.failed(failure))
     }
 
-    /// The requester of a kept-open set says the backup is done: BackupComplete goes out.
+    /// The requester of a kept-open set says the backup is done: the set is kept, then BackupComplete
+    /// goes out.
     mutating func requesterCompleted(now: Instant) -> [Action] {
         guard step == .open else { return [] }
-        return begin(.backupComplete, now: now)
+        return keepThenComplete(now: now)
     }
 
     /// The requester aborts the set (or went away). Ignored once BackupComplete is under way.
@@ -223,8 +261,28 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
         switch step {
         case .notStarted, .event(.backupComplete), .releasing, .deleting, .finished:
             return []
-        case .event, .preparing, .committing, .open:
+        case .event, .preparing, .committing, .open, .keeping:
             return abort(with: ShadowCopyError(.aborted, reason, details: details()), now: now)
+        }
+    }
+
+    /// The daemon is stopping. A set whose snapshots are kept (BackupComplete under way) finishes
+    /// as created, its unanswered writers failed at backup-complete; any other set is aborted and
+    /// rolled back.
+    mutating func shuttingDown(now: Instant) -> [Action] {
+        switch step {
+        case .notStarted, .releasing, .deleting, .finished:
+            return []
+        case .event(.backupComplete):
+            for writer in pending.sorted() {
+                statuses[writer]!.failed(
+                    at: .backupComplete, .retryable, message: "the daemon shut down before it answered")
+            }
+            return finish(.created)
+        case .event, .preparing, .committing, .open, .keeping:
+            let error = ShadowCopyError(
+                .shuttingDown, "The daemon is shutting down; the shadow copy set was aborted.", details: details())
+            return abort(with: error, now: now)
         }
     }
 
@@ -280,21 +338,31 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
         eventDeadline = nil
         switch event {
         case .identify: return begin(.prepareForBackup, now: now)
-        case .prepareForBackup: return begin(.prepareForSnapshot, now: now)
+        case .prepareForBackup:
+            // Writers that prepare give the provider time to flush, so the hold after Freeze need not.
+            let flush: [Action] = participants.isEmpty ? [] : [.flushProvider]
+            return flush + begin(.prepareForSnapshot, now: now)
         case .prepareForSnapshot: return begin(.freeze, now: now)
         case .freeze:
             step = .preparing
-            return [.prepareProvider]
+            return [.prepareProvider(flushingFirst: participants.isEmpty)]
         case .thaw: return begin(.postSnapshot, now: now)
         case .postSnapshot:
             if configuration.keepOpen {
                 step = .open
                 return [.setOpen]
             }
-            return begin(.backupComplete, now: now)
+            return keepThenComplete(now: now)
         case .backupComplete: return finish(.created)
         case .abort: preconditionFailure("abort is never a step")
         }
+    }
+
+    /// Keeps the set (unless its commit did), then sends BackupComplete.
+    private mutating func keepThenComplete(now: Instant) -> [Action] {
+        if kept { return begin(.backupComplete, now: now) }
+        step = .keeping
+        return [.keepSet]
     }
 
     /// The deadline checks every input starts with; nil when none has passed.
@@ -382,7 +450,10 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
         let targets = participants.map(\.id).filter { !disconnected.contains($0) }
         let notify: [Action] = targets.isEmpty ? [] : [.send(.abort, to: targets)]
         switch step {
-        case .preparing, .committing:
+        case .preparing:
+            // Writes may be held while the prepare drains: stop it; its answer leads to release.
+            return notify + [.cancelPrepare]
+        case .committing, .keeping:
             // The provider call in flight decides: its answer leads to release or delete.
             return notify
         case .open, .event(.thaw), .event(.postSnapshot):

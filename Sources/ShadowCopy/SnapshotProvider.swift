@@ -18,10 +18,12 @@ public struct CommittedSnapshotSet: Sendable, Hashable {
 }
 
 /// The snapshot engine as the coordinator drives it. For one set the calls are, in order:
-/// `validateSnapshotSet`, then `prepareSnapshotSet` (writers are frozen), then `commitSnapshotSet`
-/// right away, and `abortSnapshotSet` instead of commit, or after a commit that threw. A committed set
-/// that must not survive (a later writer failed, the requester aborted) is removed with
-/// `deleteSnapshotSet`. The coordinator runs one set at a time.
+/// `validateSnapshotSet`; `flushVolumes` (only when writers take part, while they prepare; nobody
+/// waits for it); `prepareSnapshotSet` once writers are frozen; `commitSnapshotSet` right away, and
+/// `abortSnapshotSet` instead of commit, or after a commit that threw. A committed set that is not
+/// kept at once is kept with `keepSnapshotSet` before BackupComplete, or removed with
+/// `deleteSnapshotSet` when it must not survive (a later writer failed, the requester aborted, the
+/// daemon stops). The coordinator runs one set at a time.
 ///
 /// Errors thrown may be `ShadowCopyError` (their code reaches the requester as it is, e.g. `not-found`
 /// for an unknown volume); anything else is reported as `provider-failed` with its description.
@@ -33,13 +35,24 @@ public protocol SnapshotProvider: Sendable {
     /// Called before any writer hears of the set.
     func validateSnapshotSet(volumes: [String]) async throws
 
-    /// Holds new writes on every volume, drains writes in flight and flushes. The set must get GUID
-    /// `id`. The provider enforces its own hold limit (a commit after it throws) and releases the hold
-    /// by itself once the limit is past.
-    func prepareSnapshotSet(id: UUID, volumes: [String]) async throws -> HoldToken
+    /// Makes the volumes' data durable ahead of the set, so that the prepare has nothing to flush
+    /// between Freeze and Thaw. Purely an optimisation: errors are ignored.
+    func flushVolumes(_ volumes: [String]) async throws
 
-    /// Records the set durably with one timestamp and fresh snapshot GUIDs, and releases the hold.
-    func commitSnapshotSet(_ token: HoldToken) async throws -> CommittedSnapshotSet
+    /// Holds new writes on every volume and drains writes in flight (flushing first when
+    /// `flushingFirst`). The set must get GUID `id`. The provider enforces its own hold limit (a commit
+    /// after it throws) and releases the hold by itself once the limit is past. If the calling task is
+    /// cancelled before writes are held, it gives up (throws) holding nothing.
+    func prepareSnapshotSet(id: UUID, volumes: [String], flushingFirst: Bool) async throws -> HoldToken
+
+    /// Takes the snapshots with one timestamp and fresh snapshot GUIDs and releases the hold. With
+    /// `keep`, returns once the set is durable for good. Without, the set is *pending*: it returns as
+    /// soon as writes are released, the snapshots are readable, and the provider rolls the set back
+    /// after a crash unless `keepSnapshotSet` made it durable first.
+    func commitSnapshotSet(_ token: HoldToken, keep: Bool) async throws -> CommittedSnapshotSet
+
+    /// Makes a pending set durable for good: a crash after this returns keeps it.
+    func keepSnapshotSet(id: UUID) async throws
 
     /// Releases the hold without taking snapshots. Must be safe after a commit that threw.
     func abortSnapshotSet(_ token: HoldToken) async

@@ -100,6 +100,17 @@ public final class ChildProcess: @unchecked Sendable {
         }
     }
 
+    /// Waits for the process to exit, at most `seconds`; false if it is still running then.
+    public func waitUntilExit(seconds: Double) -> Bool {
+        let deadline = Date().addingTimeInterval(seconds)
+        while process.isRunning {
+            if Date() >= deadline { return false }
+            usleep(10_000)
+        }
+        process.waitUntilExit()
+        return true
+    }
+
     /// SIGKILL, then waits for the process to be gone.
     public func kill() {
         Glibc.kill(process.processIdentifier, SIGKILL)

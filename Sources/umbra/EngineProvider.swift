@@ -29,22 +29,43 @@ struct EngineProvider: SnapshotProvider {
         }
     }
 
-    func prepareSnapshotSet(id: UUID, volumes: [String]) async throws -> HoldToken {
+    func flushVolumes(_ volumes: [String]) async throws {
+        try await withThrowingTaskGroup(of: Void.self) { group in
+            for name in volumes {
+                let volume = try store.volume(named: name)
+                group.addTask { try await volume.flush() }
+            }
+            try await group.waitForAll()
+        }
+    }
+
+    func prepareSnapshotSet(id: UUID, volumes: [String], flushingFirst: Bool) async throws -> HoldToken {
         do {
-            return HoldToken(prepared: try await store.prepareSnapshotSet(volumes: volumes, id: id), volumes: volumes)
+            let prepared = try await store.prepareSnapshotSet(volumes: volumes, id: id, flushingFirst: flushingFirst)
+            return HoldToken(prepared: prepared, volumes: volumes)
+        } catch is CancellationError {
+            throw ShadowCopyError(.aborted, "The set was abandoned while writes were being drained.")
         } catch {
             throw controlError(error)
         }
     }
 
-    func commitSnapshotSet(_ token: HoldToken) async throws -> CommittedSnapshotSet {
-        let info = try await token.prepared.commit()
+    func commitSnapshotSet(_ token: HoldToken, keep: Bool) async throws -> CommittedSnapshotSet {
+        let info = try await keep ? token.prepared.commit() : token.prepared.commitPending()
         let byVolume = Dictionary(uniqueKeysWithValues: info.snapshots.map { ($0.volume, $0) })
         return CommittedSnapshotSet(
             id: info.id, createdAt: info.createdAt,
             snapshots: token.volumes.compactMap { byVolume[$0] }.map {
                 CreatedSnapshot(id: $0.id, volume: $0.volume, export: $0.exportName)
             })
+    }
+
+    func keepSnapshotSet(id: UUID) async throws {
+        do {
+            try await store.keepSnapshotSet(id: id)
+        } catch {
+            throw controlError(error)
+        }
     }
 
     func abortSnapshotSet(_ token: HoldToken) async {

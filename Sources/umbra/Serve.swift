@@ -191,6 +191,8 @@ struct Serve: AsyncParsableCommand {
     }
 
     private func serve(logger: Logger) async throws {
+        // From here on SIGINT and SIGTERM stop the daemon cleanly, whenever they arrive.
+        TerminationSignal.install()
         DaemonFiles.restrictNewFiles()
         try DaemonFiles.checkDataDirectory(data, logger: logger)
         // Read before anything opens, so a bad file stops the daemon at once.
@@ -256,14 +258,18 @@ struct Serve: AsyncParsableCommand {
                     freezeWindow: .milliseconds(Int64(freezeTimeout * 1000))),
                 logger: Logger(label: "umbra.shadow-copy"))
             let controlPath = control ?? data + "/control.sock"
+            // The control socket has an event loop of its own: an NBD loop can block in a buffered
+            // write when the kernel throttles dirty memory, and Thaw or Abort must not wait for that.
+            let controlLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             let controlServer: ControlServer
             do {
                 controlServer = try await ControlServer.bind(
                     socketPath: controlPath, coordinator: coordinator,
-                    handler: DaemonRequests(store: store, exports: exports),
+                    handler: DaemonRequests(store: store, exports: exports), group: controlLoop,
                     logger: Logger(label: "umbra.control"))
             } catch {
                 await nbd.shutdown()
+                try? await controlLoop.shutdownGracefully()
                 throw error
             }
             logger.info(
@@ -275,24 +281,16 @@ struct Serve: AsyncParsableCommand {
             // One line on stdout says the daemon is ready (scripts wait for it).
             try? FileHandle.standardOutput.write(
                 contentsOf: Data("ready nbd=\(addresses.joined(separator: ",")) control=\(controlPath)\n".utf8))
-            let signal = await withTaskGroup(of: Int32?.self) { group in
-                group.addTask {
-                    do {
-                        try await controlServer.run()
-                    } catch is CancellationError {
-                    } catch {
-                        logger.error("the control socket failed", metadata: ["error": "\(error)"])
-                    }
-                    return nil
-                }
-                group.addTask { await TerminationSignal.wait() }
-                let first = await group.next() ?? nil
-                group.cancelAll()
-                return first
-            }
+            let signal = await TerminationSignal.wait()
             logger.info("stopping", metadata: ["signal": "\(signal.map { String($0) } ?? "none")"])
+            // In order: accept nothing more; answer the requester of a set in progress and abort its
+            // writers (the set is rolled back); answer what NBD clients have in flight; make it all
+            // durable.
+            await nbd.stopAccepting()
+            await controlServer.shutdown()
             await nbd.shutdown()
             try await store.close()
+            try? await controlLoop.shutdownGracefully()
             logger.info("stopped")
         } catch {
             try? await store.close()
@@ -301,36 +299,65 @@ struct Serve: AsyncParsableCommand {
     }
 }
 
-/// Waits for SIGINT or SIGTERM (or for the waiting task to be cancelled, returning nil).
+/// SIGINT and SIGTERM, caught from `install()` on. A signal that arrives before anyone waits is
+/// kept, so a daemon stopped the instant it said it was ready still stops.
 enum TerminationSignal {
-    nonisolated(unsafe) private static var sources: [any DispatchSourceSignal] = []
+    private struct State {
+        var installed = false
+        var sources: [any DispatchSourceSignal] = []
+        var received: Int32?
+        var waiters: [UInt64: CheckedContinuation<Int32?, Never>] = [:]
+        var nextWaiter: UInt64 = 0
+    }
+
+    private static let state = Mutex(State())
     private static let queue = DispatchQueue(label: "umbra.signals")
 
-    private final class Waiter: Sendable {
-        let continuation = Mutex<CheckedContinuation<Int32?, Never>?>(nil)
-        func resume(_ value: Int32?) {
-            continuation.withLock { $0.take() }?.resume(returning: value)
+    /// Starts catching the signals (their default action, dying, is off from here on). Idempotent.
+    static func install() {
+        state.withLock { state in
+            guard !state.installed else { return }
+            state.installed = true
+            for number in [SIGINT, SIGTERM] {
+                // In this order: the source replaces the ignore with its own handling (the other
+                // order would ignore the signal for good).
+                signal(number, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
+                source.setEventHandler { received(number) }
+                source.resume()
+                state.sources.append(source)
+            }
         }
     }
 
+    private static func received(_ number: Int32) {
+        let waiters = state.withLock { state in
+            if state.received == nil { state.received = number }
+            defer { state.waiters = [:] }
+            return Array(state.waiters.values)
+        }
+        for waiter in waiters { waiter.resume(returning: number) }
+    }
+
+    /// The first signal received (at once if one already was), or nil if the waiting task is cancelled.
     static func wait() async -> Int32? {
-        let waiter = Waiter()
+        install()
+        let id = state.withLock { state in
+            defer { state.nextWaiter += 1 }
+            return state.nextWaiter
+        }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Int32?, Never>) in
-                waiter.continuation.withLock { $0 = continuation }
-                if Task.isCancelled { waiter.resume(nil) }
-                queue.sync {
-                    for number in [SIGINT, SIGTERM] {
-                        signal(number, SIG_IGN)
-                        let source = DispatchSource.makeSignalSource(signal: number, queue: queue)
-                        source.setEventHandler { waiter.resume(number) }
-                        source.resume()
-                        sources.append(source)
-                    }
+                let now = state.withLock { state -> Int32?? in
+                    if let received = state.received { return .some(received) }
+                    if Task.isCancelled { return .some(nil) }
+                    state.waiters[id] = continuation
+                    return nil
                 }
+                if let now { continuation.resume(returning: now) }
             }
         } onCancel: {
-            waiter.resume(nil)
+            state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
         }
     }
 }

@@ -65,7 +65,13 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
         let result = try await fixture.create().value
         #expect(first.events == allEvents)
         #expect(second.events == allEvents)
-        #expect(fixture.provider.calls == [.validate(["db", "logs"]), .prepare(["db", "logs"]), .commit])
+        #expect(
+            fixture.provider.callsBesidesFlushes == [
+                .validate(["db", "logs"]), .prepare(["db", "logs"]), .commit, .keep(result.set),
+            ])
+        #expect(fixture.provider.calls.contains(.flush(["db", "logs"])))
+        #expect(fixture.provider.prepareFlushes == [false])
+        #expect(fixture.provider.pendingSets.isEmpty)
         #expect(result.snapshots.map(\.volume) == ["db", "logs"])
         #expect(result.snapshots.allSatisfy { $0.export == "\($0.volume)@\($0.id.guidString)" })
         #expect(result.crashConsistent == false)
@@ -83,7 +89,10 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
         try await writer.register()
         let result = try await fixture.create(CreateSetParams(volumes: ["db"], freezeTimeoutSeconds: 7)).value
         let byEvent = Dictionary(uniqueKeysWithValues: writer.deliveries.map { ($0.event, $0.params) })
-        #expect(byEvent.values.allSatisfy { $0.set == result.set && $0.volumes == ["db"] && $0.timeoutMs == 30_000 })
+        #expect(byEvent.values.allSatisfy { $0.set == result.set && $0.volumes == ["db"] })
+        #expect(byEvent.filter { $0.key != .freeze }.values.allSatisfy { $0.timeoutMs == 30_000 })
+        // Freeze must be answered within the freeze window when that is the shorter limit.
+        #expect(byEvent[.freeze]?.timeoutMs == 7000)
         #expect(byEvent[.freeze]?.freezeWindowMs == 7000)
         #expect(byEvent[.prepareForSnapshot]?.freezeWindowMs == nil)
         #expect(byEvent[.freeze]?.snapshots == nil)
@@ -97,7 +106,10 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
         let result = try await fixture.create().value
         #expect(result.crashConsistent)
         #expect(result.writers.isEmpty)
+        // Kept by its commit: nothing can fail it after that.
         #expect(fixture.provider.calls.count == 3)
+        #expect(fixture.provider.prepareFlushes == [true])
+        #expect(fixture.provider.pendingSets.isEmpty)
     }
 
     /// `writers: false` (`--no-writers`) leaves connected writers alone and is crash-consistent.
@@ -165,7 +177,7 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
         fixture.clock.advance(by: .seconds(2))
         let error = try await expectError(task)
         #expect(error.message.contains("2 s freeze window"))
-        #expect(fixture.provider.calls == [.validate(["db"])])
+        #expect(fixture.provider.callsBesidesFlushes == [.validate(["db"])])
         await slow.waitFor(.abort)
     }
 
@@ -188,7 +200,7 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
                     message: "locks held"
                 )
             ])
-        #expect(fixture.provider.calls == [.validate(["db", "logs"])])
+        #expect(fixture.provider.callsBesidesFlushes == [.validate(["db", "logs"])])
         let listed = await fixture.coordinator.listWriters().writers[0]
         #expect(listed.state == .failedAtFreeze && listed.failure == kind && listed.message == "locks held")
     }
@@ -391,7 +403,10 @@ private func expectError(_ task: Task<SnapshotSetResult, any Error>) async throw
         let task = fixture.create()
         await writer.waitFor(.freeze)
         await fixture.coordinator.shutdown()
-        #expect(try await expectError(task).code == .aborted)
+        let error = try await expectError(task)
+        #expect(error.code == .shuttingDown)
+        #expect(error.details?.set != nil)
+        await writer.waitFor(.abort)
         #expect(try await expectError(fixture.create()).code == .shuttingDown)
     }
 }

@@ -75,6 +75,7 @@ private func machineWaiting(for event: WriterEvent, keepOpen: Bool = false) -> M
         answer(&machine, step)
     }
     if keepOpen { _ = machine.requesterCompleted(now: at(0)) }
+    _ = machine.providerKept(now: at(0))
     precondition(event == .backupComplete)
     return machine
 }
@@ -91,17 +92,20 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
         #expect(machine.start(now: at(0)) == [.send(.identify, to: [w1, w2])])
         #expect(machine.writerSucceeded(w1, event: .identify, metadata: .string("m"), now: at(1)) == [])
         #expect(answer(&machine, .identify, [w2]) == [.send(.prepareForBackup, to: [w1, w2])])
-        #expect(answer(&machine, .prepareForBackup) == [.send(.prepareForSnapshot, to: [w1, w2])])
+        #expect(answer(&machine, .prepareForBackup) == [.flushProvider, .send(.prepareForSnapshot, to: [w1, w2])])
         #expect(machine.status(of: w1)?.state == .stable)
         #expect(answer(&machine, .prepareForSnapshot) == [.send(.freeze, to: [w1, w2])])
         #expect(machine.status(of: w1)?.state == .waitingForFreeze)
-        #expect(answer(&machine, .freeze) == [.prepareProvider])
+        #expect(answer(&machine, .freeze) == [.prepareProvider(flushingFirst: false)])
         #expect(machine.status(of: w2)?.state == .waitingForThaw)
-        #expect(machine.providerPrepared(now: at(1)) == [.commitProvider])
+        #expect(machine.providerPrepared(now: at(1)) == [.commitProvider(keep: false)])
         #expect(machine.providerCommitted(committedSet(), now: at(1)) == [.send(.thaw, to: [w1, w2])])
         #expect(answer(&machine, .thaw) == [.send(.postSnapshot, to: [w1, w2])])
         #expect(machine.status(of: w1)?.state == .waitingForPostSnapshot)
-        #expect(answer(&machine, .postSnapshot) == [.send(.backupComplete, to: [w1, w2])])
+        #expect(answer(&machine, .postSnapshot) == [.keepSet])
+        #expect(!machine.kept)
+        #expect(machine.providerKept(now: at(2)) == [.send(.backupComplete, to: [w1, w2])])
+        #expect(machine.kept)
         #expect(machine.status(of: w1)?.state == .waitingForBackupComplete)
         #expect(answer(&machine, .backupComplete) == [.finish(.created)])
         #expect(machine.status(of: w1)?.state == .stable)
@@ -116,9 +120,10 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
     /// With no writer taking part the machine goes straight to the provider and says crash-consistent.
     @Test func noWritersGoesStraightToTheProvider() {
         var machine = makeMachine(writers: [])
-        #expect(machine.start(now: at(0)) == [.prepareProvider])
-        #expect(machine.providerPrepared(now: at(0)) == [.commitProvider])
+        #expect(machine.start(now: at(0)) == [.prepareProvider(flushingFirst: true)])
+        #expect(machine.providerPrepared(now: at(0)) == [.commitProvider(keep: true)])
         #expect(machine.providerCommitted(committedSet(), now: at(0)) == [.finish(.created)])
+        #expect(machine.kept)
         #expect(machine.result()?.crashConsistent == true)
     }
 
@@ -205,13 +210,23 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
         var machine = makeMachine(freezeWindow: 5)
         _ = machine.start(now: at(0))
         for event: WriterEvent in [.identify, .prepareForBackup, .prepareForSnapshot] { answer(&machine, event) }
-        #expect(answer(&machine, .freeze, now: 1) == [.prepareProvider])
+        #expect(answer(&machine, .freeze, now: 1) == [.prepareProvider(flushingFirst: false)])
         #expect(machine.nextDeadline == at(5))
-        #expect(machine.deadlinePassed(now: at(5)) == [.send(.abort, to: [w1, w2])])
+        #expect(machine.deadlinePassed(now: at(5)) == [.send(.abort, to: [w1, w2]), .cancelPrepare])
         #expect(machine.providerPrepared(now: at(6)) == [.releaseProvider])
         let error = try #require(failure(of: machine.providerReleased()))
         #expect(error.code == .freezeWindowExpired)
         #expect(machine.status(of: w1)?.state == .stable)
+
+        // A prepare that gives up when cancelled ends the set with the same reason.
+        var cancelled = makeMachine(freezeWindow: 5)
+        _ = cancelled.start(now: at(0))
+        for event: WriterEvent in [.identify, .prepareForBackup, .prepareForSnapshot, .freeze] {
+            answer(&cancelled, event)
+        }
+        _ = cancelled.deadlinePassed(now: at(5))
+        let gaveUp = cancelled.providerPrepareFailed(ShadowCopyError(.aborted, "gave up"), now: at(5))
+        #expect(failure(of: gaveUp)?.code == .freezeWindowExpired)
     }
 
     /// A commit that returns after the freeze window is undone: the set is deleted, not kept.
@@ -221,7 +236,7 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
         for event: WriterEvent in [.identify, .prepareForBackup, .prepareForSnapshot, .freeze] {
             answer(&machine, event)
         }
-        #expect(machine.providerPrepared(now: at(1)) == [.commitProvider])
+        #expect(machine.providerPrepared(now: at(1)) == [.commitProvider(keep: false)])
         #expect(machine.providerCommitted(committedSet(), now: at(7)) == [.send(.abort, to: [w1, w2]), .deleteSet])
         #expect(failure(of: machine.setDeleted(error: nil))?.code == .freezeWindowExpired)
     }
@@ -242,7 +257,7 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
     @Test func disconnectWhileProviderPreparesReleasesTheHold() throws {
         var machine = machineWaiting(for: .freeze)
         answer(&machine, .freeze)
-        #expect(machine.writerDisconnected(w2, now: at(1)) == [.send(.abort, to: [w1])])
+        #expect(machine.writerDisconnected(w2, now: at(1)) == [.send(.abort, to: [w1]), .cancelPrepare])
         #expect(machine.providerPrepared(now: at(1)) == [.releaseProvider])
         let error = try #require(failure(of: machine.providerReleased()))
         #expect(error.code == .writerFailed && error.message.contains("writer2"))
@@ -292,7 +307,8 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
         #expect(answer(&machine, .postSnapshot) == [.setOpen])
         #expect(machine.result()?.state == .open)
         #expect(machine.nextDeadline == nil)
-        #expect(machine.requesterCompleted(now: at(3600)) == [.send(.backupComplete, to: [w1, w2])])
+        #expect(machine.requesterCompleted(now: at(3600)) == [.keepSet])
+        #expect(machine.providerKept(now: at(3600)) == [.send(.backupComplete, to: [w1, w2])])
         #expect(answer(&machine, .backupComplete, now: 3601) == [.finish(.created)])
         #expect(machine.result()?.state == .complete)
     }
@@ -335,7 +351,8 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
         var machine = machineWaiting(for: .postSnapshot, keepOpen: true)
         answer(&machine, .postSnapshot)
         #expect(machine.writerDisconnected(w1, now: at(5)) == [])
-        #expect(machine.requesterCompleted(now: at(6)) == [.send(.backupComplete, to: [w2])])
+        #expect(machine.requesterCompleted(now: at(6)) == [.keepSet])
+        #expect(machine.providerKept(now: at(6)) == [.send(.backupComplete, to: [w2])])
         #expect(machine.status(of: w1)?.state == .failedAtBackupComplete)
     }
 
@@ -360,6 +377,50 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
         #expect(machine.writerDisconnected(w2, now: at(3)) == [])
         #expect(machine.providerPrepared(now: at(3)) == [])
         #expect(machine.requesterAborted(reason: "", now: at(3)) == [])
+    }
+
+    /// A keep that fails (the disk) aborts the writers and deletes the set: BackupComplete never goes
+    /// out for a set a crash could still take back.
+    @Test func keepFailureDeletesTheSet() throws {
+        var machine = machineWaiting(for: .postSnapshot)
+        #expect(answer(&machine, .postSnapshot) == [.keepSet])
+        let actions = machine.providerKeepFailed(ShadowCopyError(.internal, "fdatasync failed"), now: at(2))
+        #expect(actions == [.send(.abort, to: [w1, w2]), .deleteSet])
+        let error = try #require(failure(of: machine.setDeleted(error: nil)))
+        #expect(error.code == .providerFailed && error.message.contains("fdatasync failed"))
+    }
+
+    /// A requester that goes away while the set is being kept gets it deleted once the keep returns.
+    @Test func abortWhileKeepingDeletesAfterTheKeep() throws {
+        var machine = machineWaiting(for: .postSnapshot, keepOpen: true)
+        answer(&machine, .postSnapshot)
+        #expect(machine.requesterCompleted(now: at(3)) == [.keepSet])
+        #expect(machine.requesterAborted(reason: "gone", now: at(3)) == [.send(.abort, to: [w1, w2])])
+        #expect(machine.providerKept(now: at(4)) == [.deleteSet])
+        #expect(failure(of: machine.setDeleted(error: nil))?.code == .aborted)
+    }
+
+    /// Shutting down aborts a set anywhere before BackupComplete with `shutting-down` (deleting what was
+    /// committed), and lets a set at BackupComplete finish as created, its silent writers failed there.
+    @Test(arguments: [WriterEvent.identify, .freeze, .thaw, .postSnapshot])
+    func shutdownAbortsUnfinishedSets(event: WriterEvent) throws {
+        var machine = machineWaiting(for: event)
+        var actions = machine.shuttingDown(now: at(1))
+        #expect(actions.first == .send(.abort, to: [w1, w2]))
+        if [.thaw, .postSnapshot].contains(event) {
+            #expect(actions.last == .deleteSet)
+            actions = machine.setDeleted(error: nil)
+        }
+        #expect(failure(of: actions)?.code == .shuttingDown)
+    }
+
+    @Test func shutdownAtBackupCompleteKeepsTheSet() {
+        var machine = machineWaiting(for: .backupComplete)
+        answer(&machine, .backupComplete, [w1])
+        #expect(machine.shuttingDown(now: at(1)) == [.finish(.created)])
+        #expect(machine.status(of: w1)?.state == .stable)
+        #expect(machine.status(of: w2)?.state == .failedAtBackupComplete)
+        #expect(machine.result()?.state == .complete)
     }
 
     /// A set whose snapshots cannot be deleted says so in its error, after the original reason.

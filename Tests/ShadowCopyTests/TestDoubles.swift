@@ -9,8 +9,10 @@ import Synchronization
 final class RecordingProvider: SnapshotProvider {
     enum Call: Hashable, Sendable {
         case validate([String])
+        case flush([String])
         case prepare([String])
         case commit
+        case keep(UUID)
         case abort
         case delete(UUID)
     }
@@ -20,10 +22,19 @@ final class RecordingProvider: SnapshotProvider {
         var nextToken = 0
         var holds: [Int: (id: UUID, volumes: [String])] = [:]
         var sets: [UUID: CommittedSnapshotSet] = [:]
+        /// Sets committed and not (yet) kept: what a crash would roll back.
+        var pending: Set<UUID> = []
+        /// How each prepare was asked to flush, in order.
+        var prepareFlushes: [Bool] = []
         var failValidate: ShadowCopyError?
         var failPrepare: (any Error & Sendable)?
         var failCommit: (any Error & Sendable)?
+        var failKeep: (any Error & Sendable)?
         var failDelete: (any Error & Sendable)?
+        /// While true, a prepare does not return (a stuck disk flush) until `releasePrepare()`; it
+        /// ignores cancellation meanwhile, as a flush in the kernel would.
+        var stallPrepare = false
+        var prepareWaiters: [CheckedContinuation<Void, Never>] = []
         /// While true, validation waits for `releaseValidation()`.
         var holdValidation = false
         var validationWaiters: [CheckedContinuation<Void, Never>] = []
@@ -32,10 +43,21 @@ final class RecordingProvider: SnapshotProvider {
     let state = Mutex(State())
 
     var calls: [Call] { state.withLock { $0.calls } }
+    /// The calls other than the early flushes (which nobody waits for).
+    var callsBesidesFlushes: [Call] {
+        calls.filter {
+            if case .flush = $0 { return false }
+            return true
+        }
+    }
     /// True while some prepare has not been committed or aborted.
     var isHolding: Bool { state.withLock { !$0.holds.isEmpty } }
     /// Sets committed and not deleted.
     var liveSets: [UUID] { state.withLock { Array($0.sets.keys) } }
+    /// Sets committed, not deleted and not kept.
+    var pendingSets: Set<UUID> { state.withLock { $0.pending } }
+    /// How each prepare was asked to flush, in order.
+    var prepareFlushes: [Bool] { state.withLock { $0.prepareFlushes } }
 
     func configure(_ body: (inout State) -> Void) { state.withLock { body(&$0) } }
 
@@ -61,9 +83,22 @@ final class RecordingProvider: SnapshotProvider {
         for waiter in waiters { waiter.resume() }
     }
 
-    func prepareSnapshotSet(id: UUID, volumes: [String]) async throws -> Int {
-        try state.withLock { state in
-            state.calls.append(.prepare(volumes))
+    func flushVolumes(_ volumes: [String]) async throws {
+        state.withLock { $0.calls.append(.flush(volumes)) }
+    }
+
+    func prepareSnapshotSet(id: UUID, volumes: [String], flushingFirst: Bool) async throws -> Int {
+        await withCheckedContinuation { continuation in
+            let stall = state.withLock { state in
+                state.calls.append(.prepare(volumes))
+                state.prepareFlushes.append(flushingFirst)
+                if state.stallPrepare { state.prepareWaiters.append(continuation) }
+                return state.stallPrepare
+            }
+            if !stall { continuation.resume() }
+        }
+        if Task.isCancelled { throw CancellationError() }
+        return try state.withLock { state in
             if let failure = state.failPrepare { throw failure }
             state.nextToken += 1
             state.holds[state.nextToken] = (id, volumes)
@@ -71,7 +106,19 @@ final class RecordingProvider: SnapshotProvider {
         }
     }
 
-    func commitSnapshotSet(_ token: Int) async throws -> CommittedSnapshotSet {
+    /// Lets stalled prepares return, and stops stalling new ones.
+    func releasePrepare() {
+        let waiters = state.withLock { state in
+            state.stallPrepare = false
+            defer { state.prepareWaiters = [] }
+            return state.prepareWaiters
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    var stalledPrepares: Int { state.withLock { $0.prepareWaiters.count } }
+
+    func commitSnapshotSet(_ token: Int, keep: Bool) async throws -> CommittedSnapshotSet {
         try state.withLock { state in
             state.calls.append(.commit)
             if let failure = state.failCommit { throw failure }
@@ -83,7 +130,16 @@ final class RecordingProvider: SnapshotProvider {
             let set = CommittedSnapshotSet(
                 id: hold.id, createdAt: Date(timeIntervalSince1970: 1_800_000_000), snapshots: snapshots)
             state.sets[hold.id] = set
+            if !keep { state.pending.insert(hold.id) }
             return set
+        }
+    }
+
+    func keepSnapshotSet(id: UUID) async throws {
+        try state.withLock { state in
+            state.calls.append(.keep(id))
+            if let failure = state.failKeep { throw failure }
+            state.pending.remove(id)
         }
     }
 
@@ -99,6 +155,7 @@ final class RecordingProvider: SnapshotProvider {
             state.calls.append(.delete(id))
             if let failure = state.failDelete { throw failure }
             state.sets.removeValue(forKey: id)
+            state.pending.remove(id)
         }
     }
 }

@@ -30,7 +30,7 @@ final class DaemonFixture: @unchecked Sendable {
             builtProduct("umbra"),
             [
                 "serve", "--data", directory.path + "/data", "--listen", "unix:" + directory.path + "/nbd.sock",
-                "--control", directory.path + "/control.sock", "--log-level", "warning",
+                "--control", directory.path + "/control.sock", "--log-level", ProcessInfo.processInfo.environment["UMBRA_TEST_LOG_LEVEL"] ?? "warning",
             ] + volumes.flatMap { ["--volume", $0] } + extraArguments)
         guard let line = process.readLine(), line.hasPrefix("ready ") else {
             process.kill()
