@@ -8,7 +8,7 @@ packages=(
     nbdkit nbd-server nbd-client                   # peer servers (benchmarks) and nbd-client -l
     qemu-utils fio                                 # qemu-img, qemu-io, fio --ioengine=nbd
     e2fsprogs fuse3 util-linux                     # mkfs.ext4, fsck, fusermount3, losetup
-    python3                                        # the Python writer and nbdsh
+    python3 python3-fusepy                         # the Python writer and nbdsh; Scripts/testing/faultfs.py
     openssl                                        # certificates made at test time (test-tls.sh)
 )
 

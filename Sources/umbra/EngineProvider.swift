@@ -123,7 +123,7 @@ struct DaemonRequests: ControlRequestHandler {
                     return ShadowCopy.SnapshotInfo(
                         id: snapshot.id, set: snapshot.setID, volume: snapshot.volume, export: snapshot.exportName,
                         createdAt: snapshot.createdAt, diffBytes: snapshot.diffBytes.rawValue,
-                        state: failure == nil ? "ready" : "failed", failure: failure)
+                        state: failure != nil ? "failed" : snapshot.isPending ? "pending" : "ready", failure: failure)
                 })
         } catch {
             throw controlError(error)

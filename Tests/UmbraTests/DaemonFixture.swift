@@ -14,31 +14,49 @@ final class DaemonFixture: @unchecked Sendable {
     let process: ChildProcess
     /// The `ready nbd=… control=…` line, with every NBD address as bound.
     let readyLine: String
-    var data: String { directory.path + "/data" }
+    let data: String
     var nbdSocket: String { directory.path + "/nbd.sock" }
     var controlSocket: String { directory.path + "/control.sock" }
 
-    private init(directory: TemporaryDirectory, process: ChildProcess, readyLine: String) {
+    private init(directory: TemporaryDirectory, process: ChildProcess, readyLine: String, data: String) {
+        self.data = data
         self.directory = directory
         self.process = process
         self.readyLine = readyLine
     }
 
-    static func start(volumes: [String], extraArguments: [String] = []) throws -> DaemonFixture {
-        let directory = try TemporaryDirectory("umbra-daemon")
+    /// Starts a daemon in a fresh directory, or in `directory` (a restart: same data, same sockets).
+    /// With `capturingLog`, its stderr is kept for `log` instead of passed through. `data` puts the
+    /// data directory elsewhere (on another file system).
+    static func start(
+        volumes: [String], extraArguments: [String] = [], in directory: TemporaryDirectory? = nil,
+        data: String? = nil, capturingLog: Bool = false
+    ) throws -> DaemonFixture {
+        let directory = try directory ?? TemporaryDirectory("umbra-daemon")
+        let data = data ?? directory.path + "/data"
+        let logLevel = ProcessInfo.processInfo.environment["UMBRA_TEST_LOG_LEVEL"] ?? (capturingLog ? "info" : "warning")
         let process = try ChildProcess(
             builtProduct("umbra"),
             [
-                "serve", "--data", directory.path + "/data", "--listen", "unix:" + directory.path + "/nbd.sock",
-                "--control", directory.path + "/control.sock", "--log-level", ProcessInfo.processInfo.environment["UMBRA_TEST_LOG_LEVEL"] ?? "warning",
-            ] + volumes.flatMap { ["--volume", $0] } + extraArguments)
+                "serve", "--data", data, "--listen", "unix:" + directory.path + "/nbd.sock",
+                "--control", directory.path + "/control.sock", "--log-level", logLevel,
+            ] + volumes.flatMap { ["--volume", $0] } + extraArguments,
+            captureStandardError: capturingLog)
         guard let line = process.readLine(), line.hasPrefix("ready ") else {
             process.kill()
             directory.remove()
-            throw FixtureError("the daemon did not start")
+            throw FixtureError("the daemon did not start: \(process.standardErrorText)")
         }
-        return DaemonFixture(directory: directory, process: process, readyLine: line)
+        return DaemonFixture(directory: directory, process: process, readyLine: line, data: data)
     }
+
+    /// kill -9: the daemon dies where it stands; the directory stays for a restart.
+    func killNine() {
+        process.kill()
+    }
+
+    /// What the daemon wrote to stderr (when started `capturingLog`), once it has exited.
+    var log: String { process.standardErrorText }
 
     /// SIGTERM, then the exit status.
     @discardableResult

@@ -1,0 +1,146 @@
+// Freeze deadlines on a slow disk: the real daemon runs on `Scripts/testing/faultfs.py`, a FUSE
+// pass-through where every sync takes seconds. Writers must never stay frozen waiting for the disk:
+// a set whose snapshots can be taken without it thaws its writers at once, and a set held up past its
+// freeze window by the disk is aborted at the deadline, not when the disk is done. The slack (abort
+// received minus window) is printed; `Scripts/bench/freeze-deadline.sh` runs this under load.
+
+import Foundation
+import ShadowCopy
+import Synchronization
+import Testing
+import UmbraTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+/// `faultfs.py` mounted over a fresh directory, with the sync delay set through its delay file.
+final class SlowDisk: @unchecked Sendable {
+    let directory: TemporaryDirectory
+    let process: ChildProcess
+    var mountpoint: String { directory.path + "/mnt" }
+    private var delayFile: String { directory.path + "/delay" }
+    private let syncs = Mutex<[String]>([])
+    private let reader = DispatchSemaphore(value: 0)
+
+    static var script: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().appendingPathComponent("Scripts/testing/faultfs.py").path
+    }
+
+    init() throws {
+        directory = try TemporaryDirectory("umbra-slowdisk")
+        try FileManager.default.createDirectory(atPath: directory.path + "/src", withIntermediateDirectories: true)
+        try FileManager.default.createDirectory(atPath: directory.path + "/mnt", withIntermediateDirectories: true)
+        try "0".write(toFile: directory.path + "/delay", atomically: true, encoding: .utf8)
+        process = try ChildProcess(
+            "/usr/bin/python3",
+            [Self.script, directory.path + "/src", directory.path + "/mnt", "--delay-file", directory.path + "/delay"],
+            captureStandardError: true)
+        guard process.readLine() == "mounted" else {
+            process.kill()
+            throw FixtureError("faultfs did not mount: \(process.standardErrorText)")
+        }
+        Thread.detachNewThread { [self] in
+            while let line = process.readLine() { syncs.withLock { $0.append(line) } }
+            reader.signal()
+        }
+    }
+
+    /// Every sync from now on takes `seconds`.
+    func setSyncDelay(seconds: Double) throws {
+        try "\(seconds)".write(toFile: delayFile, atomically: true, encoding: .utf8)
+    }
+
+    /// Waits until a sync of a file whose path contains `fragment` has begun (and not yet ended).
+    func waitForSyncInProgress(of fragment: String) async throws {
+        let giveUp = ContinuousClock.now + .seconds(60)
+        while true {
+            guard ContinuousClock.now < giveUp else { throw FixtureError("no sync of \(fragment) began") }
+            let underway = syncs.withLock { lines in
+                var open = 0
+                for line in lines where line.contains(fragment) {
+                    open += line.hasPrefix("fsync-begin ") ? 1 : line.hasPrefix("fsync-end ") ? -1 : 0
+                }
+                return open > 0
+            }
+            if underway { return }
+            try? await Task.sleep(for: .milliseconds(5))
+        }
+    }
+
+    func unmount() {
+        let unmount = Process()
+        unmount.executableURL = URL(fileURLWithPath: "/usr/bin/fusermount")
+        unmount.arguments = ["-u", mountpoint]
+        try? unmount.run()
+        unmount.waitUntilExit()
+        if !process.waitUntilExit(seconds: 30) { process.kill() }
+        reader.wait()
+        directory.remove()
+    }
+}
+
+/// A writer that answers at once and notes when each event arrived.
+actor TimingWriter: ShadowCopyWriterDelegate {
+    private(set) var arrivals: [(WriterEvent, ContinuousClock.Instant)] = []
+
+    func arrival(of event: WriterEvent, after: ContinuousClock.Instant? = nil) -> ContinuousClock.Instant? {
+        arrivals.last { arrival in arrival.0 == event && after.map { arrival.1 >= $0 } ?? true }?.1
+    }
+
+    private func note(_ context: WriterEventContext) { arrivals.append((context.event, .now)) }
+
+    func onFreeze(_ context: WriterEventContext) async throws { note(context) }
+    func onThaw(_ context: WriterEventContext) async throws { note(context) }
+    func onAbort(_ context: WriterEventContext) async { note(context) }
+}
+
+@Suite(.serialized, .timeLimit(.minutes(3))) struct DeadlineTests {
+    static let syncSeconds = 3.0
+
+    /// With every sync taking 3 s: a set with a 2 s freeze window still succeeds (nothing between
+    /// Freeze and Thaw waits for a sync), and a set stuck behind a copy-on-write write whose sync is
+    /// under way is aborted at its 1 s window, long before the sync ends; the write then completes.
+    @Test func deadlinesHoldOnASlowDisk() async throws {
+        let disk = try SlowDisk()
+        defer { disk.unmount() }
+        let daemon = try DaemonFixture.start(volumes: ["db:16M"], data: disk.mountpoint + "/data")
+        defer { daemon.stop() }
+        let writer = TimingWriter()
+        let sdk = ShadowCopyWriter(socketPath: daemon.controlSocket, name: "app", volumes: ["db"], delegate: writer)
+        let writerTask = Task { try await sdk.run() }
+        defer { writerTask.cancel() }
+        let requester = try await daemon.control()
+        while try await requester.listWriters().writers.isEmpty { await Task.yield() }
+        let nbd = try daemon.connect("db")
+        try nbd.pwrite([UInt8](repeating: 0xA5, count: 1 << 20), offset: 0)
+
+        try disk.setSyncDelay(seconds: Self.syncSeconds)
+        let kept = try await requester.createSnapshotSet(CreateSetParams(volumes: ["db"], freezeTimeoutSeconds: 2))
+        let freeze = try #require(await writer.arrival(of: .freeze))
+        let thaw = try #require(await writer.arrival(of: .thaw))
+        print("slow disk: freeze to thaw \(thaw - freeze) with every sync taking \(Self.syncSeconds) s")
+        #expect(kept.snapshots.count == 1)
+
+        // A first write to a chunk the new snapshot has not preserved waits for its copy's sync.
+        let writing = Task.detached { try nbd.pwrite([UInt8](repeating: 0x5A, count: 4096), offset: 512 << 10) }
+        try await disk.waitForSyncInProgress(of: "/diff")
+        let window = Duration.seconds(1)
+        let started = ContinuousClock.now
+        await #expect {
+            _ = try await requester.createSnapshotSet(CreateSetParams(volumes: ["db"], freezeTimeoutSeconds: 1))
+        } throws: { error in
+            (error as? ShadowCopyError)?.code == .freezeWindowExpired
+        }
+        let secondFreeze = try #require(await writer.arrival(of: .freeze, after: started))
+        let abort = try #require(await writer.arrival(of: .abort, after: started))
+        let frozen = abort - secondFreeze
+        print("slow disk: aborted \(frozen) after Freeze with a \(window) window: slack \(frozen - window)")
+        #expect(frozen < .seconds(Self.syncSeconds), "the abort waited for the disk")
+        try await writing.value
+        #expect(try nbd.pread(count: 4096, offset: 512 << 10) == [UInt8](repeating: 0x5A, count: 4096))
+        try disk.setSyncDelay(seconds: 0)
+        await requester.close()
+    }
+}
