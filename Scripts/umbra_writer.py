@@ -137,6 +137,10 @@ class Writer:
                 raise ProtocolError(error.get("message", "hello was refused"), error.get("code"))
             self.instance = message["result"].get("instance", self.instance)
             self.log("registered as %s (instance %s)" % (self.name, self.instance))
+            unknown = message["result"].get("unknownVolumes") or []
+            if unknown:
+                self.log("warning: the daemon has no volume named %s; this writer is told of sets of it once it exists"
+                         % ", ".join("'%s'" % name for name in unknown))
             return self.instance
 
     def run(self):

@@ -130,7 +130,12 @@ struct IncomingMessage: Sendable {
         case .keyNotFound(let key, _): return "missing field '\(key.stringValue)'."
         case .typeMismatch(_, let context): return "\(path(context)) has the wrong type."
         case .valueNotFound(_, let context): return "\(path(context)) is null."
-        case .dataCorrupted(let context): return "\(path(context)): \(context.debugDescription)"
+        case .dataCorrupted(let context):
+            // Foundation's own wording names Swift types ("Cannot initialize … from invalid …").
+            let reason =
+                context.debugDescription.hasPrefix("Cannot initialize")
+                ? "has a value that is not allowed" : context.debugDescription
+            return "\(path(context)): \(reason)."
         @unknown default: return "\(error)"
         }
     }

@@ -346,11 +346,17 @@ public final class ControlServer: Sendable {
         case .writer:
             let id = WriterID(rawValue: number)
             let serverName = serverName
+            // A volume that does not exist is accepted with a warning: the writer may start before
+            // its volume is created, but a typo must not go unnoticed.
+            let known = try? await handler.listVolumes().volumes.map(\.name)
+            let unknown = (params.volumes ?? []).filter { name in name != "*" && known.map { !$0.contains(name) } == true }
             _ = try await coordinator.registerWriter(params, id: id) { instance in
                 reply.yield(
                     ControlEncoding.result(
                         id: message.id,
-                        HelloResult(version: version, server: serverName, instance: instance)
+                        HelloResult(
+                            version: version, server: serverName, instance: instance,
+                            unknownVolumes: unknown.isEmpty ? nil : unknown)
                     )
                 )
             } sink: { delivery in
@@ -361,6 +367,11 @@ public final class ControlServer: Sendable {
                         params: delivery.params
                     )
                 )
+            }
+            if !unknown.isEmpty {
+                logger.warning(
+                    "a writer named volumes that do not exist; it is told of sets of them once they do",
+                    metadata: ["shadow.writer": "\(params.name ?? "")", "volumes": "\(unknown.joined(separator: ","))"])
             }
             return .writer(id)
         }

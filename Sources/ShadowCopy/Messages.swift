@@ -6,9 +6,19 @@ import Foundation
 
 // MARK: - Handshake
 
-public enum ControlRole: String, Codable, Sendable {
+public enum ControlRole: String, Codable, Sendable, CaseIterable {
     case requester
     case writer
+
+    public init(from decoder: any Decoder) throws {
+        let container = try decoder.singleValueContainer()
+        let value = try container.decode(String.self)
+        guard let role = Self(rawValue: value) else {
+            throw DecodingError.dataCorruptedError(
+                in: container, debugDescription: "must be \"requester\" or \"writer\", not \"\(value)\"")
+        }
+        self = role
+    }
 }
 
 public struct HelloParams: Codable, Sendable, Hashable {
@@ -47,11 +57,15 @@ public struct HelloResult: Codable, Sendable, Hashable {
     public var server: String
     /// Writers only: the writer's instance GUID.
     @OptionalGUIDCoding public var instance: UUID?
+    /// Writers only, when there are any: the volumes the writer named that do not exist (yet). The
+    /// writer is registered anyway and hears of sets of a volume once it exists; a typo shows here.
+    public var unknownVolumes: [String]?
 
-    public init(version: Int, server: String, instance: UUID? = nil) {
+    public init(version: Int, server: String, instance: UUID? = nil, unknownVolumes: [String]? = nil) {
         self.version = version
         self.server = server
         self.instance = instance
+        self.unknownVolumes = unknownVolumes
     }
 }
 

@@ -143,6 +143,11 @@ public final class ShadowCopyWriter<Delegate: ShadowCopyWriterDelegate>: Sendabl
             if case .error(let error) = response.kind { throw error }
             let hello = try response.result(HelloResult.self)
             registered.withLock { $0 = hello.instance }
+            if let unknown = hello.unknownVolumes, !unknown.isEmpty {
+                logger.warning(
+                    "the daemon has no volume named \(unknown.map { "'\($0)'" }.joined(separator: ", ")); this writer is told of sets of it once it exists",
+                    metadata: ["shadow.writer": "\(name)"])
+            }
             try await withTaskCancellationHandler {
                 for await message in connection.requests {
                     let reply = await session.handle(message)

@@ -27,13 +27,25 @@ struct OutputOptions: ParsableArguments {
     var json = false
 }
 
-/// An error reported as one sentence.
+/// An error reported as one sentence on stderr, with nothing before it: the daemon's message as it
+/// came (docs/control-protocol.md: print it as is), anything else made a sentence.
 struct CLIError: Error, CustomStringConvertible {
     let description: String
     init(_ error: any Error) {
-        var text = (error as? CLIError)?.description ?? "\(error)"
-        if text.hasSuffix(".") { text.removeLast() }
-        description = text.isEmpty ? "failed" : text
+        if let error = error as? CLIError {
+            description = error.description
+        } else if let error = error as? ShadowCopyError, !error.message.isEmpty {
+            description = error.message
+        } else {
+            let text = "\(error)"
+            guard let first = text.first else {
+                description = "The command failed."
+                return
+            }
+            let sentence = first.uppercased() + text.dropFirst()
+            description = sentence.hasSuffix(".") || sentence.hasSuffix("!") || sentence.hasSuffix("?")
+                ? sentence : sentence + "."
+        }
     }
 }
 
@@ -296,7 +308,8 @@ struct WriterCommand: AsyncParsableCommand {
             commands[.abort] = onAbort
             let writer = ShadowCopyWriter(
                 socketPath: connection.socketPath, name: name, volumes: volume,
-                delegate: CommandWriter(commands: commands))
+                delegate: CommandWriter(commands: commands),
+                logger: Logger(label: "umbra.writer") { StreamLogHandler.standardError(label: $0) })
             do {
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask { try await writer.runReconnecting() }

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 
 @main
 struct Umbra: AsyncParsableCommand {
@@ -7,4 +8,22 @@ struct Umbra: AsyncParsableCommand {
         abstract: "Copy-on-write snapshots of block volumes, served over NBD.",
         subcommands: [Serve.self, VolumeCommand.self, SnapshotCommand.self, WriterCommand.self, EngineShell.self]
     )
+
+    /// Runs the command; a failure of the work itself is its one sentence on stderr and exit status
+    /// 1 (ArgumentParser would prefix "Error: "), while usage errors and help go through ArgumentParser.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var command = command as? any AsyncParsableCommand {
+                try await command.run()
+            } else {
+                try command.run()
+            }
+        } catch let error as CLIError {
+            FileHandle.standardError.write(Data((error.description + "\n").utf8))
+            Foundation.exit(1)
+        } catch {
+            exit(withError: error)
+        }
+    }
 }

@@ -113,6 +113,7 @@ import UmbraTestSupport
                 let hello = try await raw.call(
                     #"{"id":1,"method":"hello","params":{"version":1,"role":"writer","name":"w","volumes":["db"]}}"#)
                 #expect(((hello["result"] as? [String: Any])?["instance"] as? String)?.count == 36)
+                #expect((hello["result"] as? [String: Any])?["unknownVolumes"] == nil)
                 #expect(
                     try await raw.call(#"{"id":2,"method":"snapshot.create","params":{"volumes":["db"]}}"#).errorCode
                         == "wrong-role")
@@ -125,9 +126,32 @@ import UmbraTestSupport
                     #"{"id":1,"method":"hello","params":{"version":1,"role":"writer","volumes":["db"]}}"#)
                 #expect(nameless.errorCode == "invalid-params")
             }
+            try await RawConnection.with(fixture.socketPath) { raw in
+                // A role that does not exist: the message says what would do, in the protocol's words.
+                let admin = try await raw.call(#"{"id":1,"method":"hello","params":{"version":1,"role":"admin"}}"#)
+                #expect(admin.errorCode == "invalid-params")
+                let message = try #require((admin["error"] as? [String: Any])?["message"] as? String)
+                #expect(message.contains(#""requester" or "writer""#) && message.contains(#""admin""#), "\(message)")
+                #expect(!message.contains("ControlRole") && !message.contains("Cannot initialize"), "\(message)")
+            }
             try await bystander.ping()
             #expect(try await bystander.createSnapshotSet(CreateSetParams(volumes: ["db"])).crashConsistent)
             await bystander.close()
+        }
+    }
+
+    /// A writer naming a volume that does not exist is registered with a warning naming it (a typo
+    /// must not go unnoticed); "*" and existing volumes are not warned about.
+    @Test func writerHelloWarnsOfUnknownVolumes() async throws {
+        try await ServerFixture.with { fixture in
+            try await RawConnection.with(fixture.socketPath) { raw in
+                let hello = try await raw.call(
+                    #"{"id":1,"method":"hello","params":{"version":1,"role":"writer","name":"w","volumes":["db","dbx","*"]}}"#
+                )
+                let result = try #require(hello["result"] as? [String: Any])
+                #expect(result["unknownVolumes"] as? [String] == ["dbx"])
+                #expect((result["instance"] as? String)?.count == 36)
+            }
         }
     }
 
