@@ -110,7 +110,9 @@ class Passthrough(Operations):
         return os.open(self._path(path), flags & ~os.O_DIRECT)
 
     def create(self, path, mode, fi=None):
-        return os.open(self._path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        # fusepy does not pass the open flags here; read-write serves whatever the caller asked for
+        # (a write-only descriptor would fail the caller's reads with EBADF).
+        return os.open(self._path(path), os.O_RDWR | os.O_CREAT, mode)
 
     def read(self, path, size, offset, fh):
         return os.pread(fh, size, offset)

@@ -56,7 +56,9 @@ final class SlowDisk: @unchecked Sendable {
     func waitForSyncInProgress(of fragment: String) async throws {
         let giveUp = ContinuousClock.now + .seconds(60)
         while true {
-            guard ContinuousClock.now < giveUp else { throw FixtureError("no sync of \(fragment) began") }
+            guard ContinuousClock.now < giveUp else {
+                throw FixtureError("no sync of \(fragment) began; syncs seen: \(syncs.withLock { $0 })")
+            }
             let underway = syncs.withLock { lines in
                 var open = 0
                 for line in lines where line.contains(fragment) {
@@ -84,12 +86,24 @@ final class SlowDisk: @unchecked Sendable {
 /// A writer that answers at once and notes when each event arrived.
 actor TimingWriter: ShadowCopyWriterDelegate {
     private(set) var arrivals: [(WriterEvent, ContinuousClock.Instant)] = []
+    private var waiters: [CheckedContinuation<Void, Never>] = []
 
-    func arrival(of event: WriterEvent, after: ContinuousClock.Instant? = nil) -> ContinuousClock.Instant? {
-        arrivals.last { arrival in arrival.0 == event && after.map { arrival.1 >= $0 } ?? true }?.1
+    /// When `event` last arrived (after `after`), waiting for it if it has not yet.
+    func arrival(of event: WriterEvent, after: ContinuousClock.Instant? = nil) async -> ContinuousClock.Instant {
+        while true {
+            if let found = arrivals.last(where: { arrival in arrival.0 == event && after.map { arrival.1 >= $0 } ?? true })
+            {
+                return found.1
+            }
+            await withCheckedContinuation { waiters.append($0) }
+        }
     }
 
-    private func note(_ context: WriterEventContext) { arrivals.append((context.event, .now)) }
+    private func note(_ context: WriterEventContext) {
+        arrivals.append((context.event, .now))
+        for waiter in waiters { waiter.resume() }
+        waiters = []
+    }
 
     func onFreeze(_ context: WriterEventContext) async throws { note(context) }
     func onThaw(_ context: WriterEventContext) async throws { note(context) }
@@ -118,8 +132,8 @@ actor TimingWriter: ShadowCopyWriterDelegate {
 
         try disk.setSyncDelay(seconds: Self.syncSeconds)
         let kept = try await requester.createSnapshotSet(CreateSetParams(volumes: ["db"], freezeTimeoutSeconds: 2))
-        let freeze = try #require(await writer.arrival(of: .freeze))
-        let thaw = try #require(await writer.arrival(of: .thaw))
+        let freeze = await writer.arrival(of: .freeze)
+        let thaw = await writer.arrival(of: .thaw)
         print("slow disk: freeze to thaw \(thaw - freeze) with every sync taking \(Self.syncSeconds) s")
         #expect(kept.snapshots.count == 1)
 
@@ -133,8 +147,8 @@ actor TimingWriter: ShadowCopyWriterDelegate {
         } throws: { error in
             (error as? ShadowCopyError)?.code == .freezeWindowExpired
         }
-        let secondFreeze = try #require(await writer.arrival(of: .freeze, after: started))
-        let abort = try #require(await writer.arrival(of: .abort, after: started))
+        let secondFreeze = await writer.arrival(of: .freeze, after: started)
+        let abort = await writer.arrival(of: .abort, after: started)
         let frozen = abort - secondFreeze
         print("slow disk: aborted \(frozen) after Freeze with a \(window) window: slack \(frozen - window)")
         #expect(frozen < .seconds(Self.syncSeconds), "the abort waited for the disk")
