@@ -37,7 +37,7 @@ public final class RawNBDSocket {
         }
         guard result == 0 else {
             let error = errno
-            Glibc.close(descriptor)
+            close()  // once: deinit runs after a throw from here and must not close it again
             throw RawSocketError("connect to \(path): errno \(error)")
         }
     }
@@ -65,7 +65,7 @@ public final class RawNBDSocket {
             }
             guard result == 0 else { throw RawSocketError("connect to \(host):\(port): errno \(errno)") }
         } catch {
-            Glibc.close(descriptor)
+            close()  // once: deinit runs after a throw from here and must not close it again
             throw error
         }
     }

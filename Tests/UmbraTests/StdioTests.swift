@@ -82,7 +82,7 @@ import UmbraTestSupport
             builtProduct("umbra"), ["serve", "--data", directory.path + "/data", "--stdio", "nope"],
             captureStandardError: true)
         #expect(process.finish() != 0)
-        #expect(process.standardErrorText.contains("there is no volume or snapshot named \"nope\" to serve over stdio"))
+        #expect(process.standardErrorText == "There is no volume or snapshot named \"nope\" to serve over stdio.\n")
         #expect(process.readAll().isEmpty, "nothing but the protocol may go to stdout")
     }
 
