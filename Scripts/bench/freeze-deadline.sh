@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # How late Abort reaches a frozen writer when a set overruns its freeze window because the disk is
 # slow, on a loaded machine. Runs the DeadlineTests process test (the daemon on Scripts/testing/
-# faultfs.py, every sync taking 3 s, a set stuck behind a copy-on-write sync with a 1 s window)
+# faultfs.py, a set stuck behind a copy-on-write sync of 8 s with a 1 s window)
 # ROUNDS times while LOAD busy loops and a writer of dirty pages keep both cores and the disk busy,
 # and prints each round's slack (Abort received minus the window) and the load average.
 #   Scripts/bench/freeze-deadline.sh [ROUNDS] [LOAD]      defaults: 5 rounds, 16 busy loops

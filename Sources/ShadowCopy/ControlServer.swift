@@ -30,11 +30,17 @@ public final class ControlServer: Sendable {
     private let nextConnectionID = Atomic<UInt64>(0)
     private let state = Mutex(State())
 
+    private struct Connection {
+        var channel: any Channel
+        /// The task reading its requests; cancelled at shutdown.
+        var reading: Task<Void, Never>?
+    }
+
     private struct State {
         var serverChannel: (any Channel)?
         var isStopping = false
-        /// Every connection being served, by number, with its channel (to end it at shutdown).
-        var connections: [UInt64: any Channel] = [:]
+        /// Every connection being served, by number (to end it at shutdown).
+        var connections: [UInt64: Connection] = [:]
         var connectionsGone: [CheckedContinuation<Void, Never>] = []
         var stopped = false
         var stopWaiters: [CheckedContinuation<Void, Never>] = []
@@ -112,39 +118,43 @@ public final class ControlServer: Sendable {
     }
 
     /// Waits until the server has stopped. Cancelling the waiting task stops it (`shutdown()`).
-    public func run() async throws {
+    public func run() async {
         await withTaskCancellationHandler {
-            await withCheckedContinuation { continuation in
-                let stopped = state.withLock { state in
-                    if !state.stopped { state.stopWaiters.append(continuation) }
-                    return state.stopped
-                }
-                if stopped { continuation.resume() }
-            }
+            await waitUntilStopped()
         } onCancel: {
             Task { await self.shutdown() }
         }
     }
 
+    private func waitUntilStopped() async {
+        await withCheckedContinuation { continuation in
+            let stopped = state.withLock { state in
+                if !state.stopped { state.stopWaiters.append(continuation) }
+                return state.stopped
+            }
+            if stopped { continuation.resume() }
+        }
+    }
+
     /// Stops: no new connections; the set in progress is aborted (its requester answered with
-    /// `shutting-down`, its writers sent Abort) and rolled back; every connection finishes what it
-    /// was asked, gets everything it was sent, and is closed; the socket file is removed. Safe to
-    /// call more than once; every call returns once the server has stopped.
+    /// `shutting-down`, its writers sent Abort) and rolled back; every connection stops reading,
+    /// finishes what it was asked, is sent everything it was sent (a client that takes none of it for
+    /// `drainTimeout` is closed anyway) and is closed; the socket file is removed. Safe to call more
+    /// than once; every call returns once the server has stopped.
     public func shutdown() async {
         let (first, serverChannel) = state.withLock { state in
             defer { state.isStopping = true }
             return (!state.isStopping, state.serverChannel)
         }
-        guard first else {
-            try? await run()
-            return
-        }
+        guard first else { return await waitUntilStopped() }
         try? await serverChannel?.close()
         await coordinator.shutdown()
-        // End the reading side of every connection: each then finishes its requests, writes out what
-        // it was sent (Abort, `shutting-down` answers) and closes.
-        let channels = state.withLock { Array($0.connections.values) }
-        for channel in channels { channel.close(mode: .input, promise: nil) }
+        let connections = state.withLock { Array($0.connections.values) }
+        for connection in connections {
+            let channel = connection.channel
+            channel.eventLoop.scheduleTask(in: Self.drainTimeout) { channel.close(promise: nil) }
+            connection.reading?.cancel()
+        }
         await withCheckedContinuation { continuation in
             let none = state.withLock { state in
                 if !state.connections.isEmpty { state.connectionsGone.append(continuation) }
@@ -174,7 +184,7 @@ public final class ControlServer: Sendable {
     private func accept(_ channel: NIOAsyncChannel<ControlFrame, ByteBuffer>) {
         let number = nextConnectionID.add(1, ordering: .relaxed).newValue
         let stopping = state.withLock { state in
-            if !state.isStopping { state.connections[number] = channel.channel }
+            if !state.isStopping { state.connections[number] = Connection(channel: channel.channel) }
             return state.isStopping
         }
         Task {
@@ -193,54 +203,50 @@ public final class ControlServer: Sendable {
         }
     }
 
+    /// Reads lines in a task of its own (shutdown cancels it to stop reading), runs requests in tasks
+    /// of their own (never cancelled: each is answered), and writes replies in order; once reading has
+    /// stopped and every request is answered, writes out the replies and closes.
     private func serve(_ channel: NIOAsyncChannel<ControlFrame, ByteBuffer>, number: UInt64) async {
         var logger = logger
         logger[metadataKey: "control.connection"] = "\(number)"
-        let (replies, replyContinuation) = AsyncStream.makeStream(of: ByteBuffer.self)
+        let (replies, reply) = AsyncStream.makeStream(of: ByteBuffer.self)
         do {
             try await channel.executeThenClose { inbound, outbound in
-                await withTaskGroup(of: Void.self) { pump in
-                    pump.addTask {
-                        for await line in replies { try? await outbound.write(line) }
-                        // Everything queued is written once the output side closes; a client that
-                        // never reads gets `drainTimeout`, then the connection is closed regardless.
-                        await Self.closeOutputWhenWritten(channel.channel)
-                    }
+                let requests = RequestTasks()
+                let reading = Task { [logger] in
                     var role = Role.awaitingHello
-                    await withTaskGroup(of: Void.self) { requests in
-                        do {
-                            for try await frame in inbound {
-                                await self.received(
-                                    frame,
-                                    role: &role,
-                                    number: number,
-                                    reply: replyContinuation,
-                                    requests: &requests,
-                                    logger: logger
-                                )
-                            }
-                        } catch {
-                            logger.debug("control connection failed", metadata: ["control.error": "\(error)"])
+                    do {
+                        for try await frame in inbound {
+                            await self.received(
+                                frame, role: &role, number: number, reply: reply, requests: requests, logger: logger)
                         }
-                        switch role {
-                        case .awaitingHello: break
-                        case .requester(let id): await self.coordinator.requesterDisconnected(id)
-                        case .writer(let id): await self.coordinator.writerDisconnected(id)
-                        }
-                        await requests.waitForAll()
+                    } catch {
+                        logger.debug("control connection failed", metadata: ["control.error": "\(error)"])
                     }
-                    replyContinuation.finish()
+                    switch role {
+                    case .awaitingHello: break
+                    case .requester(let id): await self.coordinator.requesterDisconnected(id)
+                    case .writer(let id): await self.coordinator.writerDisconnected(id)
+                    }
                 }
+                let stopping = state.withLock { state in
+                    state.connections[number]?.reading = reading
+                    return state.isStopping
+                }
+                if stopping { reading.cancel() }
+                async let written: Void = {
+                    for await line in replies { try? await outbound.write(line) }
+                }()
+                await reading.value
+                await requests.waitUntilDone()
+                reply.finish()
+                await written
+                // Closing the output waits for what NIO still holds to reach the socket.
+                try? await channel.channel.close(mode: .output).get()
             }
         } catch {
             logger.debug("control connection ended", metadata: ["control.error": "\(error)"])
         }
-    }
-
-    private static func closeOutputWhenWritten(_ channel: any Channel) async {
-        let deadline = channel.eventLoop.scheduleTask(in: drainTimeout) { channel.close(promise: nil) }
-        try? await channel.close(mode: .output).get()
-        deadline.cancel()
     }
 
     private func received(
@@ -248,7 +254,7 @@ public final class ControlServer: Sendable {
         role: inout Role,
         number: UInt64,
         reply: AsyncStream<ByteBuffer>.Continuation,
-        requests: inout TaskGroup<Void>,
+        requests: RequestTasks,
         logger: Logger
     ) async {
         guard case .line(let line) = frame else {
@@ -283,7 +289,7 @@ public final class ControlServer: Sendable {
                 )
             }
         case (.requester(let requester), .request(let method)):
-            requests.addTask {
+            requests.run {
                 let line: ByteBuffer
                 do {
                     line = try await self.requesterRequest(method, message, requester: requester)
@@ -442,6 +448,40 @@ public final class ControlServer: Sendable {
         default:
             let result = try? message.result(IdentifyResult.self)
             return .success(metadata: result?.metadata)
+        }
+    }
+}
+
+/// A connection's requests in flight, each in a task of its own, and a way to wait for all of them.
+private final class RequestTasks: Sendable {
+    private struct State {
+        var running = 0
+        var idle: [CheckedContinuation<Void, Never>] = []
+    }
+
+    private let state = Mutex(State())
+
+    func run(_ body: @escaping @Sendable () async -> Void) {
+        state.withLock { $0.running += 1 }
+        Task {
+            await body()
+            let idle = state.withLock { state -> [CheckedContinuation<Void, Never>] in
+                state.running -= 1
+                guard state.running == 0 else { return [] }
+                defer { state.idle = [] }
+                return state.idle
+            }
+            for waiter in idle { waiter.resume() }
+        }
+    }
+
+    func waitUntilDone() async {
+        await withCheckedContinuation { continuation in
+            let done = state.withLock { state in
+                if state.running > 0 { state.idle.append(continuation) }
+                return state.running == 0
+            }
+            if done { continuation.resume() }
         }
     }
 }

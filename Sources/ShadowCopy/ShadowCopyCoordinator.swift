@@ -351,19 +351,19 @@ where C.Duration == Duration {
         waiting = []
         if case .running(let active) = slot {
             let id = active.machine.id
-            if active.machine.step != .event(.backupComplete) {
+            if active.machine.abortsOnShutdown {
+                // The requester hears it now; rolling the set back (which may wait for the disk) comes
+                // after, and shutdown waits for that below.
+                let deleted = active.machine.committed == nil ? "" : " and its snapshots are deleted"
                 let aborted = ShadowCopyError(
                     .shuttingDown,
-                    "The daemon is shutting down; the shadow copy set \(id.guidString) was aborted and its snapshots"
-                        + " are deleted.",
+                    "The daemon is shutting down; the shadow copy set \(id.guidString) was aborted\(deleted).",
                     details: ControlErrorDetails(set: id, writers: active.machine.writerInfos()))
                 update { active in
                     active.createWaiter?.resume(throwing: aborted)
                     active.completeWaiter?.resume(throwing: aborted)
-                    active.abortWaiter?.resume()
                     active.createWaiter = nil
                     active.completeWaiter = nil
-                    active.abortWaiter = nil
                 }
             }
             drive(set: id) { machine, now in machine.shuttingDown(now: now) }

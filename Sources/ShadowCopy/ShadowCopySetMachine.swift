@@ -92,6 +92,8 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
     private(set) var committed: CommittedSnapshotSet?
     /// The provider keeps the set: a crash no longer rolls it back.
     private(set) var kept = false
+    /// The daemon began shutting down while the set was being kept: it finishes as soon as it is.
+    private var shutdownRequested = false
     /// Set once the set is being aborted; the requester hears this when the provider is clean.
     private(set) var failure: ShadowCopyError?
     private var pending: Set<WriterID> = []
@@ -114,6 +116,25 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
     /// Nothing can fail between the commit and BackupComplete of a set without writers that nobody
     /// keeps open, so its commit keeps it at once.
     private var keepsAtCommit: Bool { participants.isEmpty && !configuration.keepOpen }
+
+    /// The provider is making the set durable for good, or has: from here on nothing aborts it (an
+    /// abort could not undo a keep that a crash interrupts after it became durable).
+    var isBeingKept: Bool {
+        switch step {
+        case .keeping, .event(.backupComplete): true
+        case .committing: keepsAtCommit
+        default: false
+        }
+    }
+
+    /// Whether `shuttingDown` aborts the set (rather than letting it finish or leaving it to the
+    /// clean-up already under way).
+    var abortsOnShutdown: Bool {
+        switch step {
+        case .notStarted, .releasing, .deleting, .finished: false
+        default: !isBeingKept
+        }
+    }
 
     /// When the driver must call `deadlinePassed` next, if ever.
     var nextDeadline: Instant? {
@@ -219,7 +240,8 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
             return [.deleteSet]
         }
         kept = true
-        return begin(.backupComplete, now: now)
+        let actions = begin(.backupComplete, now: now)
+        return shutdownRequested ? actions + shuttingDown(now: now) : actions
     }
 
     mutating func providerKeepFailed(_ error: ShadowCopyError, now: Instant) -> [Action] {
@@ -256,19 +278,20 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
         return keepThenComplete(now: now)
     }
 
-    /// The requester aborts the set (or went away). Ignored once BackupComplete is under way.
+    /// The requester aborts the set (or went away). Ignored once the set is being kept.
     mutating func requesterAborted(reason: String, now: Instant) -> [Action] {
+        guard !isBeingKept else { return [] }
         switch step {
-        case .notStarted, .event(.backupComplete), .releasing, .deleting, .finished:
+        case .notStarted, .event(.backupComplete), .keeping, .releasing, .deleting, .finished:
             return []
-        case .event, .preparing, .committing, .open, .keeping:
+        case .event, .preparing, .committing, .open:
             return abort(with: ShadowCopyError(.aborted, reason, details: details()), now: now)
         }
     }
 
     /// The daemon is stopping. A set whose snapshots are kept (BackupComplete under way) finishes
-    /// as created, its unanswered writers failed at backup-complete; any other set is aborted and
-    /// rolled back.
+    /// as created, its unanswered writers failed at backup-complete; a set being kept finishes so as
+    /// soon as the keep returns; any other set is aborted and rolled back.
     mutating func shuttingDown(now: Instant) -> [Action] {
         switch step {
         case .notStarted, .releasing, .deleting, .finished:
@@ -279,6 +302,9 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
                     at: .backupComplete, .retryable, message: "the daemon shut down before it answered")
             }
             return finish(.created)
+        case _ where isBeingKept:
+            shutdownRequested = true
+            return []
         case .event, .preparing, .committing, .open, .keeping:
             let error = ShadowCopyError(
                 .shuttingDown, "The daemon is shutting down; the shadow copy set was aborted.", details: details())
@@ -324,7 +350,8 @@ struct ShadowCopySetMachine<Instant: InstantProtocol>: Sendable where Instant.Du
     private mutating func begin(_ event: WriterEvent, now: Instant) -> [Action] {
         let targets = participants.map(\.id).filter { !disconnected.contains($0) && !statuses[$0]!.state.isFailed }
         step = .event(event)
-        if event == .freeze { freezeDeadline = now.advanced(by: configuration.freezeWindow) }
+        // The window protects frozen writers; with none, the engine's own hold limit is the bound.
+        if event == .freeze && !targets.isEmpty { freezeDeadline = now.advanced(by: configuration.freezeWindow) }
         guard !targets.isEmpty else {
             eventDeadline = nil
             return advance(after: event, now: now)

@@ -274,9 +274,12 @@ public final class PreparedSnapshotSet: Sendable {
         let store = self.store
         let live = members.map(\.live)
         let setID = definition.id
+        // Tracked before the append can start, so that close and compaction (which wait for tracked
+        // appends) can never slip in between its queueing and its tracking.
+        let done = store.trackPendingCommit(setID)
         try await withCheckedThrowingContinuation { (queued: CheckedContinuation<Void, any Error>) in
             let answered = Atomic<Bool>(false)
-            let append = Task(executorPreference: store.context.configuration.taskExecutor) {
+            Task(executorPreference: store.context.configuration.taskExecutor) {
                 do {
                     try await store.context.catalog.append(
                         [.setCreated(definition)], syncingFirst: live,
@@ -291,9 +294,8 @@ public final class PreparedSnapshotSet: Sendable {
                     // rolls it back.
                     if !answered.load(ordering: .acquiring) { queued.resume(throwing: error) }
                 }
-                store.pendingCommitFinished(setID)
+                store.pendingCommitFinished(setID, done)
             }
-            store.trackPendingCommit(setID, append)
         }
     }
 

@@ -32,7 +32,7 @@ public final class SnapshotStore: Sendable {
         var nextSequence: UInt64
         var nextVolumeID: UInt32
         /// The appends of pending sets taken and not yet durable, by set GUID.
-        var pendingCommits: [UUID: Task<Void, Never>] = [:]
+        var pendingCommits: [UUID: PendingCommit] = [:]
         /// The sets that opening rolled back.
         var rolledBackSets: [SnapshotSetInfo] = []
     }
@@ -648,28 +648,34 @@ public final class SnapshotStore: Sendable {
 
     // MARK: - Pending sets
 
-    /// Remembers the append that makes pending set `id` durable; it removes itself when done.
-    func trackPendingCommit(_ id: UUID, _ task: Task<Void, Never>) {
-        state.withLock { $0.pendingCommits[id] = task }
+    /// Remembers that the append making pending set `id` durable is about to start.
+    func trackPendingCommit(_ id: UUID) -> PendingCommit {
+        let commit = PendingCommit()
+        state.withLock { $0.pendingCommits[id] = commit }
+        return commit
     }
 
-    func pendingCommitFinished(_ id: UUID) {
-        _ = state.withLock { $0.pendingCommits.removeValue(forKey: id) }
+    /// The append of pending set `id` is over (durable, or the log failed).
+    func pendingCommitFinished(_ id: UUID, _ commit: PendingCommit) {
+        state.withLock { state in
+            if state.pendingCommits[id] === commit { state.pendingCommits[id] = nil }
+        }
+        commit.finish()
     }
 
     private func waitForPendingCommits() async {
-        for task in state.withLock({ Array($0.pendingCommits.values) }) { await task.value }
+        for commit in state.withLock({ Array($0.pendingCommits.values) }) { await commit.wait() }
     }
 
     /// Keeps a set taken with `commitPending()`: once this returns, a crash no longer rolls it back.
-    /// Waits for the set's own record to be durable first. Keeping a set that is already kept does
+    /// Its record lands after the set's own, so it is durable only once that one is (and fails if
+    /// that one failed: the log stops at its first failure). Keeping a set that is already kept does
     /// nothing; a set with no snapshot left (deleted meanwhile) is `snapshotNotFound`.
     public func keepSnapshotSet(id: UUID) async throws {
         try checkOpen()
         await operations.lock()
         defer { operations.unlock() }
         try checkOpen()
-        if let commit = state.withLock({ $0.pendingCommits[id] }) { await commit.value }
         let members = allVolumes().filter { volume in
             volume.metadata.withLock { metadata in
                 metadata.chain.contains { $0.setID == id } || metadata.failed.contains { $0.setID == id }
@@ -716,4 +722,33 @@ public final class SnapshotStore: Sendable {
 extension Volume: Hashable {
     public static func == (lhs: Volume, rhs: Volume) -> Bool { lhs === rhs }
     public func hash(into hasher: inout Hasher) { hasher.combine(ObjectIdentifier(self)) }
+}
+
+/// The append of a pending set, as close and compaction wait for it.
+final class PendingCommit: Sendable {
+    private struct State {
+        var finished = false
+        var waiters: [CheckedContinuation<Void, Never>] = []
+    }
+
+    private let state = Mutex(State())
+
+    func finish() {
+        let waiters = state.withLock { state in
+            state.finished = true
+            defer { state.waiters = [] }
+            return state.waiters
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    func wait() async {
+        await withCheckedContinuation { continuation in
+            let finished = state.withLock { state in
+                if !state.finished { state.waiters.append(continuation) }
+                return state.finished
+            }
+            if finished { continuation.resume() }
+        }
+    }
 }

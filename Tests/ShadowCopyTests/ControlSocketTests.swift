@@ -170,12 +170,12 @@ import UmbraTestSupport
             #expect(FileManager.default.fileExists(atPath: stalePath))
             let server = try await ControlServer.bind(
                 socketPath: stalePath, coordinator: coordinator, handler: CannedHandler())
-            let task = Task { try await server.run() }
+            let task = Task { await server.run() }
             let client = try await ControlClient.connect(socketPath: stalePath)
             try await client.ping()
             await client.close()
             task.cancel()
-            try? await task.value
+            await task.value
             #expect(!FileManager.default.fileExists(atPath: stalePath))
 
             let regular = fixture.directory.appendingPathComponent("file").path
@@ -325,11 +325,11 @@ import UmbraTestSupport
     /// after the retry delay measured on its clock.
     @Test func swiftWriterReconnectsToARestartedDaemon() async throws {
         let path = "/tmp/umbra-\(UUID().guidString.prefix(8)).sock"
-        func serve() async throws -> (ShadowCopyCoordinator<RecordingProvider, ManualClock>, Task<Void, any Error>) {
+        func serve() async throws -> (ShadowCopyCoordinator<RecordingProvider, ManualClock>, Task<Void, Never>) {
             let coordinator = ShadowCopyCoordinator(provider: RecordingProvider(), clock: ManualClock())
             let server = try await ControlServer.bind(
                 socketPath: path, coordinator: coordinator, handler: CannedHandler())
-            return (coordinator, Task { try await server.run() })
+            return (coordinator, Task { await server.run() })
         }
         let writerClock = ManualClock()
         let writer = ShadowCopyWriter(
@@ -346,7 +346,7 @@ import UmbraTestSupport
         while writer.instance == nil { await Task.yield() }  // the writer has read hello's answer
         #expect(writer.instance == instance)
         firstServer.cancel()
-        try? await firstServer.value
+        await firstServer.value
 
         await writerClock.waitForSleepers(count: 1)
         let (second, secondServer) = try await serve()
@@ -356,7 +356,7 @@ import UmbraTestSupport
         writerTask.cancel()
         try? await writerTask.value
         secondServer.cancel()
-        try? await secondServer.value
+        await secondServer.value
     }
 
     /// A kept-open set completes over the socket; a second kept-open set is deleted when its requester's

@@ -390,14 +390,35 @@ private func failure(of actions: [Machine.Action]) -> ShadowCopyError? {
         #expect(error.code == .providerFailed && error.message.contains("fdatasync failed"))
     }
 
-    /// A requester that goes away while the set is being kept gets it deleted once the keep returns.
-    @Test func abortWhileKeepingDeletesAfterTheKeep() throws {
+    /// Once the set is being kept nothing aborts it (a keep made durable just before a crash could
+    /// not be undone): a requester that goes away then still gets a complete set, and a shutdown lets
+    /// the set finish as created as soon as the keep returns.
+    @Test func nothingAbortsASetBeingKept() throws {
         var machine = machineWaiting(for: .postSnapshot, keepOpen: true)
         answer(&machine, .postSnapshot)
         #expect(machine.requesterCompleted(now: at(3)) == [.keepSet])
-        #expect(machine.requesterAborted(reason: "gone", now: at(3)) == [.send(.abort, to: [w1, w2])])
-        #expect(machine.providerKept(now: at(4)) == [.deleteSet])
-        #expect(failure(of: machine.setDeleted(error: nil))?.code == .aborted)
+        #expect(machine.requesterAborted(reason: "gone", now: at(3)) == [])
+        #expect(!machine.abortsOnShutdown)
+        #expect(machine.shuttingDown(now: at(3)) == [])
+        let actions = machine.providerKept(now: at(4))
+        #expect(actions == [.send(.backupComplete, to: [w1, w2]), .finish(.created)])
+        #expect(machine.result()?.writers.map(\.state) == [.failedAtBackupComplete, .failedAtBackupComplete])
+
+        // A set without writers is kept by its commit: an abort while it commits changes nothing.
+        var plain = makeMachine(writers: [])
+        _ = plain.start(now: at(0))
+        #expect(plain.providerPrepared(now: at(0)) == [.commitProvider(keep: true)])
+        #expect(plain.requesterAborted(reason: "gone", now: at(0)) == [])
+        #expect(plain.providerCommitted(committedSet(), now: at(0)) == [.finish(.created)])
+    }
+
+    /// A set without writers has no freeze window (nobody is frozen): a slow commit is not aborted.
+    @Test func noFreezeWindowWithoutWriters() {
+        var machine = makeMachine(writers: [], freezeWindow: 1)
+        _ = machine.start(now: at(0))
+        #expect(machine.nextDeadline == nil)
+        _ = machine.providerPrepared(now: at(0))
+        #expect(machine.providerCommitted(committedSet(), now: at(120)) == [.finish(.created)])
     }
 
     /// Shutting down aborts a set anywhere before BackupComplete with `shutting-down` (deleting what was

@@ -35,7 +35,7 @@ struct ServerFixture: Sendable {
         let socketPath = directory.appendingPathComponent("control.sock").path
         let server = try await ControlServer.bind(
             socketPath: socketPath, coordinator: coordinator, handler: CannedHandler())
-        let serverTask = Task { try await server.run() }
+        let serverTask = Task { await server.run() }
         let fixture = ServerFixture(
             directory: directory,
             socketPath: socketPath,
@@ -46,11 +46,11 @@ struct ServerFixture: Sendable {
         do {
             let result = try await body(fixture)
             serverTask.cancel()
-            try? await serverTask.value
+            await serverTask.value
             return result
         } catch {
             serverTask.cancel()
-            try? await serverTask.value
+            await serverTask.value
             throw error
         }
     }
