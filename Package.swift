@@ -29,7 +29,9 @@ let package = Package(
         ),
         .target(
             name: "SnapshotEngine",
-            dependencies: ["BlockIO", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["BlockIO", .product(name: "Logging", package: "swift-log")],
+            // Debug and test builds check the engine's data structures after every change.
+            swiftSettings: [.define("UMBRA_CHECK_INVARIANTS", .when(configuration: .debug))]
         ),
         .target(
             name: "NBDProtocol",
@@ -66,9 +68,7 @@ let package = Package(
         ),
         .target(
             name: "UmbraTestSupport",
-            dependencies: [
-                "BlockIO", "SnapshotEngine", "NBDProtocol", "CNBD", .product(name: "NIOCore", package: "swift-nio"),
-            ]
+            dependencies: ["BlockIO", "NBDProtocol", "CNBD", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .executableTarget(
             name: "umbra",

@@ -54,7 +54,7 @@ public struct NBDError: NBDErrorConvertible, Hashable, CustomStringConvertible {
         case let error as NBDProtocolError:
             errno = error.errno
         case let error as IOError:
-            errno = translate(systemErrno: error.errnoCode)
+            errno = Self.errno(forSystemErrno: error.errnoCode)
         case is CancellationError:
             errno = .eshutdown
         default:
@@ -75,7 +75,9 @@ public struct NBDError: NBDErrorConvertible, Hashable, CustomStringConvertible {
         .eperm, .eio, .enomem, .einval, .enospc, .eoverflow, .enotsup, .eshutdown,
     ]
 
-    private static func translate(systemErrno: CInt) -> NBDErrno {
+    /// The NBD errno for a system errno: the eight NBD defines, the nearest of them for a few
+    /// others, EIO for the rest.
+    public static func errno(forSystemErrno systemErrno: CInt) -> NBDErrno {
         switch systemErrno {
         case EPERM, EACCES, EROFS: .eperm
         case ENOMEM: .enomem

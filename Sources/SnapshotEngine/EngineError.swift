@@ -8,7 +8,8 @@ import SystemPackage
 #endif
 
 /// Everything the engine can refuse or fail at, each with a sentence for people and an errno for wire
-/// protocols (mapped in exactly one place, `errno`).
+/// protocols (mapped in exactly one place, `errno`; the control protocol's codes are mapped in one
+/// place too, by the daemon, which knows that protocol).
 public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
     case volumeNotFound(String)
     case volumeExists(String)
@@ -72,20 +73,21 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
         }
     }
 
-    /// The errno a wire protocol should report for this error.
+    /// The errno a block protocol reports for this error: always one that NBD can carry (EPERM,
+    /// EIO, ENOMEM, EINVAL, ENOSPC, EOVERFLOW, ENOTSUP, ESHUTDOWN). A volume or snapshot that went
+    /// away mid-request is ESHUTDOWN (what the client used is gone); no room is ENOSPC; a request the
+    /// engine cannot take is EINVAL; every other failure is EIO.
     public var errno: Errno {
         switch self {
-        case .volumeNotFound, .snapshotNotFound: .noSuchFileOrDirectory
-        case .volumeExists: .fileExists
         case .invalidVolumeName, .invalidSize, .invalidChunkSize, .outOfRange, .invalidSnapshotSet, .snapshotOrder:
             .invalidArgument
-        case .snapshotFailed, .storageFailed, .corruptCatalog, .unsupportedFormatVersion: .ioError
-        case .snapshotDeleted, .closed: .socketShutdown
-        case .volumeHasSnapshots, .directoryLocked, .holdNotActive: .resourceBusy
+        case .volumeNotFound, .snapshotDeleted, .closed: .socketShutdown
         case .tooManySnapshots: .noSpace
-        case .notADataDirectory: .notDirectory
-        case .holdExpired: .timedOut
-        case .io(let error): error.errno
+        case .io(let error) where error.errno == .noSpace: .noSpace
+        case .snapshotNotFound, .volumeExists, .snapshotFailed, .volumeHasSnapshots, .directoryLocked,
+            .notADataDirectory, .unsupportedFormatVersion, .corruptCatalog, .holdExpired, .holdNotActive,
+            .storageFailed, .io:
+            .ioError
         }
     }
 

@@ -6,15 +6,6 @@ import BlockIO
     import Foundation
 #endif
 
-/// The position of a chunk in its volume: byte offset divided by the chunk size.
-public struct ChunkIndex: RawRepresentable, Hashable, Comparable, Sendable, CustomStringConvertible {
-    public var rawValue: UInt64
-    @inlinable public init(rawValue: UInt64) { self.rawValue = rawValue }
-    @inlinable public init(_ value: UInt64) { self.rawValue = value }
-    @inlinable public static func < (lhs: ChunkIndex, rhs: ChunkIndex) -> Bool { lhs.rawValue < rhs.rawValue }
-    public var description: String { "chunk \(rawValue)" }
-}
-
 /// A volume's number inside one data directory (stable for its lifetime, never reused).
 struct VolumeID: RawRepresentable, Hashable, Comparable, Sendable {
     var rawValue: UInt32

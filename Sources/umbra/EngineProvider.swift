@@ -151,22 +151,3 @@ struct DaemonRequests: ControlRequestHandler {
         }
     }
 }
-
-/// The control protocol's view of an engine error.
-func controlError(_ error: any Error) -> any Error {
-    guard let engine = error as? EngineError else { return error }
-    let message = engine.description.prefix(1).uppercased() + engine.description.dropFirst() + "."
-    switch engine {
-    case .volumeNotFound, .snapshotNotFound:
-        return ShadowCopyError(.notFound, message)
-    case .volumeExists:
-        return ShadowCopyError(.alreadyExists, message)
-    case .invalidVolumeName, .invalidSize, .invalidChunkSize, .invalidSnapshotSet, .snapshotOrder,
-        .volumeHasSnapshots, .tooManySnapshots, .snapshotFailed:
-        return ShadowCopyError(.invalidArgument, message)
-    case .closed:
-        return ShadowCopyError(.shuttingDown, message)
-    default:
-        return engine
-    }
-}

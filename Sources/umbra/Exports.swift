@@ -78,20 +78,12 @@ func readIntoBuffer(
     return buffer
 }
 
-/// Maps engine errors to NBD errnos (the engine's own mapping, in one place there).
+/// An engine error on its way to an NBD client, with the errno the engine's one table gives it.
 struct ExportError: NBDErrorConvertible {
     let underlying: any Error
     var nbdErrno: NBDErrno {
-        if let engine = underlying as? EngineError {
-            switch engine {
-            case .outOfRange: return .einval
-            case .snapshotDeleted, .closed, .volumeNotFound: return .eshutdown
-            case .tooManySnapshots: return .enospc
-            case .io(let error) where error.errno == .noSpace: return .enospc
-            default: return .eio
-            }
-        }
-        return .eio
+        guard let engine = underlying as? EngineError else { return .eio }
+        return NBDError.errno(forSystemErrno: engine.errno.rawValue)
     }
     var description: String { "\(underlying)" }
 
