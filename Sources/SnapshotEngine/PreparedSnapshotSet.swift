@@ -1,11 +1,12 @@
 // A snapshot set in the making: writes held on all its volumes until it is committed or aborted, and
 // never longer than the hold limit.
 //
-// The volumes are flushed first while writes still flow. Phases: acquiring (taking each volume's
-// gate, in volume order, which drains the writes in flight) → held → committing → finished; or
-// expired, when the watchdog fires first. Exactly one party releases the gates and the store's
-// operation lock on each path: the acquisition itself if it fails, the watchdog if it expires a held
-// set, and commit or abort otherwise. A commit already under way is not interrupted; it releases the
+// Taking a set owns the store's operation lock from `hold` to its end: it is taken and released here
+// and nowhere else, through `releaseHold`. The volumes are flushed first while writes still flow.
+// Phases: acquiring (taking each volume's gate, in volume number order, which drains the writes in
+// flight) → held → committing → finished; or expired, when the watchdog fires first. Exactly one party
+// releases the gates and the lock on each path: the acquisition itself if it fails, the watchdog if it
+// expires a held set, and commit or abort otherwise. A commit already under way is not interrupted; it releases the
 // writes once the set's record is queued in the catalog (the snapshots have joined their chains by
 // then), so writes are held for the drain only, never for a device flush. A pending commit returns
 // right then too, so a coordinator can thaw its writers without waiting for the disk.
@@ -36,21 +37,46 @@ public final class PreparedSnapshotSet: Sendable {
         var releasedByCommit = false
     }
 
-    /// The volumes of the set, in name order.
+    /// The volumes of the set, in the order the caller named them (the snapshots come in that order).
     public let volumes: [String]
     let store: SnapshotStore
+    /// In the caller's order.
     let members: [Volume]
     let holdLimit: Duration
     /// The set's GUID if the caller chose it (the coordinator names sets before they exist).
     let requestedID: UUID?
     private let state = Mutex(State())
 
-    init(store: SnapshotStore, members: [Volume], holdLimit: Duration, id: UUID?) {
+    private init(store: SnapshotStore, members: [Volume], holdLimit: Duration, id: UUID?) {
         self.store = store
         self.members = members
         self.requestedID = id
-        self.volumes = members.map(\.name).sorted()
+        self.volumes = members.map(\.name)
         self.holdLimit = holdLimit
+    }
+
+    /// Takes the store's operation lock, checks the set can be taken, and holds its writes (see
+    /// `hold(flushingFirst:)`). The names were validated by the caller (non-empty, each once).
+    static func prepare(
+        _ names: [String], in store: SnapshotStore, id: UUID?, holdLimit: Duration, flushingFirst: Bool
+    ) async throws -> PreparedSnapshotSet {
+        await store.operations.lock()
+        let members: [Volume]
+        do {
+            members = try store.membersForNewSet(names, id: id)
+        } catch {
+            store.operations.unlock()
+            throw error
+        }
+        let prepared = PreparedSnapshotSet(store: store, members: members, holdLimit: holdLimit, id: id)
+        try await prepared.hold(flushingFirst: flushingFirst)
+        return prepared
+    }
+
+    /// Releases the operation lock, and the gates if they are held: the one place either is let go.
+    private func releaseHold(gatesHeld: Bool) {
+        if gatesHeld { for volume in members { volume.gate.releaseExclusive() } }
+        store.operations.unlock()
     }
 
     private var expiredError: EngineError {
@@ -58,8 +84,8 @@ public final class PreparedSnapshotSet: Sendable {
         return .holdExpired(limitMilliseconds: seconds * 1000 + attoseconds / 1_000_000_000_000_000)
     }
 
-    /// Flushes (unless told not to) and takes the gates; called once by the store, holding its
-    /// operation lock. On failure it has released everything, the operation lock included. A
+    /// Flushes (unless told not to) and takes the gates, holding the operation lock. On failure it has
+    /// released everything, the operation lock included. A
     /// cancellation of the calling task before the writes are held gives up with `CancellationError`
     /// (a flush under way finishes first), so a caller past its own deadline frees held writes at once.
     func hold(flushingFirst: Bool) async throws {
@@ -73,13 +99,16 @@ public final class PreparedSnapshotSet: Sendable {
             try Task.checkCancellation()
         } catch {
             state.withLock { $0.phase = .finished }
-            store.operations.unlock()
+            releaseHold(gatesHeld: false)
             throw error is CancellationError ? error : EngineError.wrap(error)
         }
+        // Gates are taken in volume number order, whatever the caller's order, so two holders never
+        // wait for each other.
+        let gateOrder = members.sorted { $0.id < $1.id }
         let acquisition = Task(executorPreference: configuration.taskExecutor) {
             var acquired: [Volume] = []
             do {
-                for volume in members {
+                for volume in gateOrder {
                     try await volume.gate.acquireExclusive()
                     acquired.append(volume)
                 }
@@ -114,7 +143,7 @@ public final class PreparedSnapshotSet: Sendable {
                 return state.phase == .expired
             }
             watchdog.cancel()
-            store.operations.unlock()
+            releaseHold(gatesHeld: false)
             if expired { throw expiredError }
             throw error is CancellationError ? error : EngineError.wrap(error)
         }
@@ -125,8 +154,7 @@ public final class PreparedSnapshotSet: Sendable {
         }
         if !held {
             // The watchdog fired between the last gate and here.
-            for volume in members { volume.gate.releaseExclusive() }
-            store.operations.unlock()
+            releaseHold(gatesHeld: true)
             throw expiredError
         }
     }
@@ -166,16 +194,11 @@ public final class PreparedSnapshotSet: Sendable {
         case .cancelAcquisition(let task):
             task?.cancel()
         case .release:
-            releaseAll()
+            releaseHold(gatesHeld: true)
         }
         store.context.logger.warning(
             "a prepared snapshot set held writes past its limit and was aborted",
             metadata: ["volumes": "\(volumes.joined(separator: ","))", "limit": "\(holdLimit)"])
-    }
-
-    private func releaseAll() {
-        for volume in members { volume.gate.releaseExclusive() }
-        store.operations.unlock()
     }
 
     /// Takes the snapshots: one durable record names the set, its GUID, its timestamp and a GUID per
@@ -211,7 +234,7 @@ public final class PreparedSnapshotSet: Sendable {
                 state.phase = .finished
                 return state.releasedByCommit
             }
-            if !released { releaseAll() }
+            if !released { releaseHold(gatesHeld: true) }
         }
         let configuration = store.context.configuration
         let setID = requestedID ?? configuration.makeIdentifier()
@@ -235,9 +258,8 @@ public final class PreparedSnapshotSet: Sendable {
                             id: snapshotIDs[index], setID: setID, sequence: sequences[index],
                             createdAtNanoseconds: createdAt, isPending: pending))
                 }
-                volume.gate.releaseExclusive()
             }
-            store.operations.unlock()
+            releaseHold(gatesHeld: true)
             state.withLock { $0.releasedByCommit = true }
         }
         do {
@@ -255,7 +277,7 @@ public final class PreparedSnapshotSet: Sendable {
             SnapshotInfo(
                 id: snapshotIDs[$0], setID: setID, volume: members[$0].name, createdAt: date, diffBytes: .zero,
                 state: .ready, isPending: pending)
-        }.sorted { $0.volume < $1.volume }
+        }
         store.context.logger.debug(
             "took snapshot set",
             metadata: [
@@ -308,7 +330,7 @@ public final class PreparedSnapshotSet: Sendable {
             return (true, state.watchdog)
         }
         watchdog?.cancel()
-        if release { releaseAll() }
+        if release { releaseHold(gatesHeld: true) }
     }
 
     /// Whether writes are still held for this set.

@@ -379,26 +379,24 @@ public final class SnapshotStore: Sendable {
         guard Set(names).count == names.count else {
             throw EngineError.invalidSnapshotSet("a snapshot set names each volume once")
         }
-        let limit = holdLimit ?? context.configuration.holdLimit
-        await operations.lock()
-        let members: [Volume]
-        do {
-            try checkOpen()
-            members = try names.map { try volume(named: $0) }.sorted { $0.id < $1.id }
-            if let id, try snapshots().contains(where: { $0.id == id || $0.setID == id }) {
-                throw EngineError.invalidSnapshotSet("a snapshot or set with GUID \(id.guidString) already exists")
-            }
-            let maximum = context.configuration.maximumSnapshotsPerVolume
-            for volume in members where volume.metadata.withLock({ $0.chain.count + $0.failed.count }) >= maximum {
-                throw EngineError.tooManySnapshots(volume: volume.name, limit: maximum)
-            }
-        } catch {
-            operations.unlock()
-            throw error
+        return try await PreparedSnapshotSet.prepare(
+            names, in: self, id: id, holdLimit: holdLimit ?? context.configuration.holdLimit,
+            flushingFirst: flushingFirst)
+    }
+
+    /// The volumes of a set about to be taken, in the caller's order, once checked: open, each
+    /// known, none at its snapshot limit, and `id` (if chosen) new. Called holding the operation lock.
+    func membersForNewSet(_ names: [String], id: UUID?) throws -> [Volume] {
+        try checkOpen()
+        let members = try names.map { try volume(named: $0) }
+        if let id, try snapshots().contains(where: { $0.id == id || $0.setID == id }) {
+            throw EngineError.invalidSnapshotSet("a snapshot or set with GUID \(id.guidString) already exists")
         }
-        let prepared = PreparedSnapshotSet(store: self, members: members, holdLimit: limit, id: id)
-        try await prepared.hold(flushingFirst: flushingFirst)
-        return prepared
+        let maximum = context.configuration.maximumSnapshotsPerVolume
+        for volume in members where volume.metadata.withLock({ $0.chain.count + $0.failed.count }) >= maximum {
+            throw EngineError.tooManySnapshots(volume: volume.name, limit: maximum)
+        }
+        return members
     }
 
     func nextSequences(_ count: Int) -> [SnapshotSequence] {

@@ -8,20 +8,11 @@ import ShadowCopy
 import SnapshotEngine
 
 struct EngineProvider: SnapshotProvider {
-    struct HoldToken: Sendable {
-        let prepared: PreparedSnapshotSet
-        /// The volumes in the order the requester named them; the result keeps that order.
-        let volumes: [String]
-    }
-
     let store: SnapshotStore
     let exports: ExportReconciler
 
+    /// The coordinator validated the list itself (non-empty, each once); here: does each volume exist?
     func validateSnapshotSet(volumes: [String]) async throws {
-        guard !volumes.isEmpty else { throw ShadowCopyError(.invalidParams, "Name at least one volume to snapshot.") }
-        guard Set(volumes).count == volumes.count else {
-            throw ShadowCopyError(.invalidParams, "Name each volume of a snapshot set once.")
-        }
         do {
             for name in volumes { _ = try store.volume(named: name) }
         } catch {
@@ -39,10 +30,9 @@ struct EngineProvider: SnapshotProvider {
         }
     }
 
-    func prepareSnapshotSet(id: UUID, volumes: [String], flushingFirst: Bool) async throws -> HoldToken {
+    func prepareSnapshotSet(id: UUID, volumes: [String], flushingFirst: Bool) async throws -> PreparedSnapshotSet {
         do {
-            let prepared = try await store.prepareSnapshotSet(volumes: volumes, id: id, flushingFirst: flushingFirst)
-            return HoldToken(prepared: prepared, volumes: volumes)
+            return try await store.prepareSnapshotSet(volumes: volumes, id: id, flushingFirst: flushingFirst)
         } catch is CancellationError {
             throw ShadowCopyError(.aborted, "The set was abandoned while writes were being drained.")
         } catch {
@@ -50,14 +40,12 @@ struct EngineProvider: SnapshotProvider {
         }
     }
 
-    func commitSnapshotSet(_ token: HoldToken, keep: Bool) async throws -> CommittedSnapshotSet {
-        let info = try await keep ? token.prepared.commit() : token.prepared.commitPending()
-        let byVolume = Dictionary(uniqueKeysWithValues: info.snapshots.map { ($0.volume, $0) })
+    /// The snapshots come back in the order the volumes were named.
+    func commitSnapshotSet(_ prepared: PreparedSnapshotSet, keep: Bool) async throws -> CommittedSnapshotSet {
+        let info = try await keep ? prepared.commit() : prepared.commitPending()
         return CommittedSnapshotSet(
             id: info.id, createdAt: info.createdAt,
-            snapshots: token.volumes.compactMap { byVolume[$0] }.map {
-                CreatedSnapshot(id: $0.id, volume: $0.volume, export: $0.exportName)
-            })
+            snapshots: info.snapshots.map { CreatedSnapshot(id: $0.id, volume: $0.volume, export: $0.exportName) })
     }
 
     func keepSnapshotSet(id: UUID) async throws {
@@ -68,8 +56,8 @@ struct EngineProvider: SnapshotProvider {
         }
     }
 
-    func abortSnapshotSet(_ token: HoldToken) async {
-        token.prepared.abort()
+    func abortSnapshotSet(_ prepared: PreparedSnapshotSet) async {
+        prepared.abort()
     }
 
     func deleteSnapshotSet(id: UUID) async throws {

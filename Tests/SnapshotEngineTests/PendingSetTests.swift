@@ -33,6 +33,19 @@ import UmbraTestSupport
         }
     }
 
+    /// A set's snapshots come in the order its volumes were named, whatever their names or numbers.
+    @Test func snapshotsComeInTheCallersOrder() async throws {
+        try await Fixture.withStore { store, _ in
+            for name in ["a", "b", "c"] {
+                try await store.createVolume(VolumeSpec(name: name, size: 65536, chunkSize: .kibibytes(4)))
+            }
+            let kept = try await store.createSnapshotSet(volumes: ["c", "a", "b"])
+            #expect(kept.snapshots.map(\.volume) == ["c", "a", "b"])
+            let pending = try await store.prepareSnapshotSet(volumes: ["b", "c"]).commitPending()
+            #expect(pending.snapshots.map(\.volume) == ["b", "c"])
+        }
+    }
+
     /// Reopening rolls back a set that was never kept: its snapshots are gone, the older snapshot it
     /// sat on still reads exactly, and the rollback is reported; a kept set survives.
     @Test func reopeningRollsBackWhatWasNeverKept() async throws {

@@ -241,7 +241,7 @@ extension ByteCount: ExpressibleByIntegerLiteral {
             try await store.createVolume(VolumeSpec(name: "a", size: 65536))
             try await store.createVolume(VolumeSpec(name: "b", size: 65536))
             let set = try await store.createSnapshotSet(volumes: ["b", "a"])
-            #expect(set.snapshots.map(\.volume) == ["a", "b"])
+            #expect(set.snapshots.map(\.volume) == ["b", "a"], "in the order the volumes were named")
             #expect(Set(set.snapshots.map(\.setID)) == [set.id])
             #expect(try store.snapshotSets().map(\.id) == [set.id])
             await #expect(throws: EngineError.self) { try await store.createSnapshotSet(volumes: ["a", "a"]) }
