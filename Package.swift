@@ -45,7 +45,7 @@ let package = Package(
         .target(
             name: "NBDServer",
             dependencies: [
-                "NBDProtocol",
+                "BlockIO", "NBDProtocol",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
@@ -56,6 +56,7 @@ let package = Package(
         .target(
             name: "ShadowCopy",
             dependencies: [
+                "BlockIO",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -1,9 +1,7 @@
+import BlockIO
 import NBDProtocol
 import NIOCore
 
-#if canImport(Glibc)
-    import Glibc
-#endif
 
 /// A block device the server exports. The `umbra` executable implements it over the snapshot
 /// engine (live volumes read-write, snapshots read-only); tests implement it in memory.
@@ -171,19 +169,15 @@ extension NBDFileSegment {
     fileprivate func copied(buffers: NBDBufferPool) throws(NBDError) -> ByteBuffer {
         defer { release?() }
         var buffer = buffers.buffer(capacity: Int(length))
-        var done = 0
         let total = Int(length)
-        while done < total {
-            var result = 0
-            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: total - done) { target in
-                result = pread(descriptor, target.baseAddress, total - done, off_t(offset) + off_t(done))
-                return max(result, 0)
+        do {
+            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { target in
+                try LocalSystem.read(
+                    descriptor, fromAbsoluteOffset: offset, into: UnsafeMutableRawBufferPointer(rebasing: target[0..<total]))
+                return total
             }
-            if result < 0 && errno == EINTR { continue }
-            guard result > 0 else {
-                throw NBDError(.eio, "reading \(total) bytes at \(offset) for a read reply failed")
-            }
-            done += result
+        } catch {
+            throw NBDError(.eio, "reading \(total) bytes at \(offset) for a read reply failed: \(error)")
         }
         return buffer
     }

@@ -1,3 +1,4 @@
+import BlockIO
 import Logging
 import NBDProtocol
 import NIOCore
@@ -31,7 +32,7 @@ public final class NBDServer: Sendable {
     private struct Listener: Sendable {
         var channel: any Channel
         var address: NBDListenAddress
-        var unixSocket: UnixSocketFile.Identity?
+        var unixSocket: SocketFile.Identity?
     }
 
     private struct State {
@@ -94,16 +95,18 @@ public final class NBDServer: Sendable {
             throw NBDError(.eshutdown, "the server is shutting down")
         }
         let channel: any Channel
-        var unixSocket: UnixSocketFile.Identity?
+        var unixSocket: SocketFile.Identity?
         do {
             switch address {
             case .tcp(let host, let port):
                 channel = try await bootstrap(tcp: true).bind(host: host, port: port).get()
             case .unix(let path):
-                try UnixSocketFile.prepare(path: path)
+                try SocketFile.prepare(path: path)
                 channel = try await bootstrap(tcp: false).bind(unixDomainSocketPath: path).get()
-                unixSocket = UnixSocketFile.identity(of: path)
+                unixSocket = SocketFile.identity(of: path)
             }
+        } catch let error as SocketFileError {
+            throw NBDError(.einval, "cannot listen on \(address): \(error)")
         } catch let error as NBDError {
             throw error
         } catch {
@@ -402,7 +405,7 @@ public final class NBDServer: Sendable {
     private func close(_ listener: Listener) async {
         try? await listener.channel.close()
         if case .unix(let path) = listener.address, let identity = listener.unixSocket {
-            UnixSocketFile.remove(path: path, ifStill: identity)
+            SocketFile.remove(path: path, ifStill: identity)
         }
     }
 }

@@ -15,6 +15,7 @@
 // Abort, then end each connection's reading, finish its requests, write out everything it was sent
 // and only then close it.
 
+import BlockIO
 import Foundation
 import Logging
 import NIOCore
@@ -74,12 +75,10 @@ public final class ControlServer: Sendable {
         group: any EventLoopGroup = MultiThreadedEventLoopGroup.singleton,
         logger: Logger = Logger(label: "umbra.control")
     ) async throws -> ControlServer {
-        try await ControlSocketFile.prepare(path: socketPath) { path in
-            guard let live = try? await ClientBootstrap(group: group).connect(unixDomainSocketPath: path).get() else {
-                return false
-            }
-            try? await live.close()
-            return true
+        do {
+            try SocketFile.prepare(path: socketPath)
+        } catch {
+            throw Self.controlError(error)
         }
         let server = ControlServer(
             socketPath: socketPath,
@@ -108,13 +107,27 @@ public final class ControlServer: Sendable {
             throw ShadowCopyError(.internal, "Cannot listen on the control socket '\(socketPath)': \(error).")
         }
         do {
-            try ControlSocketFile.restrict(path: socketPath)
+            try SocketFile.restrict(path: socketPath)
         } catch {
             try? await channel.close()
-            throw error
+            throw Self.controlError(error)
         }
         server.state.withLock { $0.serverChannel = channel }
         return server
+    }
+
+    /// A socket file that cannot be used, as the control protocol says it: someone else's file is
+    /// `already-exists`, a bad place for it `invalid-argument`, anything else `internal`.
+    private static func controlError(_ error: SocketFileError) -> ShadowCopyError {
+        let code: ControlErrorCode
+        switch error {
+        case .symbolicLink, .notASocket, .socketOfAnotherUser, .inUse: code = .alreadyExists
+        case .unusableDirectory, .directoryIsNotADirectory, .directoryOfAnotherUser, .directoryWritableByEveryone:
+            code = .invalidArgument
+        case .unreadable, .cannotCheck, .cannotRemove, .cannotRestrict, .changedWhileBinding: code = .internal
+        }
+        let text = error.description
+        return ShadowCopyError(code, "The control socket cannot be used: \(text).")
     }
 
     /// Waits until the server has stopped. Cancelling the waiting task stops it (`shutdown()`).

@@ -3,38 +3,38 @@
 // connect), and refuses a data directory that belongs to another user, whose owner could read or
 // replace everything in it behind the daemon's back.
 
+import BlockIO
 import Logging
-
-#if canImport(Glibc)
-    import Glibc
-#endif
 
 enum DaemonFiles {
     /// Everything created from now on is owner-only.
     static func restrictNewFiles() {
-        umask(0o077)
+        LocalSystem.restrictNewFiles()
     }
 
     /// Refuses an existing data directory (after symbolic links) that is not a directory of this user;
     /// warns if others may read it.
     static func checkDataDirectory(_ path: String, logger: Logger) throws(DaemonFileError) {
-        var status = stat()
-        guard stat(path, &status) == 0 else {
-            if errno == ENOENT { return }
-            throw DaemonFileError("Cannot use the data directory '\(path)': \(String(cString: strerror(errno))).")
+        let status: LocalSystem.PathStatus
+        do {
+            guard let found = try LocalSystem.status(of: path) else { return }
+            status = found
+        } catch {
+            throw DaemonFileError("Cannot use the data directory '\(path)': \(error.errno).")
         }
-        guard status.st_mode & S_IFMT == S_IFDIR else {
+        guard status.isDirectory else {
             throw DaemonFileError("The data directory '\(path)' is not a directory.")
         }
-        guard status.st_uid == geteuid() else {
+        let user = LocalSystem.effectiveUser
+        guard status.owner == user else {
             throw DaemonFileError(
-                "The data directory '\(path)' belongs to uid \(status.st_uid), not to this user (uid \(geteuid())); "
+                "The data directory '\(path)' belongs to uid \(status.owner), not to this user (uid \(user)); "
                     + "refusing to serve it.")
         }
-        if status.st_mode & 0o077 != 0 {
+        if status.permissions & 0o077 != 0 {
             logger.warning(
                 "the data directory is open to other users; consider chmod 700",
-                metadata: ["data": "\(path)", "mode": "\(String(status.st_mode & 0o777, radix: 8))"])
+                metadata: ["data": "\(path)", "mode": "\(String(status.permissions, radix: 8))"])
         }
     }
 }

@@ -4,12 +4,9 @@
 // RLIMIT_NOFILE to the hard limit at start and says so if the connection limit still does not fit.
 
 import ArgumentParser
+import BlockIO
 import Logging
 import NBDProtocol
-
-#if canImport(Glibc)
-    import Glibc
-#endif
 
 struct ServeLimitOptions: ParsableArguments {
     private static let defaults = NBDLimits()
@@ -74,17 +71,10 @@ struct ServeLimitOptions: ParsableArguments {
     /// Raises the soft descriptor limit to the hard one and warns if the connection limit still
     /// cannot be reached (each connection is one descriptor; the store and listeners need some).
     func raiseDescriptorLimit(logger: Logger) {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
-        if limit.rlim_cur < limit.rlim_max {
-            let previous = limit.rlim_cur
-            limit.rlim_cur = limit.rlim_max
-            if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) != 0 { limit.rlim_cur = previous }
-        }
-        let reserved: rlim_t = 64
-        if limit.rlim_cur != rlim_t.max, rlim_t(maxConnections) + reserved > limit.rlim_cur {
+        let reserved: UInt64 = 64
+        if let limit = LocalSystem.raiseOpenFileLimit(), UInt64(maxConnections) + reserved > limit {
             logger.warning(
-                "--max-connections is \(maxConnections) but only \(limit.rlim_cur) descriptors are allowed (RLIMIT_NOFILE); the system's limit is reached first"
+                "--max-connections is \(maxConnections) but only \(limit) descriptors are allowed (RLIMIT_NOFILE); the system's limit is reached first"
             )
         }
     }
