@@ -31,8 +31,9 @@ public final class SnapshotView: Sendable {
     /// The NBD export name: `VOLUME@GUID`.
     public var exportName: String { "\(volume.name)@\(id.guidString)" }
 
-    /// Reads the snapshot as the volume was when it was taken.
-    public func read(at offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer) async throws {
+    /// Reads `buffer.count` bytes of the snapshot, as the volume was when it was taken, into
+    /// `buffer`, and gives it back.
+    public func read<Buffer: IOBuffer>(at offset: ByteOffset, into buffer: consuming Buffer) async throws -> Buffer {
         try await volume.readSnapshot(sequence, id: id, at: offset, into: buffer)
     }
 
@@ -64,27 +65,13 @@ public final class SnapshotView: Sendable {
 extension Volume {
     /// Reads `count` bytes of the live volume into a new array.
     public func read(at offset: ByteOffset, count: Int) async throws -> [UInt8] {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)
-        defer { buffer.deallocate() }
-        try await read(at: offset, into: buffer)
-        return Array(buffer)
-    }
-
-    /// Writes `bytes` to the live volume.
-    public func write(at offset: ByteOffset, _ bytes: [UInt8], fua: Bool = false) async throws {
-        let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: bytes.count, alignment: 16)
-        defer { copy.deallocate() }
-        copy.copyBytes(from: bytes)
-        try await write(at: offset, from: UnsafeRawBufferPointer(copy), fua: fua)
+        try await read(at: offset, into: [UInt8](repeating: 0, count: count))
     }
 }
 
 extension SnapshotView {
     /// Reads `count` bytes of the snapshot into a new array.
     public func read(at offset: ByteOffset, count: Int) async throws -> [UInt8] {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)
-        defer { buffer.deallocate() }
-        try await read(at: offset, into: buffer)
-        return Array(buffer)
+        try await read(at: offset, into: [UInt8](repeating: 0, count: count))
     }
 }

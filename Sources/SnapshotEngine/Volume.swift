@@ -41,13 +41,6 @@ final class StoreContext: Sendable {
     }
 }
 
-/// Moves a non-Sendable value (a buffer pointer the caller keeps alive across the await) into an
-/// I/O closure.
-struct UnsafeTransfer<Value>: @unchecked Sendable {
-    let value: Value
-    init(_ value: Value) { self.value = value }
-}
-
 public final class Volume: Sendable {
     /// The most bytes one copy-on-write batch reads and writes at once.
     static let maximumCopyBytes = 32 << 20
@@ -66,7 +59,7 @@ public final class Volume: Sendable {
     let gate = WriteGate()
     let metadata: Mutex<VolumeMetadata>
     /// Buffers for copy-on-write, reused: a fresh megabyte per write costs a page fault per page.
-    let copyBuffers = BufferPool()
+    let copyBuffers = AlignedBufferPool()
     /// Set once the volume is deleted: every later request is refused.
     let removed = Atomic<Bool>(false)
 
@@ -111,49 +104,45 @@ public final class Volume: Sendable {
 
     // MARK: - Live I/O
 
-    /// Reads the live volume.
-    public func read(at offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer) async throws {
+    /// Reads `buffer.count` bytes of the live volume at `offset` into `buffer`, and gives it back.
+    public func read<Buffer: IOBuffer>(at offset: ByteOffset, into buffer: consuming Buffer) async throws -> Buffer {
         try checkUsable()
         try checkRange(offset, ByteCount(buffer.count))
-        guard buffer.count > 0 else { return }
-        if context.configuration.readsCachedDataInline,
-            (try? live.readIfCached(fromAbsoluteOffset: offset, into: buffer)) == true
-        {
-            return
-        }
-        let target = UnsafeTransfer(buffer)
+        guard buffer.count > 0 else { return buffer }
         let live = self.live
+        if context.configuration.readsCachedDataInline,
+            (try? buffer.withUnsafeMutableBytes { try live.readIfCached(fromAbsoluteOffset: offset, into: $0) }) == true
+        {
+            return buffer
+        }
+        let target = IOBufferHandoff(buffer)
         do {
-            try await context.io.run { try live.read(fromAbsoluteOffset: offset, into: target.value) }
+            try await context.io.run {
+                try target.withUnsafeMutableBytes { try live.read(fromAbsoluteOffset: offset, into: $0) }
+            }
         } catch {
             throw EngineError.wrap(error)
         }
+        return target.take()
     }
 
-    /// Writes the live volume, preserving what the newest snapshot still needs first. With `fua`, the
-    /// data is durable when this returns.
-    public func write(at offset: ByteOffset, from bytes: UnsafeRawBufferPointer, fua: Bool = false) async throws {
-        try checkRange(offset, ByteCount(bytes.count))
-        guard bytes.count > 0 else { return }
-        let source = UnsafeTransfer(bytes)
-        let live = self.live
-        try await mutate(offset, ByteCount(bytes.count)) {
-            try live.write(toAbsoluteOffset: offset, source.value)
-        }
-        if fua { try await flush() }
+    /// Writes `bytes` to the live volume at `offset`, preserving what the newest snapshot still needs
+    /// first. With `fua`, the data is durable when this returns.
+    public func write<Bytes: IOBytes>(at offset: ByteOffset, _ bytes: Bytes, fua: Bool = false) async throws {
+        try await write(at: offset, gathering: [bytes], fua: fua)
     }
 
     /// Writes `pieces`, back to back, to the live volume at `offset` (one vectored write), like
-    /// `write(at:from:fua:)`. The caller keeps the pieces' memory valid until this returns.
-    public func write(at offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer], fua: Bool = false) async throws
+    /// `write(at:_:fua:)`.
+    public func write<Bytes: IOBytes>(at offset: ByteOffset, gathering pieces: [Bytes], fua: Bool = false)
+        async throws
     {
         let count = pieces.reduce(0) { $0 + $1.count }
         try checkRange(offset, ByteCount(count))
         guard count > 0 else { return }
-        let source = UnsafeTransfer(pieces)
         let live = self.live
         try await mutate(offset, ByteCount(count)) {
-            try live.write(toAbsoluteOffset: offset, gathering: source.value)
+            try withUnsafeBytes(of: pieces) { try live.write(toAbsoluteOffset: offset, gathering: $0) }
         }
         if fua { try await flush() }
     }
@@ -346,26 +335,24 @@ public final class Volume: Sendable {
         -> CopyOutcome
     {
         let chunkBytes = self.chunkBytes
-        let buffer = copyBuffers.take(byteCount: chunks.count * chunkBytes)
+        let buffer = copyBuffers.take(count: chunks.count * chunkBytes)
         defer { copyBuffers.give(buffer) }
         var placed: [(chunk: UInt64, slot: DiffSlot, bufferIndex: Int)] = []
         var unplaced: [UInt64] = []
         do {
-            let target = UnsafeTransfer(buffer)
             let live = self.live
             let runs = Self.runs(of: chunks)
             let shift = chunkShift
             try await context.io.run {
                 for run in runs {
-                    let bytes = UnsafeMutableRawBufferPointer(
-                        rebasing: target.value[(run.index * chunkBytes)..<((run.index + run.count) * chunkBytes)])
-                    try live.read(fromAbsoluteOffset: ByteOffset(run.first << shift), into: bytes)
+                    try buffer.withUnsafeMutableBytes((run.index * chunkBytes)..<((run.index + run.count) * chunkBytes)) {
+                        try live.read(fromAbsoluteOffset: ByteOffset(run.first << shift), into: $0)
+                    }
                 }
             }
             var freeSlots = slots[...]
             for (index, chunk) in chunks.enumerated() {
-                let bytes = UnsafeRawBufferPointer(rebasing: buffer[(index * chunkBytes)..<((index + 1) * chunkBytes)])
-                if Self.isAllZero(bytes) {
+                if buffer.withUnsafeBytes((index * chunkBytes)..<((index + 1) * chunkBytes), Self.isAllZero) {
                     placed.append((chunk, .zero, index))
                 } else if let slot = freeSlots.popFirst() {
                     placed.append((chunk, slot, index))
@@ -388,12 +375,19 @@ public final class Volume: Sendable {
                 let runs = groups
                 try await context.io.run {
                     for run in runs {
-                        try diff.write(
-                            toAbsoluteOffset: ByteOffset(run.slot << shift),
-                            gathering: run.pieces.map {
-                                UnsafeRawBufferPointer(
-                                    rebasing: target.value[($0 * chunkBytes)..<(($0 + 1) * chunkBytes)])
-                            })
+                        // Consecutive pieces are consecutive in the buffer too, so one range covers them.
+                        let first = run.pieces[0]
+                        let last = run.pieces[run.pieces.count - 1]
+                        if last - first + 1 == run.pieces.count {
+                            try buffer.withUnsafeBytes((first * chunkBytes)..<((last + 1) * chunkBytes)) {
+                                try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), $0)
+                            }
+                        } else {
+                            let pieces = run.pieces.map { ChunkOfBuffer(buffer: buffer, index: $0, chunkBytes: chunkBytes) }
+                            try withUnsafeBytes(of: pieces) {
+                                try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), gathering: $0)
+                            }
+                        }
                     }
                 }
             }
@@ -592,28 +586,29 @@ public final class Volume: Sendable {
         }
     }
 
-    /// Reads bytes of the snapshot at `sequence` (see the note atop this file).
-    func readSnapshot(
-        _ sequence: SnapshotSequence, id: UUID, at offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer
-    )
-        async throws
-    {
+    /// Reads bytes of the snapshot at `sequence` (see the note atop this file) into `buffer`, and
+    /// gives it back.
+    func readSnapshot<Buffer: IOBuffer>(
+        _ sequence: SnapshotSequence, id: UUID, at offset: ByteOffset, into buffer: consuming Buffer
+    ) async throws -> Buffer {
         try checkRange(offset, ByteCount(buffer.count))
-        guard buffer.count > 0 else { return }
+        guard buffer.count > 0 else { return buffer }
         try beginSnapshotRead(sequence, id: id)
         defer { endSnapshotRead(sequence) }
         let touched = chunks(offset, ByteCount(buffer.count))
         let sources = metadata.withLock { metadata in
             touched.map { ChunkSource(metadata.index.copy(of: $0, forSnapshotAt: sequence)) }
         }
-        let target = UnsafeTransfer(buffer)
         let plan = ReadPlan(
             offset: offset.rawValue, count: buffer.count, firstChunk: touched.lowerBound, chunkShift: chunkShift)
+        let target = IOBufferHandoff(buffer)
         let live = self.live
         let diff = self.diff
         do {
             try await context.io.run {
-                try plan.execute(sources: sources, only: nil, live: live, diff: diff, into: target.value)
+                try target.withUnsafeMutableBytes {
+                    try plan.execute(sources: sources, only: nil, live: live, diff: diff, into: $0)
+                }
             }
             let moved = metadata.withLock { metadata -> [Int: ChunkSource] in
                 var moved: [Int: ChunkSource] = [:]
@@ -630,12 +625,15 @@ public final class Volume: Sendable {
                 let updated = changed
                 let positions = Set(moved.keys)
                 try await context.io.run {
-                    try plan.execute(sources: updated, only: positions, live: live, diff: diff, into: target.value)
+                    try target.withUnsafeMutableBytes {
+                        try plan.execute(sources: updated, only: positions, live: live, diff: diff, into: $0)
+                    }
                 }
             }
         } catch {
             throw EngineError.wrap(error)
         }
+        return target.take()
     }
 
     /// Allocation of a snapshot's range: preserved zeros are holes, preserved data is data, and
@@ -768,32 +766,14 @@ struct ReadPlan: Sendable {
     }
 }
 
-/// A few page-aligned buffers kept for reuse, by size.
-final class BufferPool: Sendable {
-    /// The most buffers kept; more are freed when given back.
-    static let maximumKept = 16
+/// One chunk of a copy buffer, as a piece of a vectored write.
+struct ChunkOfBuffer: IOBytes {
+    let buffer: AlignedBuffer
+    let index: Int
+    let chunkBytes: Int
+    var count: Int { chunkBytes }
 
-    private let kept = Mutex<[UnsafeTransfer<UnsafeMutableRawBufferPointer>]>([])
-
-    func take(byteCount: Int) -> UnsafeMutableRawBufferPointer {
-        if let buffer = kept.withLock({ kept -> UnsafeMutableRawBufferPointer? in
-            guard let index = kept.firstIndex(where: { $0.value.count == byteCount }) else { return nil }
-            return kept.remove(at: index).value
-        }) {
-            return buffer
-        }
-        return UnsafeMutableRawBufferPointer.allocate(byteCount: byteCount, alignment: 4096)
-    }
-
-    func give(_ buffer: UnsafeMutableRawBufferPointer) {
-        let overflow = kept.withLock { kept -> UnsafeMutableRawBufferPointer? in
-            kept.append(UnsafeTransfer(buffer))
-            return kept.count > Self.maximumKept ? kept.removeFirst().value : nil
-        }
-        overflow?.deallocate()
-    }
-
-    deinit {
-        for buffer in kept.withLock({ $0 }) { buffer.value.deallocate() }
+    func withUnsafeBytes<Result>(_ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result {
+        try buffer.withUnsafeBytes((index * chunkBytes)..<((index + 1) * chunkBytes), body)
     }
 }

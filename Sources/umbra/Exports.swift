@@ -3,9 +3,9 @@
 // contexts: `qemu:dirty-bitmap:GUID` on the live export and on newer snapshots of the same volume,
 // dirty meaning "may have changed since snapshot GUID".
 //
-// Reads fill a ByteBuffer in place: the engine's async read takes a raw buffer, so the buffer's
-// storage is reserved first and its address passed down; `buffer` is owned here and not touched
-// until the read returns, so the storage stays put.
+// Reads fill a pooled ByteBuffer in place and writes go from the received ByteBuffers: the engine
+// takes them as owned buffers (BlockIO's IOBuffer and IOBytes) and reaches their bytes only inside
+// closures, so no pointer outlives the call that lent it.
 
 import BlockIO
 import Logging
@@ -66,16 +66,39 @@ enum ExportNaming {
     }
 }
 
-/// Reads `length` bytes through `fill` into a pooled buffer without an intermediate copy.
-func readIntoBuffer(
-    length: UInt32, buffers: NBDBufferPool,
-    _ fill: (UnsafeMutableRawBufferPointer) async throws -> Void
-) async throws -> ByteBuffer {
-    var buffer = buffers.buffer(capacity: Int(length))
-    let storage = buffer.withUnsafeMutableWritableBytes { $0 }
-    try await fill(UnsafeMutableRawBufferPointer(rebasing: storage[0..<Int(length)]))
-    buffer.moveWriterIndex(forwardBy: Int(length))
-    return buffer
+/// A pooled ByteBuffer as the target of an engine read: its first `count` writable bytes, filled in
+/// place (the buffer is owned by one party at a time, so its storage is never copied).
+struct ReadTarget: IOBuffer {
+    var buffer: ByteBuffer
+    let count: Int
+
+    init(length: UInt32, buffers: NBDBufferPool) {
+        buffer = buffers.buffer(capacity: Int(length))
+        count = Int(length)
+    }
+
+    mutating func withUnsafeMutableBytes<Result>(_ body: (UnsafeMutableRawBufferPointer) throws -> Result) rethrows
+        -> Result
+    {
+        let count = self.count
+        return try buffer.withUnsafeMutableWritableBytes { try body(UnsafeMutableRawBufferPointer(rebasing: $0[0..<count])) }
+    }
+
+    /// The buffer, holding the bytes read.
+    consuming func filled() -> ByteBuffer {
+        buffer.moveWriterIndex(forwardBy: count)
+        return buffer
+    }
+}
+
+/// A received WRITE payload buffer as the source of an engine write.
+struct PayloadBytes: IOBytes {
+    let buffer: ByteBuffer
+    var count: Int { buffer.readableBytes }
+
+    func withUnsafeBytes<Result>(_ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result {
+        try buffer.withUnsafeReadableBytes(body)
+    }
 }
 
 /// An engine error on its way to an NBD client, with the errno the engine's one table gives it.
@@ -127,20 +150,14 @@ struct LiveVolumeExport: NBDExport {
                 return .file(
                     NBDFileSegment(descriptor: file.descriptor, offset: offset, length: length, release: file.release))
             }
-            return .data(
-                try await readIntoBuffer(length: length, buffers: buffers) { target in
-                    try await volume.read(at: ByteOffset(offset), into: target)
-                })
+            let target = ReadTarget(length: length, buffers: buffers)
+            return .data(try await volume.read(at: ByteOffset(offset), into: target).filled())
         }
     }
 
     func write(offset: UInt64, data: NBDWritePayload, fua: Bool) async throws {
         try await ExportError.wrapping {
-            // The payload's buffers own the memory the pieces point into; they live until the end.
-            let buffers = data.buffers
-            let pieces = buffers.map { $0.withUnsafeReadableBytes { $0 } }
-            try await volume.write(at: ByteOffset(offset), gathering: pieces, fua: fua)
-            withExtendedLifetime(buffers) {}
+            try await volume.write(at: ByteOffset(offset), gathering: data.buffers.map(PayloadBytes.init), fua: fua)
         }
     }
 
@@ -198,10 +215,8 @@ struct SnapshotExport: NBDExport {
 
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {
         try await ExportError.wrapping {
-            .data(
-                try await readIntoBuffer(length: length, buffers: buffers) { target in
-                    try await snapshot.read(at: ByteOffset(offset), into: target)
-                })
+            let target = ReadTarget(length: length, buffers: buffers)
+            return .data(try await snapshot.read(at: ByteOffset(offset), into: target).filled())
         }
     }
 

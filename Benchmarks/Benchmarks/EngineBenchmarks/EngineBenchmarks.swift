@@ -166,9 +166,8 @@ nonisolated(unsafe) let dataBuffer: UnsafeRawBufferPointer = {
     return UnsafeRawBufferPointer(buffer)
 }()
 
-struct Sendably<Value>: @unchecked Sendable {
-    let value: Value
-}
+/// The same bytes as an array, for the engine's owned-buffer API.
+let dataBytes = Array(dataBuffer)
 
 /// A plain file written with pwrite and fdatasync: the durable bandwidth the engine is held to.
 final class RawFile: @unchecked Sendable {
@@ -248,7 +247,7 @@ final class EngineFixture: @unchecked Sendable {
         if prefill {
             var offset = 0
             while offset < regionBytes {
-                try await volume.write(at: ByteOffset(offset), from: dataBuffer)
+                try await volume.write(at: ByteOffset(offset), dataBytes)
                 offset += dataBuffer.count
             }
             try await volume.flush()
@@ -266,7 +265,7 @@ final class EngineFixture: @unchecked Sendable {
             _ = try await store.createSnapshotSet(volumes: ["bench"])
             var offset = 0
             while offset < regionBytes {
-                try await volume.write(at: ByteOffset(offset), from: dataBuffer)
+                try await volume.write(at: ByteOffset(offset), dataBytes)
                 offset += dataBuffer.count
             }
         }
@@ -315,11 +314,10 @@ final class EngineFixture: @unchecked Sendable {
         guard let volume else { return }
         let base = sequentialCursor
         sequentialCursor = (sequentialCursor + payloadBytes) % regionBytes
-        let source = Sendably(value: dataBuffer)
         try await withThrowingTaskGroup(of: Void.self) { group in
             for index in 0..<sequentialDepth {
                 group.addTask {
-                    try await volume.write(at: ByteOffset(base + index * sequentialWriteSize), from: source.value)
+                    try await volume.write(at: ByteOffset(base + index * sequentialWriteSize), dataBytes)
                 }
             }
             try await group.waitForAll()
@@ -347,14 +345,14 @@ final class EngineFixture: @unchecked Sendable {
         } else {
             for _ in 0..<count { offsets.append(Int.random(in: 0..<(regionBytes / size), using: &random) * size) }
         }
-        let source = Sendably(value: UnsafeRawBufferPointer(rebasing: dataBuffer[0..<size]))
+        let block = Array(dataBytes[0..<size])
         let all = offsets
         try await withThrowingTaskGroup(of: Void.self) { group in
             for lane in 0..<randomDepth {
                 group.addTask {
                     var index = lane
                     while index < all.count {
-                        try await volume.write(at: ByteOffset(all[index]), from: source.value)
+                        try await volume.write(at: ByteOffset(all[index]), block)
                         index += randomDepth
                     }
                 }
@@ -372,9 +370,8 @@ final class EngineFixture: @unchecked Sendable {
         try await withThrowingTaskGroup(of: Void.self) { group in
             for index in 0..<sequentialDepth {
                 group.addTask {
-                    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: sequentialWriteSize, alignment: 4096)
-                    defer { buffer.deallocate() }
-                    try await snapshot.read(at: ByteOffset(base + index * sequentialWriteSize), into: buffer)
+                    let buffer = [UInt8](repeating: 0, count: sequentialWriteSize)
+                    _ = try await snapshot.read(at: ByteOffset(base + index * sequentialWriteSize), into: buffer)
                 }
             }
             try await group.waitForAll()
