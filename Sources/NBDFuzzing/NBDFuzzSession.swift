@@ -1,16 +1,18 @@
 import NBDProtocol
 import NIOCore
 
-// One simulated server connection, as NBDConnectionHandler runs it (see NBDSessionFuzzer for the
-// why). The invariants checked against each served request are restated here independently of
-// `NBDTransmissionStateMachine.validate`, so a validation bug shows as a finding, not as agreement.
+// One simulated server connection: the real `NBDConnectionStateMachine`, driven the way
+// NBDConnectionHandler drives it (see NBDSessionFuzzer for the why). The invariants checked against
+// each served request are restated here independently of `NBDTransmissionStateMachine.validate`, so a
+// validation bug shows as a finding, not as agreement, and the machine's byte accounting is checked
+// against a count kept here.
 
 /// What a session sent and how it ended; two runs of one input must agree on all of it.
 public struct NBDFuzzOutcome: Equatable, Sendable, CustomStringConvertible {
     /// FNV-1a of every byte the server sent (read data counted, not hashed).
     public var outputHash: UInt64 = 0xcbf2_9ce4_8422_2325
     public var outputBytes = 0
-    /// Messages the decoder returned.
+    /// Messages the machine acted on.
     public var messages = 0
     /// Requests served (not refused).
     public var served = 0
@@ -30,162 +32,136 @@ final class NBDFuzzSession {
 
     private let limits = NBDSessionFuzzer.limits
     private let catalog = NBDFuzzCatalog()
-    private let seed: UInt64
     /// After this many messages the server starts shutting down (or never, if nil).
     private let shutdownAfterMessages: Int?
-    private var decoder: NBDServerDecoder
-    private var handshake: NBDHandshakeStateMachine?
-    private var transmission: NBDTransmissionStateMachine?
-    private var pendingWrite: NBDRequest?
-    private var pendingRefusal: (request: NBDRequest, errno: NBDErrno)?
+    /// Whether a request waiting for budget waits until the oldest request in flight completes.
+    private let slowBudget: Bool
+    private var machine: NBDConnectionStateMachine
     private var inFlight: [InFlight] = []
-    private var received = 0
+    /// The request the machine asked budget for, not yet granted.
+    private var awaitingBudget: NBDRequest?
+    /// A WRITE granted its budget whose payload is still being read.
+    private var awaitingPayload: NBDRequest?
+    /// Budget bytes granted and not yet released, counted here.
+    private var heldBytes = 0
     private var closed = false
+    private var inTransmission = false
     private var disconnecting = false
     private var outcome = NBDFuzzOutcome()
     private var output = ByteBuffer()
 
     init(seed: UInt64, tlsMode: NBDTLSMode) {
-        self.seed = seed
         shutdownAfterMessages = seed & 0x30 == 0 ? Int((seed >> 8) % 24) : nil
-        decoder = NBDServerDecoder(limits: limits, allocator: ByteBufferAllocator())
+        slowBudget = seed & 0x40 != 0
         // An acknowledged STARTTLS is taken as a completed TLS handshake, and the rest of the input
         // as what came through it.
-        handshake = NBDHandshakeStateMachine(configuration: .init(limits: limits, tlsMode: tlsMode))
+        machine = NBDConnectionStateMachine(limits: limits, tlsMode: tlsMode, allocator: ByteBufferAllocator())
     }
 
     /// Feeds `bytes` in pieces of the given sizes, then closes the client's side.
     func run(_ bytes: [UInt8], pieces: [Int]) throws(NBDFuzzFinding) -> NBDFuzzOutcome {
-        try apply(handshake!.start())
+        try perform(machine.start())
         var start = 0
         for size in pieces where !closed {
             var buffer = ByteBuffer()
             buffer.writeBytes(bytes[start..<start + size])
             start += size
-            received += size
-            decoder.receive(buffer)
+            machine.receive(buffer)
             try pump()
         }
-        if !closed { try clientStoppedSending() }
+        if !closed {
+            machine.inputEnded()
+            try pump()
+        }
         // What is still in flight completes (a closed connection drops its replies).
+        if awaitingBudget != nil { try grantBudget() }
         while !inFlight.isEmpty { try complete(at: 0) }
+        if closed { try check(machine.heldBytes == 0, "a closed connection still holds \(machine.heldBytes) bytes") }
         return outcome
     }
 
     // MARK: - Inbound
 
+    /// Acts on every message that can be acted on; where the machine waits (budget, bounds), makes
+    /// the progress the server would: grants the budget or completes the oldest request.
     private func pump() throws(NBDFuzzFinding) {
         while !closed {
-            if pendingWrite == nil, pendingRefusal == nil, let transmission, !transmission.canAcceptRequest {
-                // The connection would stop reading until something completes: complete the oldest.
-                try check(!inFlight.isEmpty, "reading stopped with nothing in flight")
-                try complete(at: 0)
+            if let actions = machine.nextMessage(catalog: catalog) {
+                outcome.messages += 1
+                try perform(actions)
+                try advanceTime()
                 continue
             }
-            let message: NBDServerDecoder.Message?
-            do {
-                message = try decoder.next()
-            } catch {
-                end("protocol error \(error.code)")
-                return
+            if awaitingBudget != nil {
+                if slowBudget, !inFlight.isEmpty { try complete(at: 0) } else { try grantBudget() }
+                continue
             }
-            try check(decoder.queuedBytes >= 0 && decoder.queuedBytes <= received, "queued byte count is off")
-            guard let message else { return }
-            outcome.messages += 1
-            try handle(message)
-            try advanceTime()
+            guard machine.shouldHoldReads else { return }
+            // The connection stopped reading until something completes.
+            try check(!inFlight.isEmpty, "reading stopped with nothing in flight")
+            try complete(at: 0)
         }
     }
 
-    private func handle(_ message: NBDServerDecoder.Message) throws(NBDFuzzFinding) {
-        switch message {
-        case .clientFlags(let flags):
-            guard handshake != nil else { return try fail("client flags outside the handshake") }
-            try apply(handshake!.receivedClientFlags(flags))
-        case .option(let option, let payload):
-            guard handshake != nil else { return try fail("option outside the handshake") }
-            try check(payload.readableBytes <= limits.maximumOptionPayloadBytes, "option payload over the limit")
-            try apply(handshake!.receivedOption(option, payload: payload, catalog: catalog))
-        case .oversizedOption(let option, let length):
-            guard handshake != nil else { return try fail("option outside the handshake") }
-            try check(Int(length) > limits.maximumOptionPayloadBytes, "an option within the limit was dropped")
-            try apply(handshake!.receivedOversizedOption(option, length: length))
-        case .request(let request):
-            try handleRequest(request)
-        case .writePayload(let payload):
-            guard let request = pendingWrite else { return try fail("WRITE payload without a request") }
-            try check(payload.readableBytes == Int(request.length), "WRITE payload of the wrong length")
-            pendingWrite = nil
-            try serve(request)
-        case .discardedWritePayload(let length):
-            guard let refusal = pendingRefusal else { return try fail("discarded payload without a refusal") }
-            try check(length == Int(refusal.request.length), "discarded payload of the wrong length")
-            pendingRefusal = nil
-            writeError(for: refusal.request, refusal.errno, offset: nil)
-        }
-    }
-
-    private func apply(_ action: NBDHandshakeStateMachine.Action) throws(NBDFuzzFinding) {
-        switch action {
-        case .none:
-            break
-        case .send(let messages):
-            send(messages)
-        case .sendAndClose(let messages):
-            send(messages)
-            end("handshake closed")
-        case .sendAndStartTransmission(let messages, let session):
-            try checkSession(session)
-            send(messages)
-            decoder.startTransmission()
-            handshake = nil
-            transmission = NBDTransmissionStateMachine(session: session, limits: limits)
-        case .sendAndStartTLS(let messages):
-            send(messages)
-            try apply(handshake!.tlsEstablished())
-        }
-    }
-
-    private func handleRequest(_ request: NBDRequest) throws(NBDFuzzFinding) {
-        guard transmission != nil else { return try fail("request outside transmission") }
-        let before = transmission!.inFlightRequests
-        switch transmission!.receivedRequest(request) {
-        case .serve(let served):
-            try check(served == request, "served a different request")
-            try checkServable(request)
-            try check(transmission!.inFlightRequests == before + 1, "a served request was not counted")
-            if request.command == .write {
-                let length = Int(request.length)
-                decoder.keepWritePayload(
-                    length >= 64 * 1024 ? .inPlace : .copy(into: ByteBufferAllocator().buffer(capacity: length)))
-                pendingWrite = request
-            } else {
-                try serve(request)
-            }
-        case .reject(let rejected, let errno):
-            try check(rejected == request && errno.rawValue != 0, "a rejection without an error")
-            if request.command == .write {
-                decoder.discardWritePayload()
-                pendingRefusal = (request, errno)
-            } else {
-                writeError(for: request, errno, offset: nil)
-            }
-        case .disconnect(let closeNow):
-            try check(closeNow == inFlight.isEmpty, "disconnect disagrees about what is in flight")
-            disconnecting = true
-            if closeNow { end("disconnected") }
-        case .close:
-            try check(request.command == .write, "only a WRITE too large to read past closes")
-            end("closed on a huge WRITE")
-        }
+    private func perform(_ actions: [NBDConnectionStateMachine.Action]) throws(NBDFuzzFinding) {
+        for action in actions { try perform(action) }
         try checkCounters()
     }
 
-    private func clientStoppedSending() throws(NBDFuzzFinding) {
-        guard transmission != nil, pendingWrite == nil, pendingRefusal == nil else {
-            return end("input ended mid-message")
+    private func perform(_ action: NBDConnectionStateMachine.Action) throws(NBDFuzzFinding) {
+        switch action {
+        case .send(let messages):
+            send(messages)
+        case .sendAndStartTLS(let messages):
+            send(messages)
+            try perform(machine.tlsEstablished())
+        case .sendAndStartTransmission(let messages, let session):
+            try checkSession(session)
+            send(messages)
+            inTransmission = true
+        case .takeBudget(let request, let bytes):
+            try check(awaitingBudget == nil, "budget asked for twice")
+            try check(bytes == NBDTransmissionStateMachine.payloadBytes(of: request) && bytes > 0, "budget bytes off")
+            try checkServable(request)
+            awaitingBudget = request
+        case .releaseBudget(let bytes):
+            try check(bytes > 0 && bytes <= heldBytes, "released \(bytes) bytes with \(heldBytes) held")
+            heldBytes -= bytes
+        case .serve(let request, let payload):
+            try checkServable(request)
+            if request.command == .write {
+                try check(awaitingPayload == request, "served a WRITE that was not awaiting its payload")
+                try check(payload?.readableBytes == Int(request.length), "WRITE payload of the wrong length")
+                awaitingPayload = nil
+            } else {
+                try check(payload == nil, "a payload for a request that has none")
+            }
+            try serve(request)
+        case .refuse(let request, let errno):
+            try check(errno.rawValue != 0, "a refusal without an error")
+            writeError(for: request, errno, offset: nil)
+        case .reply(let request):
+            writeReply(to: request)
+        case .releaseBudgetWhenSent(let bytes):
+            // The socket takes everything at once here.
+            try perform(machine.replySent(bytes: bytes))
+        case .clientDisconnecting:
+            disconnecting = true
+        case .drained:
+            try check(inFlight.isEmpty && machine.isDraining, "drained with requests in flight")
+        case .closeAfterWrites:
+            end(inTransmission ? (disconnecting ? "disconnected" : "closed after draining") : "handshake closed")
+        case .close(let reason):
+            end(reason)
         }
-        try handleRequest(NBDRequest(command: .disconnect, handle: 0, offset: 0, length: 0))
+    }
+
+    private func grantBudget() throws(NBDFuzzFinding) {
+        guard let request = awaitingBudget else { return }
+        awaitingBudget = nil
+        heldBytes += NBDTransmissionStateMachine.payloadBytes(of: request)
+        if request.command == .write && !closed { awaitingPayload = request }
+        try perform(machine.budgetGranted())
     }
 
     // MARK: - Serving
@@ -199,8 +175,7 @@ final class NBDFuzzSession {
     /// One message went by: requests whose delay is over complete, and the shutdown may begin.
     private func advanceTime() throws(NBDFuzzFinding) {
         if outcome.messages == shutdownAfterMessages {
-            if handshake != nil { handshake!.beginShutdown() }
-            if transmission != nil { try completion(transmission!.beginDraining()) }
+            try perform(machine.drain(closingWhenIdle: false))
         }
         var index = 0
         while index < inFlight.count {
@@ -215,24 +190,14 @@ final class NBDFuzzSession {
 
     private func complete(at index: Int) throws(NBDFuzzFinding) {
         let request = inFlight.remove(at: index).request
-        guard transmission != nil else { return try fail("completion without a session") }
-        // A closed connection drops the outcome unanswered and stops accounting, as the handler does.
-        guard !closed else { return }
-        writeReply(to: request)
-        try completion(transmission!.requestCompleted(request))
-        try checkCounters()
-    }
-
-    private func completion(_ action: NBDTransmissionStateMachine.CompletionAction) throws(NBDFuzzFinding) {
-        switch action {
-        case .none:
-            try check(!(disconnecting && inFlight.isEmpty), "the last request after a disconnect did not close")
-        case .drained:
-            try check(inFlight.isEmpty && transmission!.isDraining, "drained with requests in flight")
-        case .close:
-            try check(inFlight.isEmpty && disconnecting, "closed without a disconnect")
-            end("disconnected")
+        let actions = machine.requestCompleted(request)
+        // A closed connection drops the outcome unanswered; its bytes still go back.
+        let replies = actions.filter {
+            if case .reply = $0 { return true }
+            return false
         }
+        try check(closed ? replies.isEmpty : replies.count == 1, "replies to one completion: \(replies.count)")
+        try perform(actions)
     }
 
     // MARK: - Replies
@@ -244,7 +209,8 @@ final class NBDFuzzSession {
 
     /// A reply chosen by the handle: data, a hole, data in segments, or an error with an offset.
     private func writeReply(to request: NBDRequest) {
-        let structured = transmission!.session.structuredReplies
+        guard let session = machine.session else { return }
+        let structured = session.structuredReplies
         let handle = request.handle
         let choice = (handle >> 2) % 5
         if choice == 4 {
@@ -270,13 +236,12 @@ final class NBDFuzzSession {
                 handle: handle, flags: .done, offset: request.offset, dataLength: request.length)
             outcome.outputBytes += Int(request.length)
         case .blockStatus:
-            let contexts = transmission!.session.metaContexts
-            for (index, context) in contexts.enumerated() {
+            for (index, context) in session.metaContexts.enumerated() {
                 let extents = NBDExtent.normalized(
                     Self.extents(length: request.length, seed: handle &+ UInt64(context.id)),
                     length: request.length, requestOne: request.flags.contains(.requestOne),
                     maximumCount: limits.maximumExtentsPerReply)
-                let flags: NBDReplyFlags = index == contexts.count - 1 ? .done : []
+                let flags: NBDReplyFlags = index == session.metaContexts.count - 1 ? .done : []
                 output.writeNBDBlockStatus(handle: handle, flags: flags, contextID: context.id, extents: extents)
             }
         default:
@@ -298,7 +263,7 @@ final class NBDFuzzSession {
     }
 
     private func writeError(for request: NBDRequest, _ errno: NBDErrno, offset: UInt64?) {
-        if transmission?.session.structuredReplies == true {
+        if machine.session?.structuredReplies == true {
             let message = String(repeating: "invalid request ", count: Int(request.handle % 300))
             output.writeNBDStructuredError(
                 handle: request.handle, flags: .done, error: errno, message: message,
@@ -320,6 +285,7 @@ final class NBDFuzzSession {
     private func end(_ reason: String) {
         guard !closed else { return }
         closed = true
+        awaitingPayload = nil
         outcome.ending = reason
     }
 
@@ -342,11 +308,13 @@ final class NBDFuzzSession {
 
     /// The request must be one a correct server may serve, checked from first principles.
     private func checkServable(_ request: NBDRequest) throws(NBDFuzzFinding) {
-        let session = transmission!.session
+        guard let session = machine.session, let maximumRequestBytes = machine.maximumRequestBytes else {
+            return try fail("served outside transmission: \(request)")
+        }
         let export = session.export
         let command = request.command
         let writes: Set<NBDCommand> = [.write, .trim, .writeZeroes]
-        try check(!transmission!.isDraining, "served while draining: \(request)")
+        try check(!machine.isDraining, "served while draining: \(request)")
         try check(!(export.isReadOnly && writes.contains(command)), "served a write on a read-only export")
         try check(request.flags.rawValue & ~0x1f == 0, "served unknown flags: \(request)")
         switch command {
@@ -363,7 +331,7 @@ final class NBDFuzzSession {
         let minimum = UInt64(export.blockSize.minimum)
         try check(request.offset % minimum == 0 && UInt64(request.length) % minimum == 0, "served misaligned")
         if command == .read || command == .write || command == .cache {
-            try check(request.length <= transmission!.maximumRequestBytes, "served an oversized \(command)")
+            try check(request.length <= maximumRequestBytes, "served an oversized \(command)")
         }
         if command == .blockStatus {
             try check(!session.metaContexts.isEmpty && request.length > 0, "served a BLOCK_STATUS without contexts")
@@ -371,17 +339,14 @@ final class NBDFuzzSession {
     }
 
     private func checkCounters() throws(NBDFuzzFinding) {
-        guard let transmission else { return }
-        let bytes = inFlight.reduce(0) { sum, entry in
-            let request = entry.request
-            return sum + (request.command == .write || request.command == .read ? Int(request.length) : 0)
-        }
-        let pending = pendingWrite.map { Int($0.length) } ?? 0
+        try check(machine.heldBytes == heldBytes, "the machine holds \(machine.heldBytes) bytes, counted \(heldBytes)")
+        guard !closed, machine.session != nil else { return }
+        let expected = inFlight.count + (awaitingBudget == nil ? 0 : 1) + (awaitingPayload == nil ? 0 : 1)
         try check(
-            transmission.inFlightRequests == inFlight.count + (pendingWrite == nil ? 0 : 1),
-            "in-flight count \(transmission.inFlightRequests), expected \(inFlight.count)")
-        try check(transmission.inFlightBytes == bytes + pending, "in-flight bytes are off")
-        try check(transmission.inFlightRequests <= limits.maximumInFlightRequests, "in-flight bound exceeded")
+            machine.inFlightRequests == expected,
+            "in-flight count \(machine.inFlightRequests), expected \(expected)")
+        try check(machine.inFlightRequests <= limits.maximumInFlightRequests, "in-flight bound exceeded")
+        try check(heldBytes <= limits.maximumInFlightBytes + Int(limits.maximumRequestBytes), "byte bound exceeded")
     }
 
     private func check(_ condition: Bool, _ what: @autoclosure () -> String) throws(NBDFuzzFinding) {

@@ -1,7 +1,8 @@
 // Design note. The transmission phase as a value: it validates every request against what this
 // session negotiated (one function, `validate`, in the order nbdkit uses: state, command,
-// read-only, advertised, flags, range, alignment, size), and counts what is in flight so the
-// connection can stop reading at a bound and close once drained. Serving and replying are the
+// read-only, advertised, flags, range, alignment, size), and counts the requests in flight so the
+// connection can stop reading at a bound and close once drained (their payload bytes are counted by
+// `NBDConnectionStateMachine`, once). Serving and replying are the
 // caller's job; the machine only says serve, reject with an errno, or close.
 
 /// The server side of one session's transmission phase.
@@ -37,17 +38,15 @@ public struct NBDTransmissionStateMachine {
     public let limits: NBDLimits
     private var state: State = .active
     public private(set) var inFlightRequests = 0
-    public private(set) var inFlightBytes = 0
 
     public init(session: NBDSession, limits: NBDLimits) {
         self.session = session
         self.limits = limits
     }
 
-    /// Whether the connection may read more requests now (the in-flight bounds are not reached).
+    /// Whether the connection may read more requests now (the in-flight request bound is not reached).
     public var canAcceptRequest: Bool {
         state != .disconnecting && inFlightRequests < limits.maximumInFlightRequests
-            && inFlightBytes < limits.maximumInFlightBytes
     }
 
     public var isDraining: Bool { state == .draining }
@@ -69,7 +68,6 @@ public struct NBDTransmissionStateMachine {
             return .reject(request, error)
         }
         inFlightRequests += 1
-        inFlightBytes += Self.payloadBytes(of: request)
         return .serve(request)
     }
 
@@ -77,7 +75,6 @@ public struct NBDTransmissionStateMachine {
     public mutating func requestCompleted(_ request: NBDRequest) -> CompletionAction {
         assert(inFlightRequests > 0, "more completions than requests served")
         inFlightRequests -= 1
-        inFlightBytes -= Self.payloadBytes(of: request)
         guard inFlightRequests == 0 else { return .none }
         switch state {
         case .active: return .none

@@ -130,21 +130,8 @@ private func errno(
         #expect(machine.canAcceptRequest)
         #expect(machine.receivedRequest(read) == .serve(read))
         #expect(!machine.canAcceptRequest)
-        #expect(machine.inFlightBytes == 8192)
         #expect(machine.requestCompleted(read) == .none)
         #expect(machine.canAcceptRequest)
-    }
-
-    /// The byte bound stops reading too.
-    @Test func inFlightByteBound() {
-        var limits = NBDLimits()
-        limits.maximumInFlightBytes = 10000
-        var machine = NBDTransmissionStateMachine(session: session(liveExport), limits: limits)
-        let write = NBDRequest(command: .write, handle: 1, offset: 0, length: 8192)
-        _ = machine.receivedRequest(write)
-        #expect(machine.canAcceptRequest)
-        _ = machine.receivedRequest(write)
-        #expect(!machine.canAcceptRequest)
     }
 
     /// DISC closes at once when idle, else after the last request in flight is answered.

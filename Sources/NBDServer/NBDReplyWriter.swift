@@ -2,11 +2,36 @@ import Logging
 import NBDProtocol
 import NIOCore
 
-// Replies: how each outcome becomes bytes on the wire. Headers are accumulated into one outbound
-// buffer that is written out before each payload and at flush time; payloads (read data, zeroes,
-// file ranges) follow as their own buffers or file regions and are never copied into a header.
+// Replies: how each outcome becomes bytes on the wire, and when they are flushed. Headers are
+// accumulated into one outbound buffer that is written out before each payload and at flush time;
+// payloads (read data, zeroes, file ranges) follow as their own buffers or file regions and are never
+// copied into a header. Flushes happen when the connection says (after a read burst) or, for replies
+// completed outside a read, once per event loop tick. One writer per connection, on its event loop.
 
-extension NBDConnectionHandler {
+final class NBDReplyWriter {
+    /// The connection's pipeline position; nil once the handler is removed.
+    var context: ChannelHandlerContext?
+    /// Whether this session negotiated structured replies.
+    var structuredReplies = false
+    /// Whether read data may go out as file regions (`sendfile`): not once TLS wraps the connection,
+    /// nor over a pipe.
+    var sendsFileRegions = true
+    private let buffers: NBDBufferPool
+    /// Zero bytes to send for holes where the reply cannot say "hole".
+    private let zeroes: ByteBuffer
+    private let maximumExtentsPerReply: Int
+    var logger: Logger
+    private var outbound: ByteBuffer?
+    private var needsFlush = false
+    private var flushScheduled = false
+
+    init(buffers: NBDBufferPool, zeroes: ByteBuffer, maximumExtentsPerReply: Int, logger: Logger) {
+        self.buffers = buffers
+        self.zeroes = zeroes
+        self.maximumExtentsPerReply = maximumExtentsPerReply
+        self.logger = logger
+    }
+
     // MARK: - Replies
 
     func writeHandshake(_ messages: [NBDHandshakeMessage]) {
@@ -15,7 +40,7 @@ extension NBDConnectionHandler {
         }
     }
 
-    func writeReply(to request: NBDRequest, _ outcome: Outcome) {
+    func writeReply(to request: NBDRequest, _ outcome: NBDExportCall.Outcome) {
         switch outcome {
         case .done:
             appendHeader { $0.writeNBDSimpleReply(handle: request.handle, error: nil) }
@@ -167,7 +192,7 @@ extension NBDConnectionHandler {
 
     func writeBlockStatus(_ request: NBDRequest, _ chunks: [(NBDMetaContext, [NBDExtent])]) {
         let requestOne = request.flags.contains(.requestOne)
-        let maximumCount = environment.limits.maximumExtentsPerReply
+        let maximumCount = maximumExtentsPerReply
         for (index, (metaContext, extents)) in chunks.enumerated() {
             let normalized = NBDExtent.normalized(
                 extents,
@@ -209,9 +234,9 @@ extension NBDConnectionHandler {
         guard let context else { return }
         if let pending = outbound {
             outbound = nil
-            context.write(wrapOutboundOut(.byteBuffer(pending)), promise: nil)
+            context.write(NIOAny(IOData.byteBuffer(pending)), promise: nil)
         }
-        context.write(wrapOutboundOut(payload), promise: promise)
+        context.write(NIOAny(payload), promise: promise)
         needsFlush = true
     }
 
@@ -229,8 +254,8 @@ extension NBDConnectionHandler {
     func writeZeroes(_ length: Int) {
         var remaining = length
         while remaining > 0 {
-            let count = min(remaining, environment.zeroes.readableBytes)
-            writePayload(.byteBuffer(environment.zeroes.getSlice(at: environment.zeroes.readerIndex, length: count)!))
+            let count = min(remaining, zeroes.readableBytes)
+            writePayload(.byteBuffer(zeroes.getSlice(at: zeroes.readerIndex, length: count)!))
             remaining -= count
         }
     }
@@ -259,7 +284,7 @@ extension NBDConnectionHandler {
         needsFlush = false
         if let pending = outbound {
             outbound = nil
-            context.write(wrapOutboundOut(.byteBuffer(pending)), promise: nil)
+            context.write(NIOAny(IOData.byteBuffer(pending)), promise: nil)
         }
         context.flush()
     }
@@ -271,5 +296,17 @@ extension NBDConnectionHandler {
             self.flushScheduled = false
             self.flushIfNeeded()
         }
+    }
+
+    /// Writes everything pending and an empty buffer behind it, flushed; `promise` completes once the
+    /// socket has taken it all (or failed).
+    func writeEverything(promise: EventLoopPromise<Void>) {
+        guard let context else { return promise.succeed() }
+        if let pending = outbound {
+            outbound = nil
+            context.write(NIOAny(IOData.byteBuffer(pending)), promise: nil)
+        }
+        context.writeAndFlush(NIOAny(IOData.byteBuffer(ByteBuffer())), promise: promise)
+        needsFlush = false
     }
 }
