@@ -42,6 +42,8 @@ final class NBDFuzzSession {
     private var awaitingBudget: NBDRequest?
     /// A WRITE granted its budget whose payload is still being read.
     private var awaitingPayload: NBDRequest?
+    /// The request last granted its budget (validated when it asked, perhaps before a drain began).
+    private var granted: NBDRequest?
     /// Budget bytes granted and not yet released, counted here.
     private var heldBytes = 0
     private var closed = false
@@ -128,11 +130,17 @@ final class NBDFuzzSession {
             try check(bytes > 0 && bytes <= heldBytes, "released \(bytes) bytes with \(heldBytes) held")
             heldBytes -= bytes
         case .serve(let request, let payload):
-            try checkServable(request)
+            // A request that waited for budget was judged when it asked: a drain may have begun since.
+            if request == granted {
+                granted = nil
+            } else {
+                try checkServable(request)
+            }
             if request.command == .write {
-                try check(awaitingPayload == request, "served a WRITE that was not awaiting its payload")
+                try check(
+                    awaitingPayload == request || request.length == 0, "served a WRITE that was not awaiting its payload")
                 try check(payload?.readableBytes == Int(request.length), "WRITE payload of the wrong length")
-                awaitingPayload = nil
+                if awaitingPayload == request { awaitingPayload = nil }
             } else {
                 try check(payload == nil, "a payload for a request that has none")
             }
@@ -160,6 +168,7 @@ final class NBDFuzzSession {
         guard let request = awaitingBudget else { return }
         awaitingBudget = nil
         heldBytes += NBDTransmissionStateMachine.payloadBytes(of: request)
+        granted = request
         if request.command == .write && !closed { awaitingPayload = request }
         try perform(machine.budgetGranted())
     }

@@ -389,6 +389,10 @@ public struct NBDConnectionStateMachine {
         let length = Int(request.length)
         decoder.keepWritePayload(
             length >= Self.inPlacePayloadBytes ? .inPlace : .copy(into: allocator.buffer(capacity: length)))
+        // An empty payload is complete at once: served in the same step, like any request without one.
+        if length == 0, case .writePayload(let payload)? = try? decoder.next() {
+            return [.serve(request, payload: payload)]
+        }
         transmission.pending = .writePayload(request)
         state = .transmission(transmission)
         return []
