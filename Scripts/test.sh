@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every test: installs what the tests need, builds, runs the Swift test suite (unit, simulation,
+# Every test: installs what the tests need, checks the formatting (swift format lint --strict with
+# the checked-in .swift-format), builds, runs the Swift test suite (unit, simulation,
 # protocol, libnbd and process tests), then the interoperability scripts against a real daemon.
 #   Scripts/test.sh              the default run (what CI runs)
 #   UMBRA_SIMULATION_SEEDS=20000 Scripts/test.sh    a longer crash simulation
@@ -8,6 +9,8 @@ cd "$(dirname "$0")/.."
 source Scripts/env.sh
 
 Scripts/install-dependencies.sh
+# Formatting first: it takes seconds, and a build takes minutes.
+swift format lint --strict --recursive Sources Tests Benchmarks
 swift build --build-tests
 swift test --skip-build
 if [ -x Scripts/interop/run-all.sh ]; then

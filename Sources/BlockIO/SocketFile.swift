@@ -119,7 +119,8 @@ public enum SocketFile {
 
     /// Whether something accepts connections on the socket at `path` (a full backlog counts).
     private static func isAccepting(_ path: String) throws(SocketFileError) -> Bool {
-        let descriptor = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
+        let descriptor = socket(
+            AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue | SOCK_CLOEXEC.rawValue), 0)
         guard descriptor >= 0 else { throw .cannotCheck(path, lastErrno()) }
         defer { Syscall.close(descriptor) }
         var address = sockaddr_un()

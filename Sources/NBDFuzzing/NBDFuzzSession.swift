@@ -138,7 +138,8 @@ final class NBDFuzzSession {
             }
             if request.command == .write {
                 try check(
-                    awaitingPayload == request || request.length == 0, "served a WRITE that was not awaiting its payload")
+                    awaitingPayload == request || request.length == 0,
+                    "served a WRITE that was not awaiting its payload")
                 try check(payload?.readableBytes == Int(request.length), "WRITE payload of the wrong length")
                 if awaitingPayload == request { awaitingPayload = nil }
             } else {

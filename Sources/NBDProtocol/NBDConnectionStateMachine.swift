@@ -202,7 +202,7 @@ public struct NBDConnectionStateMachine {
         guard let message else {
             return inputClosed ? clientStoppedSending() : nil
         }
-        return handle(message, catalog: catalog)
+        return actions(for: message, catalog: catalog)
     }
 
     /// The server's budget gave the bytes of the request waiting for them.
@@ -215,7 +215,7 @@ public struct NBDConnectionStateMachine {
             transmission.pending = .none
             heldBytes += NBDTransmissionStateMachine.payloadBytes(of: request)
             state = .transmission(transmission)
-            return accept(request)
+            return serveOrReadPayload(of: request)
         case .closed(let pending?):
             state = .closed(pendingBudget: nil)
             return [.releaseBudget(NBDTransmissionStateMachine.payloadBytes(of: pending))]
@@ -310,7 +310,7 @@ public struct NBDConnectionStateMachine {
 
     // MARK: - Messages
 
-    private mutating func handle(_ message: NBDServerDecoder.Message, catalog: some NBDExportCatalog) -> [Action] {
+    private mutating func actions(for message: NBDServerDecoder.Message, catalog: some NBDExportCatalog) -> [Action] {
         switch message {
         case .clientFlags(let flags):
             guard case .handshake(var handshake) = state else {
@@ -330,7 +330,7 @@ public struct NBDConnectionStateMachine {
             state = .handshake(handshake)
             return handshakeActions(action)
         case .request(let request):
-            return received(request)
+            return actions(for: request)
         case .writePayload(let payload):
             guard case .transmission(var transmission) = state, case .writePayload(let request) = transmission.pending
             else { return invariantBroken("WRITE payload without a request") }
@@ -347,7 +347,7 @@ public struct NBDConnectionStateMachine {
         }
     }
 
-    private mutating func received(_ request: NBDRequest) -> [Action] {
+    private mutating func actions(for request: NBDRequest) -> [Action] {
         guard case .transmission(var transmission) = state else {
             return invariantBroken("request outside transmission")
         }
@@ -361,7 +361,7 @@ public struct NBDConnectionStateMachine {
                 return [.takeBudget(request, bytes: bytes)]
             }
             state = .transmission(transmission)
-            return accept(request)
+            return serveOrReadPayload(of: request)
         case .reject(let request, let errno):
             guard request.command == .write else {
                 state = .transmission(transmission)
@@ -381,9 +381,11 @@ public struct NBDConnectionStateMachine {
     }
 
     /// A request that has its bytes: served now, or once its WRITE payload is in.
-    private mutating func accept(_ request: NBDRequest) -> [Action] {
+    private mutating func serveOrReadPayload(of request: NBDRequest) -> [Action] {
         guard request.command == .write else { return [.serve(request, payload: nil)] }
-        guard case .transmission(var transmission) = state else { return invariantBroken("accepting outside transmission") }
+        guard case .transmission(var transmission) = state else {
+            return invariantBroken("accepting outside transmission")
+        }
         // Big payloads stay in the receive buffers they arrived in (no copy); small ones are copied
         // out so a slow write does not keep a whole receive buffer alive.
         let length = Int(request.length)
@@ -403,7 +405,7 @@ public struct NBDConnectionStateMachine {
         guard case .transmission(let transmission) = state, case .none = transmission.pending else {
             return close("the client stopped sending mid-message")
         }
-        return received(NBDRequest(command: .disconnect, handle: 0, offset: 0, length: 0))
+        return actions(for: NBDRequest(command: .disconnect, handle: 0, offset: 0, length: 0))
     }
 
     // MARK: - Helpers

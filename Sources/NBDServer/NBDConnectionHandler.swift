@@ -35,18 +35,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     }
 
     let environment: Environment
-    private let executor: EventLoopTaskExecutor
+    let executor: EventLoopTaskExecutor
     let buffers: NBDBufferPool
     var logger: Logger {
         didSet { replies.logger = logger }
     }
-    private var machine: NBDConnectionStateMachine
-    private let replies: NBDReplyWriter
-    private(set) var export: (any NBDExport)?
-    private var binding: (exportName: String, id: UInt64)?
+    var machine: NBDConnectionStateMachine
+    let replies: NBDReplyWriter
+    var export: (any NBDExport)?
+    var binding: (exportName: String, id: UInt64)?
     /// This connection as the registry and server see it; set right after creation.
     var connection: NBDConnection?
-    private var context: ChannelHandlerContext?
+    var context: ChannelHandlerContext?
 
     /// Re-entrancy guard: a completion inside `processInbound` must not start a second loop.
     private var isProcessingInbound = false
@@ -55,19 +55,19 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     /// A read was held back and must be issued when reading may resume.
     private var readHeld = false
     /// The channel's close has been issued.
-    private var channelClosing = false
-    private var drainPromise: EventLoopPromise<Void>?
+    var channelClosing = false
+    var drainPromise: EventLoopPromise<Void>?
     /// The server's budget queued this connection's request (to cancel it if the connection closes).
     private var budgetTicket: NBDInFlightBudget.Ticket?
     /// The handshake or idle timeout, whichever applies now.
-    private var timeout: Scheduled<Void>?
+    var timeout: Scheduled<Void>?
     /// When the last request came in or the last reply went out (kept only with an idle timeout).
-    private var lastActivity = NIODeadline.uptimeNanoseconds(0)
+    var lastActivity = NIODeadline.uptimeNanoseconds(0)
     /// Who the client proved to be: unauthenticated until a TLS handshake says otherwise.
-    private(set) var clientIdentity = NBDClientIdentity.unauthenticated
+    var clientIdentity = NBDClientIdentity.unauthenticated
     /// The TLS handler once STARTTLS was acknowledged, and whether its handshake completed.
-    private var tlsSession: (handler: NIOSSLServerHandler, pskRecord: NBDTLSConfiguration.PSKIdentityRecord?)?
-    private var tlsEstablished = false
+    var tlsSession: (handler: NIOSSLServerHandler, pskRecord: NBDTLSConfiguration.PSKIdentityRecord?)?
+    var tlsEstablished = false
 
     /// Whether read data may go out as file regions (`sendfile`).
     var sendsFileRegions: Bool {
@@ -170,7 +170,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
 
     // MARK: - Driving the machine
 
-    private func start() {
+    func start() {
         let actions = machine.start()
         guard !actions.isEmpty else { return }
         logger.debug("NBD connection opened")
@@ -183,14 +183,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     }
 
     /// Acts on every message received that can be acted on now.
-    private func processInbound() {
+    func processInbound() {
         guard !isProcessingInbound else { return }
         isProcessingInbound = true
         defer { isProcessingInbound = false }
         while let actions = machine.nextMessage(catalog: self) { run(actions) }
     }
 
-    private func run(_ actions: [NBDConnectionStateMachine.Action]) {
+    func run(_ actions: [NBDConnectionStateMachine.Action]) {
         for action in actions { carryOut(action) }
     }
 
@@ -238,7 +238,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
     }
 
-    private func transmissionStarted(_ session: NBDSession) {
+    func transmissionStarted(_ session: NBDSession) {
         timeout?.cancel()
         timeout = nil
         noteActivity()
@@ -292,7 +292,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         let buffers = self.buffers
         let allowsFiles = replies.sendsFileRegions
         Task.immediate(executorPreference: executor) {
-            let outcome = await NBDExportCall.perform(
+            let outcome = await NBDExportCall.call(
                 request, payload: payload, contexts: contexts, on: export, buffers: buffers, allowsFiles: allowsFiles)
             handler.value.requestCompleted(request, outcome)
         }
@@ -336,115 +336,6 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         }
     }
 
-    // MARK: - Draining
-
-    /// The export went away: answer what is in flight, then `ESHUTDOWN` to everything until the client
-    /// disconnects or the grace period passes. Closing as soon as idle would reset requests the client
-    /// had already sent but this side had not read yet.
-    func drainForRemoval(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
-        guard let context, !channelClosing, machine.session != nil else {
-            closeAfterWrites()
-            return eventLoop.makeSucceededVoidFuture()
-        }
-        let promise = drainPromise ?? context.eventLoop.makePromise()
-        drainPromise = promise
-        let grace = TimeAmount.milliseconds(environment.limits.exportRemovalGraceMilliseconds)
-        let loop = context.eventLoop
-        promise.futureResult.assumeIsolated().whenSuccess {
-            loop.assumeIsolated().scheduleTask(in: grace) { self.closeAfterWrites() }
-        }
-        run(machine.drain(closingWhenIdle: false))
-        replies.flushIfNeeded()
-        return promise.futureResult
-    }
-
-    /// The server is stopping: a handshake refuses to start transmission; a session answers what is
-    /// in flight and `ESHUTDOWN` to anything new. The future completes once nothing is in flight.
-    func drainForShutdown(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
-        guard let context, !channelClosing else { return eventLoop.makeSucceededVoidFuture() }
-        if machine.session == nil {
-            run(machine.drain(closingWhenIdle: false))
-            return context.eventLoop.makeSucceededVoidFuture()
-        }
-        let promise = drainPromise ?? context.eventLoop.makePromise()
-        drainPromise = promise
-        run(machine.drain(closingWhenIdle: false))
-        replies.flushIfNeeded()
-        return promise.futureResult
-    }
-
-    // MARK: - TLS
-
-    /// STARTTLS was acknowledged: flush the ACK in plain text, then put TLS in front of this handler.
-    private func startTLS() {
-        guard let context, let tls = environment.tls else { return closeNow(reason: "STARTTLS without TLS") }
-        replies.flushIfNeeded()
-        do {
-            let session = try tls.makeServerHandler()
-            try context.pipeline.syncOperations.addHandler(session.handler, position: .first)
-            tlsSession = session
-            // NIOSSL encrypts bytes only: exports are asked for data instead of file ranges.
-            replies.sendsFileRegions = false
-            // TLS ends with close_notify, not a TCP half-close; a client that just closes its side
-            // (libnbd after NBD_CMD_DISC) must close the connection, or NIOSSL, waiting for the
-            // client's close_notify, would hold it open until its shutdown timeout.
-            try context.channel.syncOptions?.setOption(.allowRemoteHalfClosure, value: false)
-        } catch {
-            logger.error("NBD connection cannot start TLS, disconnecting", metadata: ["nbd.error": "\(error)"])
-            closeNow()
-        }
-    }
-
-    private func tlsHandshakeCompleted() {
-        guard let tlsSession, let tls = environment.tls else {
-            return closeNow(reason: "TLS handshake completed outside STARTTLS")
-        }
-        tlsEstablished = true
-        clientIdentity = tls.identity(of: tlsSession.handler, record: tlsSession.pskRecord)
-        logger[metadataKey: "nbd.client"] = "\(clientIdentity)"
-        logger.debug("NBD connection upgraded to TLS")
-        run(machine.tlsEstablished())
-        processInbound()
-    }
-
-    // MARK: - NBDExportCatalog
-
-    func listExports() -> [NBDExportListing] {
-        environment.registry.exports.filter { access(to: $0.name) != .none }.map {
-            NBDExportListing(name: $0.name, description: $0.description)
-        }
-    }
-
-    func lookUpExport(named name: String, forTransmission: Bool) -> NBDExportDescription? {
-        // The default export ("") is resolved first, so the rules judge the export it stands for.
-        guard let resolved = environment.registry.export(named: name) else { return nil }
-        let access = access(to: resolved.name)
-        guard access != .none else { return nil }
-        guard forTransmission else { return describe(resolved, access: access) }
-        guard let connection, let (export, id) = environment.registry.bind(resolved.name, connection) else {
-            return nil
-        }
-        self.export = export
-        self.binding = (export.name, id)
-        return describe(export, access: access)
-    }
-
-    private func access(to exportName: String) -> NBDExportAccess {
-        environment.accessPolicy?(clientIdentity, exportName) ?? .readWrite
-    }
-
-    private func describe(_ export: any NBDExport, access: NBDExportAccess) -> NBDExportDescription {
-        NBDExportDescription(
-            name: export.name,
-            description: export.description,
-            size: export.size,
-            isReadOnly: export.isReadOnly || access < .readWrite,
-            blockSize: export.blockSize.capped(atMaximum: environment.limits.maximumRequestBytes),
-            metaContexts: export.metaContexts,
-            supportsFastZero: export.supportsFastZero
-        )
-    }
-
     // MARK: - Backpressure and closing
 
     private var shouldHoldReads: Bool {
@@ -452,14 +343,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         return !context.channel.isWritable || machine.shouldHoldReads
     }
 
-    private func resumeReadsIfPossible() {
+    func resumeReadsIfPossible() {
         guard readHeld, !shouldHoldReads, let context else { return }
         readHeld = false
         context.read()
     }
 
     /// Closes once everything written so far has been sent.
-    private func closeAfterWrites() {
+    func closeAfterWrites() {
         // Mid TLS handshake NIOSSL holds writes back until it completes, which it may never do.
         if tlsSession != nil && !tlsEstablished { return closeChannelNow() }
         guard !channelClosing, let context else { return }
@@ -474,7 +365,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     }
 
     /// Hard disconnect (a timeout, an error): the machine stops, and the channel closes now.
-    private func closeNow(reason: String? = nil) {
+    func closeNow(reason: String? = nil) {
         if let reason {
             assertionFailure(reason)
             logger.error("NBD connection invariant broken, disconnecting: \(reason)")
@@ -484,45 +375,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     }
 
     /// Sends what is already written (replies to earlier requests), drops the rest.
-    private func closeChannelNow() {
+    func closeChannelNow() {
         cancelBudgetWait()
         guard let context, !channelClosing else { return }
         channelClosing = true
         replies.flushIfNeeded()
         context.close(promise: nil)
-    }
-
-    // MARK: - Timeouts
-
-    /// Schedules `fire` on this loop in `milliseconds` (none if 0), replacing the current timeout.
-    private func scheduleTimeout(after milliseconds: Int64, _ fire: @escaping (NBDConnectionHandler) -> Void) {
-        timeout?.cancel()
-        timeout = nil
-        guard milliseconds > 0, let context else { return }
-        timeout = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(milliseconds)) {
-            self.timeout = nil
-            fire(self)
-        }
-    }
-
-    private func noteActivity() {
-        guard environment.limits.idleTimeoutMilliseconds > 0, let context else { return }
-        lastActivity = context.eventLoop.now
-    }
-
-    /// Closes the connection if it has been idle for the idle timeout by the time this fires, or
-    /// checks again when it would be: nothing is scheduled per request.
-    private func scheduleIdleCheck(after milliseconds: Int64) {
-        scheduleTimeout(after: milliseconds) { handler in
-            guard let context = handler.context, handler.machine.session != nil else { return }
-            let limit = TimeAmount.milliseconds(handler.environment.limits.idleTimeoutMilliseconds)
-            let idleSince = handler.machine.isBusy ? context.eventLoop.now : handler.lastActivity
-            let remaining = idleSince + limit - context.eventLoop.now
-            guard remaining <= .zero else {
-                return handler.scheduleIdleCheck(after: max(1, remaining.nanoseconds / 1_000_000))
-            }
-            handler.logger.debug("NBD connection idle too long, disconnecting")
-            handler.closeNow()
-        }
     }
 }

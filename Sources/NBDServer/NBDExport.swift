@@ -2,7 +2,6 @@ import BlockIO
 import NBDProtocol
 import NIOCore
 
-
 /// A block device the server exports. The `umbra` executable implements it over the snapshot
 /// engine (live volumes read-write, snapshots read-only); tests implement it in memory.
 ///
@@ -173,7 +172,8 @@ extension NBDFileSegment {
         do {
             try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: total) { target in
                 try LocalSystem.read(
-                    descriptor, fromAbsoluteOffset: offset, into: UnsafeMutableRawBufferPointer(rebasing: target[0..<total]))
+                    descriptor, fromAbsoluteOffset: offset,
+                    into: UnsafeMutableRawBufferPointer(rebasing: target[0..<total]))
                 return total
             }
         } catch {

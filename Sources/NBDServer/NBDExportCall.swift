@@ -13,7 +13,7 @@ enum NBDExportCall {
         case failed(any Error)
     }
 
-    static func perform(
+    static func call(
         _ request: NBDRequest,
         payload: NBDWritePayload?,
         contexts: [NBDMetaContext],

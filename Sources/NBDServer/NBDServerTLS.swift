@@ -111,8 +111,11 @@ public struct NBDTLSConfiguration: Sendable {
         self.preSharedKeys = preSharedKeys.mapValues { NIOSSLSecureBytes($0) }
         self.verifiesClientCertificates = !clientCertificateAuthorities.isEmpty
         do {
-            let context = try NIOSSLContext(configuration: preSharedKeys.isEmpty ? base : Self.adding(
-                keys: self.preSharedKeys, to: base, recordingIn: PSKIdentityRecord()))
+            let context = try NIOSSLContext(
+                configuration: preSharedKeys.isEmpty
+                    ? base
+                    : Self.adding(
+                        keys: self.preSharedKeys, to: base, recordingIn: PSKIdentityRecord()))
             self.sharedContext = preSharedKeys.isEmpty ? context : nil
         } catch {
             throw NBDError(.einval, "the TLS configuration is not usable: \(error)")

@@ -130,7 +130,9 @@ public final class RawNBDSocket {
             if result == 0 { return nil }
             if result < 0 {
                 if errno == EINTR { continue }
-                if errno == EAGAIN || errno == EWOULDBLOCK { throw RawSocketError("no answer in \(Self.hungAfterSeconds) s") }
+                if errno == EAGAIN || errno == EWOULDBLOCK {
+                    throw RawSocketError("no answer in \(Self.hungAfterSeconds) s")
+                }
                 return nil  // ECONNRESET: closed too
             }
             received += result

@@ -43,7 +43,8 @@ struct CLIError: Error, CustomStringConvertible {
                 return
             }
             let sentence = first.uppercased() + text.dropFirst()
-            description = sentence.hasSuffix(".") || sentence.hasSuffix("!") || sentence.hasSuffix("?")
+            description =
+                sentence.hasSuffix(".") || sentence.hasSuffix("!") || sentence.hasSuffix("?")
                 ? sentence : sentence + "."
         }
     }

@@ -81,7 +81,9 @@ struct ReadTarget: IOBuffer {
         -> Result
     {
         let count = self.count
-        return try buffer.withUnsafeMutableWritableBytes { try body(UnsafeMutableRawBufferPointer(rebasing: $0[0..<count])) }
+        return try buffer.withUnsafeMutableWritableBytes {
+            try body(UnsafeMutableRawBufferPointer(rebasing: $0[0..<count]))
+        }
     }
 
     /// The buffer, holding the bytes read.

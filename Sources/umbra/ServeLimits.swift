@@ -37,7 +37,8 @@ struct ServeLimitOptions: ParsableArguments {
             throw ValidationError("--max-connections must be from 1 to 1000000.")
         }
         guard (1...maxConnections).contains(maxConnectionsPerClient) else {
-            throw ValidationError("--max-connections-per-client must be from 1 to --max-connections (\(maxConnections)).")
+            throw ValidationError(
+                "--max-connections-per-client must be from 1 to --max-connections (\(maxConnections)).")
         }
         for (name, value) in [("--handshake-timeout", handshakeTimeout), ("--idle-timeout", idleTimeout)]
         where !(value >= 0 && value <= 86400) {
@@ -45,7 +46,8 @@ struct ServeLimitOptions: ParsableArguments {
         }
         let range = UInt64(1 << 20)...UInt64(1 << 40)
         for (name, size) in [
-            ("--max-inflight-bytes", maxInflightBytes), ("--max-inflight-bytes-per-connection", maxInflightBytesPerConnection),
+            ("--max-inflight-bytes", maxInflightBytes),
+            ("--max-inflight-bytes-per-connection", maxInflightBytesPerConnection),
         ] where !range.contains(size.bytes) {
             throw ValidationError("\(name) must be from 1M to 1T (got \(size)).")
         }

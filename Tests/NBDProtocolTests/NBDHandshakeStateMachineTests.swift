@@ -112,14 +112,17 @@ import UmbraTestSupport
                 machine.receivedOption(.startTLS, payload: ByteBuffer(), catalog: testCatalog).replyTypes == [
                     .errInvalid
                 ])
-            #expect(machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session != nil)
+            #expect(
+                machine.receivedOption(.go, payload: .infoRequest(name: "live"), catalog: testCatalog).session != nil)
         }
     }
 
     /// FORCEDTLS: before the upgrade every option but STARTTLS and ABORT gets ERR_TLS_REQD (also when
     /// oversized), EXPORT_NAME closes; after it, none does.
     @Test func requiredTLSRefusesOptionsUntilUpgraded() {
-        let options: [NBDOption] = [.list, .info, .go, .structuredReply, .listMetaContext, .setMetaContext, .peekExport]
+        let options: [NBDOption] = [
+            .list, .info, .go, .structuredReply, .listMetaContext, .setMetaContext, .peekExport,
+        ]
         var machine = negotiatingMachine(tlsMode: .required)
         for option in options {
             let payload: ByteBuffer = option == .info || option == .go ? .infoRequest(name: "live") : ByteBuffer()

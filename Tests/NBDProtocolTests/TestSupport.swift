@@ -40,7 +40,8 @@ extension NBDHandshakeStateMachine.Action {
         let messages: [NBDHandshakeMessage]
         switch self {
         case .none: messages = []
-        case .send(let sent), .sendAndClose(let sent), .sendAndStartTransmission(let sent, _), .sendAndStartTLS(let sent):
+        case .send(let sent), .sendAndClose(let sent), .sendAndStartTransmission(let sent, _),
+            .sendAndStartTLS(let sent):
             messages = sent
         }
         return messages.compactMap { if case .optionReply(let reply) = $0 { reply } else { nil } }

@@ -161,7 +161,8 @@ private struct StepClient: Sendable {
             #expect(try await client.option(.listMetaContext, query) == [.metaContext, .ack])
             #expect(try await client.option(.go, .infoRequest(name: "live")).last == .ack)
 
-            try await client.send(.request(NBDRequest(command: .write, handle: 1, offset: 0, length: 3), payload: [7, 8, 9]))
+            try await client.send(
+                .request(NBDRequest(command: .write, handle: 1, offset: 0, length: 3), payload: [7, 8, 9]))
             var reply = try await client.receive(16)
             #expect(reply.readInteger(as: UInt32.self) == NBDMagic.simpleReply)
             #expect(reply.readInteger(as: UInt32.self) == 0)
@@ -227,9 +228,17 @@ private struct StepClient: Sendable {
             let lister = try await fixture.negotiatingClient()
             #expect(try await blocking { try lister.optList() }.map(\.name) == ["other"])
             for name in ["live", ""] {
-                #expect(await clientErrno { try lister.setExportName(name); try lister.optInfo() } != nil, "\(name)")
+                #expect(
+                    await clientErrno {
+                        try lister.setExportName(name)
+                        try lister.optInfo()
+                    } != nil, "\(name)")
             }
-            #expect(await clientErrno { try lister.setExportName("live"); _ = try lister.optListMetaContext() } != nil)
+            #expect(
+                await clientErrno {
+                    try lister.setExportName("live")
+                    _ = try lister.optListMetaContext()
+                } != nil)
             try await blocking { try lister.optAbort() }
 
             let client = try await fixture.connect("other", strict: false)

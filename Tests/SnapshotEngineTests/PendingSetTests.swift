@@ -27,7 +27,10 @@ import UmbraTestSupport
             #expect(try store.snapshots().map(\.isPending) == [false])
             // Keeping twice is harmless; keeping what is gone is not.
             try await store.keepSnapshotSet(id: set.id)
-            await #expect(throws: EngineError.snapshotNotFound(UUID(uuidString: "00000000-0000-0000-0000-000000000001")!.guidString)) {
+            await #expect(
+                throws: EngineError.snapshotNotFound(
+                    UUID(uuidString: "00000000-0000-0000-0000-000000000001")!.guidString)
+            ) {
                 try await store.keepSnapshotSet(id: UUID(uuidString: "00000000-0000-0000-0000-000000000001")!)
             }
         }

@@ -405,7 +405,8 @@ extension ByteCount: ExpressibleByIntegerLiteral {
     /// A directory holding other files is not taken over as a data directory.
     @Test func refusesForeignDirectory() async throws {
         try await TemporaryDirectory.with { directory in
-            #expect(FileManager.default.createFile(atPath: directory.path + "/important.txt", contents: Data("hello".utf8)))
+            #expect(
+                FileManager.default.createFile(atPath: directory.path + "/important.txt", contents: Data("hello".utf8)))
             await #expect(throws: EngineError.notADataDirectory(directory.path)) {
                 _ = try await SnapshotStore.open(path: directory.path, configuration: Fixture.configuration())
             }

@@ -19,7 +19,8 @@ import UmbraTestSupport
 
     /// Starts `umbra serve` with `arguments`, expecting it to refuse; returns its stderr.
     private static func refusal(_ arguments: [String]) throws -> String {
-        let process = try ChildProcess(builtProduct("umbra"), ["serve", "--log-level", "warning"] + arguments,
+        let process = try ChildProcess(
+            builtProduct("umbra"), ["serve", "--log-level", "warning"] + arguments,
             captureStandardError: true)
         let status = process.finish()
         #expect(status != 0, "umbra serve \(arguments) should refuse to start")

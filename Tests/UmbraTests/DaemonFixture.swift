@@ -34,7 +34,8 @@ final class DaemonFixture: @unchecked Sendable {
     ) throws -> DaemonFixture {
         let directory = try directory ?? TemporaryDirectory("umbra-daemon")
         let data = data ?? directory.path + "/data"
-        let logLevel = ProcessInfo.processInfo.environment["UMBRA_TEST_LOG_LEVEL"] ?? (capturingLog ? "info" : "warning")
+        let logLevel =
+            ProcessInfo.processInfo.environment["UMBRA_TEST_LOG_LEVEL"] ?? (capturingLog ? "info" : "warning")
         let process = try ChildProcess(
             builtProduct("umbra"),
             [

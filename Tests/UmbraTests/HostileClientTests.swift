@@ -71,7 +71,8 @@ private func withAttack(
 private func request(
     _ command: NBDCommand, offset: UInt64 = 0, length: UInt32 = 4096, flags: UInt16 = 0, handle: UInt64 = 1
 ) -> NBDRequest {
-    NBDRequest(flags: NBDCommandFlags(rawValue: flags), command: command, handle: handle, offset: offset, length: length)
+    NBDRequest(
+        flags: NBDCommandFlags(rawValue: flags), command: command, handle: handle, offset: offset, length: length)
 }
 
 /// The 18-byte greeting's worth of client flags, then `GO` to `export`, then `requests`.
@@ -308,7 +309,8 @@ private func raiseDescriptorLimit() {
             let baseline = try residentBytes(of: pid)
             let reads = (0..<20_000).flatMap { index in
                 Array(
-                    ByteBuffer.request(request(.read, offset: UInt64(index % 2) << 25, length: 32 << 20)).readableBytesView)
+                    ByteBuffer.request(request(.read, offset: UInt64(index % 2) << 25, length: 32 << 20))
+                        .readableBytesView)
             }
             func stall() throws -> RawNBDSocket {
                 let socket = try RawNBDSocket(unixPath: daemon.nbdSocket, receiveBufferBytes: 64 * 1024)

@@ -80,7 +80,8 @@ actor StallingWriter: ShadowCopyWriterDelegate {
         case .open:
             setID = try await create.value.set
         case .thaw, .postSnapshot, .backupComplete:
-            await writer.waitFor([.thaw: .thaw, .postSnapshot: .postSnapshot, .backupComplete: .backupComplete][phase]!)
+            await writer.waitFor(
+                [.thaw: .thaw, .postSnapshot: .postSnapshot, .backupComplete: .backupComplete][phase]!)
             setID = try #require(try await requester.listSnapshots().snapshots.first?.set)
         }
         let listed = try await requester.listSnapshots().snapshots
@@ -113,7 +114,8 @@ actor StallingWriter: ShadowCopyWriterDelegate {
         let stalling = StallingWriter(stallingAt: .postSnapshot)
         let prompt = StallingWriter(stallingAt: nil)
         let writers = [("slow", stalling), ("quick", prompt)].map { name, delegate in
-            let sdk = ShadowCopyWriter(socketPath: daemon.controlSocket, name: name, volumes: ["db"], delegate: delegate)
+            let sdk = ShadowCopyWriter(
+                socketPath: daemon.controlSocket, name: name, volumes: ["db"], delegate: delegate)
             return Task { try await sdk.run() }
         }
         let requester = try await daemon.control()

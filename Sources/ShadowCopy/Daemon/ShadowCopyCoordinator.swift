@@ -10,80 +10,11 @@
 import Foundation
 import Logging
 
-public struct CoordinatorConfiguration: Sendable, Hashable {
-    /// How long a writer has to answer each event.
-    public var eventTimeout: Duration
-    /// The Freeze→Thaw limit of a set that does not choose its own.
-    public var freezeWindow: Duration
-    /// The largest Freeze→Thaw limit a requester may choose.
-    public var freezeWindowMax: Duration
-    /// Writers connected at once.
-    public var writersMax: Int
-    /// Requesters waiting for the set slot at once.
-    public var waitingRequestersMax: Int
-    /// The name the daemon gives in `hello`.
-    public var serverName: String
-
-    public init(
-        eventTimeout: Duration = .seconds(30),
-        freezeWindow: Duration = .seconds(60),
-        freezeWindowMax: Duration = .seconds(3600),
-        writersMax: Int = 256,
-        waitingRequestersMax: Int = 64,
-        serverName: String = "umbra"
-    ) {
-        self.eventTimeout = eventTimeout
-        self.freezeWindow = freezeWindow
-        self.freezeWindowMax = freezeWindowMax
-        self.writersMax = writersMax
-        self.waitingRequestersMax = waitingRequestersMax
-        self.serverName = serverName
-    }
-}
-
-/// One event on its way to a writer; `requestID` is what the writer's answer must echo.
-struct WriterEventDelivery: Sendable, Hashable {
-    var requestID: Int64
-    var event: WriterEvent
-    var params: WriterEventParams
-}
-
-typealias WriterSink = @Sendable (WriterEventDelivery) -> Void
-
-/// A writer's answer to an event.
-enum WriterAnswer: Sendable, Hashable {
-    case success(metadata: JSONValue?)
-    case veto(WriterFailure, message: String)
-}
-
-/// A requester connection, as the server numbers them.
-struct RequesterID: Hashable, Sendable {
-    var rawValue: UInt64
-}
-
-/// What the server needs from a coordinator, whatever its provider and clock.
-protocol SetCoordinating: Actor {
-    func registerWriter(
-        _ hello: HelloParams,
-        id: WriterID,
-        confirm: (UUID) -> Void,
-        sink: @escaping WriterSink
-    ) throws -> UUID
-    func writerAnswered(_ writer: WriterID, requestID: Int64, answer: WriterAnswer)
-    func writerDisconnected(_ writer: WriterID)
-    func createSet(_ params: CreateSetParams, requester: RequesterID) async throws -> SnapshotSetResult
-    func completeSet(_ id: UUID, requester: RequesterID) async throws -> SnapshotSetResult
-    func abortSet(_ id: UUID, requester: RequesterID) async throws
-    func requesterDisconnected(_ requester: RequesterID)
-    func listWriters() -> WriterList
-    func shutdown() async
-}
-
 public actor ShadowCopyCoordinator<Provider: SnapshotProvider, C: Clock>: SetCoordinating
 where C.Duration == Duration {
     typealias Machine = ShadowCopySetMachine<C.Instant>
 
-    private struct WriterRecord {
+    struct WriterRecord {
         var hello: HelloParams
         var name: String
         var instance: UUID
@@ -99,7 +30,7 @@ where C.Duration == Duration {
         }
     }
 
-    private struct ActiveSet {
+    struct ActiveSet {
         var machine: Machine
         var requester: RequesterID
         var token: Provider.HoldToken?
@@ -114,7 +45,7 @@ where C.Duration == Duration {
         var finishWaiters: [CheckedContinuation<Void, Never>] = []
     }
 
-    private enum Slot {
+    enum Slot {
         case free
         /// Handed to a waiting requester that has not started its set yet.
         case reserved
@@ -122,20 +53,20 @@ where C.Duration == Duration {
     }
 
     public nonisolated let serverName: String
-    private let provider: Provider
-    private let clock: C
-    private let configuration: CoordinatorConfiguration
-    private let logger: Logger
-    private var writers: [WriterID: WriterRecord] = [:]
-    private var slot = Slot.free
-    private var waiting: [(requester: RequesterID, continuation: CheckedContinuation<Void, any Error>)] = []
-    private var writerCountWaiters: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
+    let provider: Provider
+    let clock: C
+    let configuration: CoordinatorConfiguration
+    let logger: Logger
+    var writers: [WriterID: WriterRecord] = [:]
+    var slot = Slot.free
+    var waiting: [(requester: RequesterID, continuation: CheckedContinuation<Void, any Error>)] = []
+    var writerCountWaiters: [(count: Int, continuation: CheckedContinuation<Void, Never>)] = []
     /// `createSet` calls under way per requester, and the requesters among them whose connection closed.
-    private var creating: [RequesterID: Int] = [:]
-    private var departed: Set<RequesterID> = []
-    private var isShuttingDown = false
+    var creating: [RequesterID: Int] = [:]
+    var departed: Set<RequesterID> = []
+    var isShuttingDown = false
     /// Early flushes still running (nobody waits for them, but shutdown lets them end first).
-    private var flushes: [UUID: Task<Void, Never>] = [:]
+    var flushes: [UUID: Task<Void, Never>] = [:]
 
     public init(
         provider: Provider,
@@ -382,252 +313,4 @@ where C.Duration == Duration {
 
     /// How many requesters wait for the set slot.
     public var waitingCount: Int { waiting.count }
-
-    // MARK: - Driving the machine
-
-    private func validate(_ params: CreateSetParams) throws -> Duration {
-        guard !params.volumes.isEmpty else {
-            throw ShadowCopyError(.invalidParams, "A shadow copy set needs at least one volume.")
-        }
-        guard Set(params.volumes).count == params.volumes.count else {
-            throw ShadowCopyError(.invalidParams, "A volume appears twice in the shadow copy set.")
-        }
-        guard !isShuttingDown else { throw ShadowCopyError(.shuttingDown, "The daemon is shutting down.") }
-        guard let seconds = params.freezeTimeoutSeconds else { return configuration.freezeWindow }
-        let secondsMax = Double(configuration.freezeWindowMax.components.seconds)
-        // Range-checked before converting: a client's 1e300 must not trap the daemon.
-        guard seconds.isFinite, seconds >= 0.001, seconds <= secondsMax else {
-            throw ShadowCopyError(
-                .invalidParams,
-                "The freeze timeout must be more than 0 and at most"
-                    + " \(Machine.seconds(configuration.freezeWindowMax)), not \(seconds) s."
-            )
-        }
-        return .milliseconds(Int64((seconds * 1000).rounded()))
-    }
-
-    private func acquireSlot(for requester: RequesterID, wait: Bool) async throws {
-        if case .free = slot, waiting.isEmpty {
-            slot = .reserved
-            return
-        }
-        guard wait else {
-            let current = currentSetID.map { " (\($0.guidString))" } ?? ""
-            throw ShadowCopyError(
-                .busy,
-                "Another shadow copy set\(current) is in progress; try again when it finishes, or ask to wait."
-            )
-        }
-        guard waiting.count < configuration.waitingRequestersMax else {
-            throw ShadowCopyError(
-                .busy,
-                "\(configuration.waitingRequestersMax) requesters are already waiting for the set slot, the limit."
-            )
-        }
-        try await withCheckedThrowingContinuation { continuation in
-            waiting.append((requester, continuation))
-        }
-        // The slot was handed over as `.reserved` by `releaseSlot`.
-    }
-
-    private func releaseSlot() {
-        if waiting.isEmpty {
-            slot = .free
-        } else {
-            slot = .reserved
-            waiting.removeFirst().continuation.resume()
-        }
-    }
-
-    private func update(_ body: (inout ActiveSet) -> Void) {
-        guard case .running(var active) = slot else { return }
-        body(&active)
-        slot = .running(active)
-    }
-
-    /// Feeds one input to the machine of set `id` (if it is still the running one) and carries out the
-    /// actions it returns.
-    private func drive(set id: UUID, _ input: (inout Machine, C.Instant) -> [Machine.Action]) {
-        guard case .running(var active) = slot, active.machine.id == id else { return }
-        let actions = input(&active.machine, clock.now)
-        slot = .running(active)
-        syncStatuses()
-        // The timer is armed before events go out, so a writer that sees an event knows its deadline runs.
-        rearmTimer()
-        for action in actions { perform(action, set: id) }
-    }
-
-    private func syncStatuses() {
-        guard case .running(let active) = slot else { return }
-        for participant in active.machine.participants {
-            if let status = active.machine.status(of: participant.id) { writers[participant.id]?.status = status }
-        }
-    }
-
-    private func perform(_ action: Machine.Action, set id: UUID) {
-        guard case .running(let active) = slot else { return }
-        let machine = active.machine
-        switch action {
-        case .send(let event, let targets):
-            for target in targets { send(event, to: target, machine: machine) }
-        case .flushProvider:
-            flushes[id] = Task { [provider] in
-                try? await provider.flushVolumes(machine.volumes)
-                self.flushFinished(set: id)
-            }
-        case .prepareProvider(let flushingFirst):
-            let task = Task { [provider] in
-                do {
-                    let token = try await provider.prepareSnapshotSet(
-                        id: id, volumes: machine.volumes, flushingFirst: flushingFirst)
-                    self.prepared(set: id, token: token)
-                } catch {
-                    self.drive(set: id) { machine, now in
-                        machine.providerPrepareFailed(ShadowCopyError.wrapping(error, as: .providerFailed), now: now)
-                    }
-                }
-            }
-            update { $0.prepareTask = task }
-        case .cancelPrepare:
-            active.prepareTask?.cancel()
-        case .commitProvider(let keep):
-            guard let token = active.token else { preconditionFailure("commit without a hold") }
-            Task { [provider] in
-                do {
-                    let committed = try await provider.commitSnapshotSet(token, keep: keep)
-                    self.drive(set: id) { machine, now in machine.providerCommitted(committed, now: now) }
-                } catch {
-                    self.drive(set: id) { machine, now in
-                        machine.providerCommitFailed(ShadowCopyError.wrapping(error, as: .providerFailed), now: now)
-                    }
-                }
-            }
-        case .keepSet:
-            Task { [provider] in
-                do {
-                    try await provider.keepSnapshotSet(id: id)
-                    self.drive(set: id) { machine, now in machine.providerKept(now: now) }
-                } catch {
-                    self.drive(set: id) { machine, now in
-                        machine.providerKeepFailed(ShadowCopyError.wrapping(error, as: .providerFailed), now: now)
-                    }
-                }
-            }
-        case .releaseProvider:
-            guard let token = active.token else { preconditionFailure("release without a hold") }
-            Task { [provider] in
-                await provider.abortSnapshotSet(token)
-                self.drive(set: id) { machine, _ in machine.providerReleased() }
-            }
-        case .deleteSet:
-            Task { [provider] in
-                var failure: ShadowCopyError?
-                do {
-                    try await provider.deleteSnapshotSet(id: id)
-                } catch {
-                    failure = ShadowCopyError.wrapping(error, as: .providerFailed)
-                }
-                self.drive(set: id) { [failure] machine, _ in machine.setDeleted(error: failure) }
-            }
-        case .setOpen:
-            guard let result = machine.result() else { preconditionFailure("open before commit") }
-            update { $0.createWaiter?.resume(returning: result) }
-            update { $0.createWaiter = nil }
-        case .finish(let outcome):
-            finish(active, outcome: outcome)
-        }
-    }
-
-    private func flushFinished(set id: UUID) {
-        flushes[id] = nil
-    }
-
-    private func prepared(set id: UUID, token: Provider.HoldToken) {
-        update { if $0.machine.id == id { $0.token = token } }
-        drive(set: id) { machine, now in machine.providerPrepared(now: now) }
-    }
-
-    private func send(_ event: WriterEvent, to writer: WriterID, machine: Machine) {
-        guard var record = writers[writer] else { return }
-        record.nextRequestID += 1
-        let requestID = record.nextRequestID
-        // Events of earlier sets that were never answered (a hung writer) are forgotten here.
-        record.outstanding = record.outstanding.filter { $0.value.set == machine.id }
-        record.outstanding[requestID] = (machine.id, event)
-        writers[writer] = record
-        // A writer must answer Freeze within the freeze window too, whichever ends first.
-        let answerWithin =
-            event == .freeze
-            ? min(configuration.eventTimeout, machine.configuration.freezeWindow) : configuration.eventTimeout
-        let params = WriterEventParams(
-            set: machine.id,
-            volumes: machine.volumes,
-            timeoutMs: Self.milliseconds(answerWithin),
-            freezeWindowMs: event == .freeze ? Self.milliseconds(machine.configuration.freezeWindow) : nil,
-            snapshots: [.thaw, .postSnapshot, .backupComplete, .abort].contains(event)
-                ? machine.committed?.snapshots : nil,
-            reason: event == .abort ? machine.failure?.message : nil
-        )
-        record.sink(WriterEventDelivery(requestID: requestID, event: event, params: params))
-    }
-
-    private func finish(_ active: ActiveSet, outcome: Machine.Outcome) {
-        active.timer?.cancel()
-        defer { for waiter in active.finishWaiters { waiter.resume() } }
-        switch outcome {
-        case .created:
-            let result = active.machine.result()!
-            logger.debug("shadow copy set created", metadata: ["shadow.set": "\(result.set.guidString)"])
-            active.createWaiter?.resume(returning: result)
-            active.completeWaiter?.resume(returning: result)
-            active.abortWaiter?.resume()
-        case .failed(let error):
-            logger.debug(
-                "shadow copy set aborted",
-                metadata: ["shadow.set": "\(active.machine.id.guidString)", "shadow.error": "\(error.message)"]
-            )
-            active.createWaiter?.resume(throwing: error)
-            active.completeWaiter?.resume(throwing: error)
-            active.abortWaiter?.resume()
-        }
-        releaseSlot()
-    }
-
-    private func rearmTimer() {
-        guard case .running(let active) = slot else { return }
-        let deadline = active.machine.nextDeadline
-        guard deadline != active.timerDeadline else { return }
-        active.timer?.cancel()
-        let id = active.machine.id
-        let timer = deadline.map { deadline in
-            Task { [clock] in
-                do {
-                    try await clock.sleep(until: deadline, tolerance: nil)
-                } catch {
-                    return
-                }
-                self.timerFired(set: id, deadline: deadline)
-            }
-        }
-        update {
-            $0.timer = timer
-            $0.timerDeadline = deadline
-        }
-    }
-
-    private func timerFired(set id: UUID, deadline: C.Instant) {
-        guard case .running(let active) = slot, active.machine.id == id, active.timerDeadline == deadline else {
-            return
-        }
-        update {
-            $0.timer = nil
-            $0.timerDeadline = nil
-        }
-        drive(set: id) { machine, now in machine.deadlinePassed(now: now) }
-    }
-
-    static func milliseconds(_ duration: Duration) -> Int64 {
-        let (seconds, attoseconds) = duration.components
-        return seconds * 1000 + attoseconds / 1_000_000_000_000_000
-    }
 }

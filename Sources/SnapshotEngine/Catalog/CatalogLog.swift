@@ -159,7 +159,8 @@ final class CatalogLog: Sendable {
             probe += batchAlignment
         }
         return Contents(
-            formatVersion: version, records: records, tail: UInt64(position), nextBatchSequence: expectedSequence, fileSize: UInt64(size))
+            formatVersion: version, records: records, tail: UInt64(position), nextBatchSequence: expectedSequence,
+            fileSize: UInt64(size))
     }
 
     private static func align(_ position: Int) -> Int {

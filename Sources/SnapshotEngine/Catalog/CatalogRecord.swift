@@ -201,7 +201,8 @@ enum CatalogRecord: Sendable, Equatable {
                         sequence: SnapshotSequence(rawValue: try body.u64())))
             }
             record = .setCreated(
-                SetDefinition(id: id, createdAtNanoseconds: createdAt, members: members, isPending: kind == .setPending))
+                SetDefinition(id: id, createdAtNanoseconds: createdAt, members: members, isPending: kind == .setPending)
+            )
         case .setKept:
             record = .setKept(try body.uuid())
         case .preserved:

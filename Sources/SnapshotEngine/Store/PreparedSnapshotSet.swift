@@ -281,7 +281,8 @@ public final class PreparedSnapshotSet: Sendable {
         store.context.logger.debug(
             "took snapshot set",
             metadata: [
-                "set.id": "\(setID.guidString)", "volumes": "\(volumes.joined(separator: ","))", "pending": "\(pending)",
+                "set.id": "\(setID.guidString)", "volumes": "\(volumes.joined(separator: ","))",
+                "pending": "\(pending)",
             ])
         let info = SnapshotSetInfo(id: setID, createdAt: date, snapshots: snapshots)
         store.context.configuration.eventHandler?(.snapshotSetCreated(info))

@@ -1,0 +1,78 @@
+import NBDProtocol
+import NIOCore
+
+// How a connection ends besides the client leaving: draining when its export goes away or the server
+// stops, and the handshake and idle timeouts (one task on the connection's loop at a time).
+
+extension NBDConnectionHandler {
+    // MARK: - Draining
+
+    /// The export went away: answer what is in flight, then `ESHUTDOWN` to everything until the client
+    /// disconnects or the grace period passes. Closing as soon as idle would reset requests the client
+    /// had already sent but this side had not read yet.
+    func drainForRemoval(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
+        guard let context, !channelClosing, machine.session != nil else {
+            closeAfterWrites()
+            return eventLoop.makeSucceededVoidFuture()
+        }
+        let promise = drainPromise ?? context.eventLoop.makePromise()
+        drainPromise = promise
+        let grace = TimeAmount.milliseconds(environment.limits.exportRemovalGraceMilliseconds)
+        let loop = context.eventLoop
+        promise.futureResult.assumeIsolated().whenSuccess {
+            loop.assumeIsolated().scheduleTask(in: grace) { self.closeAfterWrites() }
+        }
+        run(machine.drain(closingWhenIdle: false))
+        replies.flushIfNeeded()
+        return promise.futureResult
+    }
+
+    /// The server is stopping: a handshake refuses to start transmission; a session answers what is
+    /// in flight and `ESHUTDOWN` to anything new. The future completes once nothing is in flight.
+    func drainForShutdown(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
+        guard let context, !channelClosing else { return eventLoop.makeSucceededVoidFuture() }
+        if machine.session == nil {
+            run(machine.drain(closingWhenIdle: false))
+            return context.eventLoop.makeSucceededVoidFuture()
+        }
+        let promise = drainPromise ?? context.eventLoop.makePromise()
+        drainPromise = promise
+        run(machine.drain(closingWhenIdle: false))
+        replies.flushIfNeeded()
+        return promise.futureResult
+    }
+
+    // MARK: - Timeouts
+
+    /// Schedules `fire` on this loop in `milliseconds` (none if 0), replacing the current timeout.
+    func scheduleTimeout(after milliseconds: Int64, _ fire: @escaping (NBDConnectionHandler) -> Void) {
+        timeout?.cancel()
+        timeout = nil
+        guard milliseconds > 0, let context else { return }
+        timeout = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(milliseconds)) {
+            self.timeout = nil
+            fire(self)
+        }
+    }
+
+    func noteActivity() {
+        guard environment.limits.idleTimeoutMilliseconds > 0, let context else { return }
+        lastActivity = context.eventLoop.now
+    }
+
+    /// Closes the connection if it has been idle for the idle timeout by the time this fires, or
+    /// checks again when it would be: nothing is scheduled per request.
+    func scheduleIdleCheck(after milliseconds: Int64) {
+        scheduleTimeout(after: milliseconds) { handler in
+            guard let context = handler.context, handler.machine.session != nil else { return }
+            let limit = TimeAmount.milliseconds(handler.environment.limits.idleTimeoutMilliseconds)
+            let idleSince = handler.machine.isBusy ? context.eventLoop.now : handler.lastActivity
+            let remaining = idleSince + limit - context.eventLoop.now
+            guard remaining <= .zero else {
+                return handler.scheduleIdleCheck(after: max(1, remaining.nanoseconds / 1_000_000))
+            }
+            handler.logger.debug("NBD connection idle too long, disconnecting")
+            handler.closeNow()
+        }
+    }
+}

@@ -1,0 +1,172 @@
+// Copy-on-write: the claimed chunks' old contents are read from the live data into a pooled
+// buffer, those that are not all zeros written to diff slots (consecutive slots in one write), and
+// the copies recorded in the catalog, whose append syncs the diff store first and then itself,
+// group-committed with every other writer's copies.
+
+import BlockIO
+import Synchronization
+
+extension Volume {
+    /// Preserves `chunks` (claimed, ascending) for the snapshot at `sequence`: reads their live
+    /// contents, writes those that are not all zeros into `slots`, makes the records durable, and
+    /// records the copies. Returns `.needSpace` if there were more non-zero chunks than slots (those
+    /// are left unpreserved and unclaimed).
+    func copy(_ chunks: [UInt64], into slots: [DiffSlot], for sequence: SnapshotSequence) async throws
+        -> CopyOutcome
+    {
+        let chunkBytes = self.chunkBytes
+        let buffer = copyBuffers.take(count: chunks.count * chunkBytes)
+        defer { copyBuffers.give(buffer) }
+        var placed: [(chunk: UInt64, slot: DiffSlot, bufferIndex: Int)] = []
+        var unplaced: [UInt64] = []
+        do {
+            let live = self.live
+            let runs = Self.runs(of: chunks)
+            let shift = chunkShift
+            try await context.io.run {
+                for run in runs {
+                    try buffer.withUnsafeMutableBytes((run.index * chunkBytes)..<((run.index + run.count) * chunkBytes))
+                    {
+                        try live.read(fromAbsoluteOffset: ByteOffset(run.first << shift), into: $0)
+                    }
+                }
+            }
+            var freeSlots = slots[...]
+            for (index, chunk) in chunks.enumerated() {
+                if buffer.withUnsafeBytes((index * chunkBytes)..<((index + 1) * chunkBytes), Self.isAllZero) {
+                    placed.append((chunk, .zero, index))
+                } else if let slot = freeSlots.popFirst() {
+                    placed.append((chunk, slot, index))
+                } else {
+                    unplaced.append(chunk)
+                }
+            }
+            let dataCopies = placed.filter { !$0.slot.isZero }
+            if !dataCopies.isEmpty {
+                let diff = self.diff
+                // Copies whose slots are consecutive go out as one vectored write.
+                var groups: [(slot: UInt64, pieces: [Int])] = []
+                for copy in dataCopies {
+                    if let last = groups.last, last.slot + UInt64(last.pieces.count) == copy.slot.rawValue {
+                        groups[groups.count - 1].pieces.append(copy.bufferIndex)
+                    } else {
+                        groups.append((copy.slot.rawValue, [copy.bufferIndex]))
+                    }
+                }
+                let runs = groups
+                try await context.io.run {
+                    for run in runs {
+                        // Consecutive pieces are consecutive in the buffer too, so one range covers them.
+                        let first = run.pieces[0]
+                        let last = run.pieces[run.pieces.count - 1]
+                        if last - first + 1 == run.pieces.count {
+                            try buffer.withUnsafeBytes((first * chunkBytes)..<((last + 1) * chunkBytes)) {
+                                try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), $0)
+                            }
+                        } else {
+                            let pieces = run.pieces.map {
+                                ChunkOfBuffer(buffer: buffer, index: $0, chunkBytes: chunkBytes)
+                            }
+                            try withUnsafeBytes(of: pieces) {
+                                try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), gathering: $0)
+                            }
+                        }
+                    }
+                }
+            }
+            if !placed.isEmpty {
+                context.logger.trace(
+                    "preserving chunks",
+                    metadata: [
+                        "volume": "\(name)", "snapshot.sequence": "\(sequence.rawValue)",
+                        "copies":
+                            "\(placed.map { "\($0.chunk)->\($0.slot.isZero ? "zero" : String($0.slot.rawValue))" })",
+                        "unplaced": "\(unplaced)",
+                    ])
+                try await context.catalog.append(
+                    Self.records(for: placed.map { ($0.chunk, $0.slot) }, volume: id, sequence: sequence),
+                    syncingFirst: dataCopies.isEmpty ? [] : [diff])
+            }
+        } catch {
+            let waiters = metadata.withLock { metadata -> [CheckedContinuation<Void, Never>] in
+                metadata.slots.release(slots)
+                return chunks.flatMap { metadata.chunksInCopy.removeValue(forKey: $0) ?? [] }
+            }
+            for waiter in waiters { waiter.resume() }
+            throw error
+        }
+        let usedSlots = Set(placed.map(\.slot))
+        let waiters = metadata.withLock { metadata -> [CheckedContinuation<Void, Never>] in
+            let position = metadata.chain.count - 1
+            assert(metadata.chain[position].sequence == sequence, "the chain changed under a writer holding the gate")
+            for copy in placed { metadata.recordCopy(of: copy.chunk, in: copy.slot, snapshotAt: position) }
+            metadata.slots.release(slots.filter { !usedSlots.contains($0) })
+            return chunks.flatMap { metadata.chunksInCopy.removeValue(forKey: $0) ?? [] }
+        }
+        for waiter in waiters { waiter.resume() }
+        return unplaced.isEmpty ? .done : .needSpace
+    }
+
+    /// Consecutive chunks grouped: (first chunk, count, index of the first in the list).
+    static func runs(of chunks: [UInt64]) -> [(first: UInt64, count: Int, index: Int)] {
+        var runs: [(first: UInt64, count: Int, index: Int)] = []
+        for (index, chunk) in chunks.enumerated() {
+            if let last = runs.last, last.first + UInt64(last.count) == chunk {
+                runs[runs.count - 1].count += 1
+            } else {
+                runs.append((chunk, 1, index))
+            }
+        }
+        return runs
+    }
+
+    /// Catalog records for copies, merging runs of consecutive chunks in consecutive slots (or zeros).
+    static func records(for copies: [(chunk: UInt64, slot: DiffSlot)], volume: VolumeID, sequence: SnapshotSequence)
+        -> [CatalogRecord]
+    {
+        var records: [CatalogRecord] = []
+        var start = 0
+        while start < copies.count {
+            var end = start + 1
+            while end < copies.count, copies[end].chunk == copies[end - 1].chunk + 1, end - start < Int(UInt32.max),
+                copies[end].slot.isZero
+                    ? copies[end - 1].slot.isZero
+                    : (!copies[end - 1].slot.isZero && copies[end].slot.rawValue == copies[end - 1].slot.rawValue + 1)
+            {
+                end += 1
+            }
+            records.append(
+                .preserved(
+                    volume: volume, sequence: sequence, firstChunk: copies[start].chunk, count: UInt32(end - start),
+                    firstSlot: copies[start].slot))
+            start = end
+        }
+        return records
+    }
+
+    static func isAllZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        let words = bytes.count / 8
+        let aligned = bytes.baseAddress.map { Int(bitPattern: $0) % 8 == 0 } ?? true
+        if aligned && words > 0 {
+            let wordBuffer = UnsafeBufferPointer(
+                start: bytes.baseAddress!.assumingMemoryBound(to: UInt64.self), count: words)
+            var accumulated: UInt64 = 0
+            for word in wordBuffer { accumulated |= word }
+            if accumulated != 0 { return false }
+            return bytes[(words * 8)...].allSatisfy { $0 == 0 }
+        }
+        return bytes.allSatisfy { $0 == 0 }
+    }
+}
+
+/// One chunk of a copy buffer, as a piece of a vectored write.
+struct ChunkOfBuffer: IOBytes {
+    let buffer: AlignedBuffer
+    let index: Int
+    let chunkBytes: Int
+    var count: Int { chunkBytes }
+
+    func withUnsafeBytes<Result>(_ body: (UnsafeRawBufferPointer) throws -> Result) rethrows -> Result {
+        try buffer.withUnsafeBytes((index * chunkBytes)..<((index + 1) * chunkBytes), body)
+    }
+}

@@ -1,0 +1,82 @@
+// Running out of diff space: the volume's policy deletes the oldest snapshot or fails the newest,
+// and freed slots go back to the file system and the allocator once their deletion is durable.
+
+import BlockIO
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
+
+extension Volume {
+    // MARK: - Running out of diff space
+
+    /// Frees diff space by the volume's policy: deletes the oldest snapshot, or fails the newest (the
+    /// one that needs the space). Runs with the gate held, like any change to the chain.
+    func reclaimSpace() async throws {
+        try await gate.acquireExclusive()
+        defer { gate.releaseExclusive() }
+        try checkUsable()
+        let victim = metadata.withLock { metadata -> (SnapshotState, DiffStorePolicy)? in
+            guard metadata.slots.availableCount == 0, !metadata.chain.isEmpty else { return nil }
+            let position = metadata.policy == .deleteOldest ? 0 : metadata.chain.count - 1
+            metadata.chain[position].deleting = true
+            return (metadata.chain[position], metadata.policy)
+        }
+        guard let (snapshot, policy) = victim else { return }
+        context.logger.trace(
+            "reclaiming diff space",
+            metadata: ["volume": "\(name)", "snapshot.sequence": "\(snapshot.sequence.rawValue)"])
+        await waitForReaders(of: snapshot.sequence)
+        let reference = SnapshotReference(volume: id, sequence: snapshot.sequence)
+        let limit = diffLimit?.rawValue ?? 0
+        let reason = "the diff store of volume '\(name)' reached its limit of \(limit) bytes"
+        do {
+            try await context.catalog.append(
+                [policy == .deleteOldest ? .snapshotsDeleted([reference]) : .snapshotFailed(reference, reason: reason)])
+        } catch {
+            metadata.withLock { metadata in
+                if let position = metadata.position(of: snapshot.sequence) { metadata.chain[position].deleting = false }
+            }
+            throw error
+        }
+        let freed = metadata.withLock { metadata -> [DiffSlot] in
+            guard let position = metadata.position(of: snapshot.sequence) else { return [] }
+            let freed = metadata.removeSnapshot(at: position)
+            if policy == .failSnapshot {
+                metadata.failed.append(FailedSnapshot(failing: snapshot, reason: reason))
+            }
+            return freed
+        }
+        await releaseSlots(freed)
+        context.configuration.eventHandler?(
+            policy == .deleteOldest
+                ? .snapshotsDeleted(ids: [snapshot.id]) : .snapshotFailed(id: snapshot.id, reason: reason))
+        context.logger.warning(
+            "\(policy == .deleteOldest ? "deleted" : "failed") snapshot to free diff space",
+            metadata: ["volume": "\(name)", "snapshot.id": "\(snapshot.id.guidString)", "diff.limit": "\(limit)"])
+    }
+
+    /// Gives freed slots' space back to the file system, then to the allocator. Call only once the
+    /// deletion that freed them is durable, with the gate held (so no copy can be writing a slot).
+    func releaseSlots(_ freed: [DiffSlot]) async {
+        guard !freed.isEmpty else { return }
+        context.logger.trace(
+            "freeing diff slots", metadata: ["volume": "\(name)", "slots": "\(freed.map(\.rawValue))"])
+        let diff = self.diff
+        let shift = chunkShift
+        let runs = Self.runs(of: freed.map(\.rawValue).sorted())
+        do {
+            try await context.io.run {
+                for run in runs {
+                    try diff.discard(at: ByteOffset(run.first << shift), count: ByteCount(UInt64(run.count) << shift))
+                }
+            }
+        } catch {
+            // The slots are free either way; only their space stays allocated until reused.
+            context.logger.warning("could not give freed diff space back", metadata: ["error": "\(error)"])
+        }
+        metadata.withLock { $0.slots.release(freed) }
+    }
+}

@@ -1,0 +1,105 @@
+// The write path (ARCHITECTURE.md, "The engine"): a write passes the volume's gate, then for every
+// chunk it touches asks whether the *newest* snapshot holds a copy; the chunks that lack one are
+// claimed (so a second writer of the same chunk waits rather than copying again) and copied
+// (Volume+CopyOnWrite.swift). Only then does the new data go to the live volume. Holding the gate
+// shared means the chain cannot change underneath: creating, deleting and failing snapshots all take
+// it exclusively.
+
+import BlockIO
+
+extension Volume {
+    // MARK: - The write path
+
+    enum CopyOutcome {
+        case done
+        /// Some chunk could not be preserved because the diff store is full.
+        case needSpace
+    }
+
+    /// Runs `apply` (the change to the live data) once every chunk of the range is preserved for the
+    /// newest snapshot.
+    func mutate(_ offset: ByteOffset, _ count: ByteCount, _ apply: @escaping @Sendable () throws -> Void)
+        async throws
+    {
+        let touched = chunks(offset, count)
+        while true {
+            await gate.enter()
+            let outcome: CopyOutcome
+            do {
+                try checkUsable()
+                if let failure = context.catalog.failure { throw failure }
+                outcome = try await preserve(touched)
+            } catch {
+                gate.leave()
+                throw EngineError.wrap(error)
+            }
+            if outcome == .needSpace {
+                gate.leave()
+                try await reclaimSpace()
+                continue
+            }
+            do {
+                if context.configuration.writesLiveDataInline {
+                    try apply()
+                } else {
+                    try await context.io.run(apply)
+                }
+            } catch {
+                gate.leave()
+                throw EngineError.wrap(error)
+            }
+            gate.leave()
+            return
+        }
+    }
+
+    enum CopyPlan {
+        case nothing
+        case wait([UInt64])
+        case copy(sequence: SnapshotSequence, chunks: [UInt64], slots: [DiffSlot], busy: [UInt64])
+    }
+
+    /// Makes sure the newest snapshot holds a copy of every chunk in `touched`.
+    func preserve(_ touched: Range<UInt64>) async throws -> CopyOutcome {
+        let maximumChunks = max(1, Self.maximumCopyBytes / chunkBytes)
+        while true {
+            let plan = metadata.withLock { metadata -> CopyPlan in
+                guard let newest = metadata.chain.last else { return .nothing }
+                var claim: [UInt64] = []
+                var busy: [UInt64] = []
+                for chunk in touched where !metadata.index.hasCopy(of: chunk, heldBy: newest.sequence) {
+                    if metadata.chunksInCopy[chunk] != nil {
+                        busy.append(chunk)
+                    } else if claim.count < maximumChunks {
+                        claim.append(chunk)
+                    }
+                }
+                guard !claim.isEmpty else { return busy.isEmpty ? .nothing : .wait(busy) }
+                for chunk in claim { metadata.chunksInCopy[chunk] = [] }
+                // Zero chunks need no slot, so a full store is only known to be a problem after reading.
+                let slots = metadata.slots.reserve(upTo: claim.count)
+                return .copy(sequence: newest.sequence, chunks: claim, slots: slots, busy: busy)
+            }
+            switch plan {
+            case .nothing:
+                return .done
+            case .wait(let busy):
+                for chunk in busy { await waitForCopy(of: chunk) }
+            case .copy(let sequence, let chunks, let slots, let busy):
+                if try await copy(chunks, into: slots, for: sequence) == .needSpace { return .needSpace }
+                for chunk in busy { await waitForCopy(of: chunk) }
+            }
+        }
+    }
+
+    func waitForCopy(of chunk: UInt64) async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let finished = metadata.withLock { metadata -> Bool in
+                guard metadata.chunksInCopy[chunk] != nil else { return true }
+                metadata.chunksInCopy[chunk]!.append(continuation)
+                return false
+            }
+            if finished { continuation.resume() }
+        }
+    }
+}

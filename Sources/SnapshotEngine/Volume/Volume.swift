@@ -1,0 +1,206 @@
+// A volume: its live data, its diff store and its snapshot chain. Its parts, by what they do:
+// the write path (Volume+WritePath.swift), copy-on-write (Volume+CopyOnWrite.swift), snapshot reads
+// and change tracking (Volume+SnapshotReads.swift), and freeing diff space (Volume+SpaceReclaim.swift).
+// This file holds the type, its checks, and the live volume's own I/O.
+
+import BlockIO
+import Logging
+import Synchronization
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
+
+public final class Volume: Sendable {
+    /// The most bytes one copy-on-write batch reads and writes at once.
+    static let maximumCopyBytes = 32 << 20
+
+    public let name: String
+    public let guid: UUID
+    public let size: ByteCount
+    public let chunkSize: ByteCount
+    public let backing: VolumeBacking
+    public let diffLimit: ByteCount?
+    let id: VolumeID
+    let chunkShift: UInt64
+    let live: any BlockStorage
+    let diff: any BlockStorage
+    let context: StoreContext
+    let gate = WriteGate()
+    let metadata: Mutex<VolumeMetadata>
+    /// Buffers for copy-on-write, reused: a fresh megabyte per write costs a page fault per page.
+    let copyBuffers = AlignedBufferPool()
+    /// Set once the volume is deleted: every later request is refused.
+    let removed = Atomic<Bool>(false)
+
+    init(
+        definition: VolumeDefinition, metadata: VolumeMetadata, live: any BlockStorage, diff: any BlockStorage,
+        context: StoreContext
+    ) {
+        self.name = definition.name
+        self.guid = definition.guid
+        self.size = ByteCount(definition.size)
+        self.chunkSize = ByteCount(UInt64(1) << definition.chunkShift)
+        self.backing = definition.backing
+        self.diffLimit = definition.diffLimit == 0 ? nil : ByteCount(definition.diffLimit)
+        self.id = definition.id
+        self.chunkShift = UInt64(definition.chunkShift)
+        self.live = live
+        self.diff = diff
+        self.context = context
+        self.metadata = Mutex(metadata)
+    }
+
+    var chunkBytes: Int { Int(chunkSize.rawValue) }
+
+    // MARK: - Checks
+
+    func checkUsable() throws(EngineError) {
+        if context.closed.load(ordering: .relaxed) { throw .closed }
+        if removed.load(ordering: .relaxed) { throw .volumeNotFound(name) }
+    }
+
+    func checkRange(_ offset: ByteOffset, _ count: ByteCount) throws(EngineError) {
+        let (end, overflow) = offset.rawValue.addingReportingOverflow(count.rawValue)
+        if overflow || end > size.rawValue {
+            throw .outOfRange(offset: offset.rawValue, count: count.rawValue, size: size.rawValue)
+        }
+    }
+
+    /// The chunks that bytes `offset ..< offset + count` touch (count > 0).
+    func chunks(_ offset: ByteOffset, _ count: ByteCount) -> Range<UInt64> {
+        (offset.rawValue >> chunkShift)..<((offset.rawValue + count.rawValue - 1) >> chunkShift + 1)
+    }
+
+    // MARK: - Live I/O
+
+    /// Reads `buffer.count` bytes of the live volume at `offset` into `buffer`, and gives it back.
+    public func read<Buffer: IOBuffer>(at offset: ByteOffset, into buffer: consuming Buffer) async throws -> Buffer {
+        try checkUsable()
+        try checkRange(offset, ByteCount(buffer.count))
+        guard buffer.count > 0 else { return buffer }
+        let live = self.live
+        if context.configuration.readsCachedDataInline,
+            (try? buffer.withUnsafeMutableBytes { try live.readIfCached(fromAbsoluteOffset: offset, into: $0) }) == true
+        {
+            return buffer
+        }
+        let target = IOBufferHandoff(buffer)
+        do {
+            try await context.io.run {
+                try target.withUnsafeMutableBytes { try live.read(fromAbsoluteOffset: offset, into: $0) }
+            }
+        } catch {
+            throw EngineError.wrap(error)
+        }
+        return target.take()
+    }
+
+    /// Writes `bytes` to the live volume at `offset`, preserving what the newest snapshot still needs
+    /// first. With `fua`, the data is durable when this returns.
+    public func write<Bytes: IOBytes>(at offset: ByteOffset, _ bytes: Bytes, fua: Bool = false) async throws {
+        try await write(at: offset, gathering: [bytes], fua: fua)
+    }
+
+    /// Writes `pieces`, back to back, to the live volume at `offset` (one vectored write), like
+    /// `write(at:_:fua:)`.
+    public func write<Bytes: IOBytes>(at offset: ByteOffset, gathering pieces: [Bytes], fua: Bool = false)
+        async throws
+    {
+        let count = pieces.reduce(0) { $0 + $1.count }
+        try checkRange(offset, ByteCount(count))
+        guard count > 0 else { return }
+        let live = self.live
+        try await mutate(offset, ByteCount(count)) {
+            try withUnsafeBytes(of: pieces) { try live.write(toAbsoluteOffset: offset, gathering: $0) }
+        }
+        if fua { try await flush() }
+    }
+
+    /// Where bytes of the live volume sit in its backing file, for sending them straight from the
+    /// file: the descriptor, and `releasing`, which keeps the volume (and so the descriptor) alive
+    /// until it is called. Nil when the storage has no descriptor. The bytes may change under a
+    /// concurrent write, as with any read racing a write.
+    public func liveFileRange(at offset: ByteOffset, count: ByteCount) throws -> (
+        descriptor: Int32, release: @Sendable () -> Void
+    )? {
+        try checkUsable()
+        try checkRange(offset, count)
+        guard let descriptor = live.fileDescriptor else { return nil }
+        return (descriptor, { withExtendedLifetime(self) {} })
+    }
+
+    /// Makes every completed write to the live volume durable.
+    public func flush() async throws {
+        try checkUsable()
+        let live = self.live
+        do {
+            try await context.io.run { try live.synchronize() }
+        } catch {
+            throw EngineError.wrap(error)
+        }
+    }
+
+    /// Discards (trims) a range: it reads as zeros afterwards and its space is given back where the
+    /// storage can. Counts as a change for snapshots and change tracking.
+    public func discard(at offset: ByteOffset, count: ByteCount, fua: Bool = false) async throws {
+        try await writeZeroes(at: offset, count: count, mayDiscard: true, fua: fua)
+    }
+
+    /// Makes a range read as zeros; with `mayDiscard` its space may be given back too.
+    public func writeZeroes(at offset: ByteOffset, count: ByteCount, mayDiscard: Bool = true, fua: Bool = false)
+        async throws
+    {
+        try checkRange(offset, count)
+        guard count.rawValue > 0 else { return }
+        let live = self.live
+        try await mutate(offset, count) {
+            if mayDiscard {
+                try live.discard(at: offset, count: count)
+            } else {
+                try live.writeZeroes(at: offset, count: count)
+            }
+        }
+        if fua { try await flush() }
+    }
+
+    /// Which parts of a range of the live volume hold data and which are holes.
+    public func allocation(at offset: ByteOffset, count: ByteCount) async throws -> [AllocationExtent] {
+        try checkUsable()
+        try checkRange(offset, count)
+        let live = self.live
+        do {
+            return try await context.io.run { try Self.allocation(of: live, from: offset, count: count) }
+        } catch {
+            throw EngineError.wrap(error)
+        }
+    }
+
+    static func allocation(of storage: any BlockStorage, from offset: ByteOffset, count: ByteCount) throws
+        -> [AllocationExtent]
+    {
+        var extents: [AllocationExtent] = []
+        var position = offset.rawValue
+        let end = offset.rawValue + count.rawValue
+        while position < end {
+            let data = try storage.nextData(from: ByteOffset(position))?.rawValue ?? end
+            if data > position {
+                let holeEnd = min(data, end)
+                extents.append(
+                    AllocationExtent(
+                        range: ByteRange(offset: ByteOffset(position), count: ByteCount(holeEnd - position)),
+                        isHole: true))
+                position = holeEnd
+                continue
+            }
+            let hole = min(max(try storage.nextHole(from: ByteOffset(position)).rawValue, position + 1), end)
+            extents.append(
+                AllocationExtent(
+                    range: ByteRange(offset: ByteOffset(position), count: ByteCount(hole - position)), isHole: false))
+            position = hole
+        }
+        return extents
+    }
+}

@@ -1,0 +1,196 @@
+// The checks the crash simulation runs against its model: a snapshot's bytes as it is read, and the
+// whole store after each recovery.
+
+import BlockIO
+import Foundation
+import Logging
+import Synchronization
+import Testing
+import UmbraTestSupport
+
+@testable import SnapshotEngine
+
+extension SimulationModel {
+    /// Checks a snapshot's full contents against the model and, if they fit, remembers them as exact.
+    func check(snapshot id: UUID, bytes: [UInt8]) throws {
+        guard var snapshot = snapshots[id] else { return }
+        if let exact = snapshot.exact {
+            if !bytesEqual(exact, bytes) {
+                throw SimulationFailure("snapshot \(id.guidString) of \(snapshot.volume) changed after it was verified")
+            }
+            return
+        }
+        var expected = snapshot.atStart
+        for write in snapshot.maybe {
+            if bytesEqual(bytes[write.range], write.bytes[...]) {
+                overwrite(&expected, at: write.range.lowerBound, with: write.bytes)
+            } else if !bytesEqual(bytes[write.range], snapshot.atStart[write.range]) {
+                if ProcessInfo.processInfo.environment["UMBRA_SIMULATION_DEBUG"] != nil {
+                    var line = ""
+                    for start in stride(from: write.range.lowerBound, to: write.range.upperBound, by: 512) {
+                        let end = min(start + 512, write.range.upperBound)
+                        let isNew = bytesEqual(
+                            bytes[start..<end],
+                            write.bytes[(start - write.range.lowerBound)..<(end - write.range.lowerBound)])
+                        let isOld = bytesEqual(bytes[start..<end], snapshot.atStart[start..<end])
+                        line += isNew && isOld ? "=" : isNew ? "N" : isOld ? "o" : "?"
+                    }
+                    print("write \(write.range) started \(write.start) ended \(String(describing: write.end)): \(line)")
+                }
+                throw SimulationFailure(
+                    "snapshot \(id.guidString) of \(snapshot.volume) holds part of a write at \(write.range)")
+            }
+        }
+        if !bytesEqual(expected, bytes) {
+            let first = zip(expected, bytes).enumerated().first { $0.element.0 != $0.element.1 }?.offset ?? -1
+            throw SimulationFailure(
+                "snapshot \(id.guidString) of \(snapshot.volume) differs from the model at byte \(first)")
+        }
+        snapshot.exact = bytes
+        snapshots[id] = snapshot
+    }
+
+    // MARK: - After a crash
+
+    func verifyAfterRecovery(_ store: SnapshotStore) async throws {
+        if ProcessInfo.processInfo.environment["UMBRA_SIMULATION_DEBUG"] != nil {
+            let storage = try store.directory.openFile("catalog", mode: .existing)
+            for record in try CatalogLog.read(storage).records { print("record: \(record)") }
+        }
+        let problems = store.consistencyProblems()
+        if !problems.isEmpty { throw SimulationFailure("inconsistent metadata after recovery: \(problems)") }
+        var liveContents: [String: [UInt8]] = [:]
+        for name in Simulation.volumeNames {
+            let bytes = try await store.volume(named: name).read(at: 0, count: volumeSize)
+            let model = volumes[name]!
+            let differing = stride(from: 0, to: volumeSize, by: 512).filter {
+                !bytesEqual(bytes[$0..<($0 + 512)], model.baseline[$0..<($0 + 512)])
+            }
+            for offset in differing.flatMap({ $0..<($0 + 512) }) where bytes[offset] != model.baseline[offset] {
+                let explained = model.writes.contains { write in
+                    write.range.contains(offset) && write.bytes[offset - write.range.lowerBound] == bytes[offset]
+                }
+                if !explained {
+                    throw SimulationFailure(
+                        "live \(name) byte \(offset) is \(bytes[offset]), neither its flushed value \(model.baseline[offset]) nor a later write's"
+                    )
+                }
+            }
+            liveContents[name] = bytes
+        }
+        let listed = try store.snapshots()
+        var seen: Set<UUID> = []
+        for info in listed {
+            seen.insert(info.id)
+            if let known = snapshots[info.id], known.isPending, !known.keepBegan {
+                throw SimulationFailure(
+                    "snapshot \(info.id.guidString) of \(info.volume) belongs to a set that was never kept, yet recovery did not roll it back"
+                )
+            }
+            if info.isPending {
+                throw SimulationFailure("snapshot \(info.id.guidString) is still pending after recovery")
+            }
+            if case .failed = info.state {
+                guard diffLimit != nil, policy == .failSnapshot else {
+                    throw SimulationFailure("snapshot \(info.id.guidString) failed without a diff-store limit")
+                }
+                snapshots[info.id] = nil
+                continue
+            }
+            let bytes = try await store.snapshot(id: info.id).read(at: 0, count: volumeSize)
+            if snapshots[info.id] == nil {
+                // A set whose creation was in flight at the crash may have made it; it must match one.
+                let candidates = pendingSets.values.filter { $0.volumes.contains(info.volume) && !$0.rollsBack }
+                var matched = false
+                for pending in candidates where !matched {
+                    snapshots[info.id] = SnapshotModel(
+                        id: info.id, setID: info.setID, volume: info.volume, exact: nil,
+                        atStart: pending.atStart[info.volume]!, maybe: pending.maybe[info.volume] ?? [])
+                    do {
+                        try check(snapshot: info.id, bytes: bytes)
+                        matched = true
+                    } catch {
+                        if ProcessInfo.processInfo.environment["UMBRA_SIMULATION_DEBUG"] != nil {
+                            print(
+                                "candidate set started at \(pending.start) does not match: \(error); maybe writes \(pending.maybe[info.volume]?.map(\.range) ?? [])"
+                            )
+                        }
+                    }
+                }
+                if !matched && ProcessInfo.processInfo.environment["UMBRA_SIMULATION_DEBUG"] != nil {
+                    print("pending sets: \(pendingSets.count); known snapshots: \(snapshots.count)")
+                    let model = volumes[info.volume]!
+                    print(
+                        "baseline equals snapshot at 17113..<22745: \(bytesEqual(model.baseline[17113..<22745], bytes[17113..<22745]))"
+                    )
+                    print(
+                        "live equals snapshot at 17113..<22745: \(bytesEqual(liveContents[info.volume]![17113..<22745], bytes[17113..<22745]))"
+                    )
+                    let volume = try store.volume(named: info.volume)
+                    let view = try store.snapshot(id: info.id)
+                    volume.metadata.withLock { metadata in
+                        print(
+                            "chunk size \(chunkSize); chain \(metadata.chain.map(\.sequence.rawValue)); snapshot seq \(view.sequence.rawValue); highWater \(metadata.slots.highWater)"
+                        )
+                        for chunk in UInt64(17113 / chunkSize)...UInt64(33661 / chunkSize) {
+                            print(
+                                "  chunk \(chunk): \(String(describing: metadata.index.copy(of: chunk, forSnapshotAt: view.sequence)))"
+                            )
+                        }
+                    }
+                    for write in model.writes {
+                        let overlap = write.range.clamped(to: 17113..<22745)
+                        let matches =
+                            !overlap.isEmpty
+                            && bytesEqual(
+                                bytes[overlap],
+                                write.bytes[
+                                    (overlap.lowerBound - write.range.lowerBound)..<(overlap.upperBound
+                                        - write.range.lowerBound)])
+                        print(
+                            "  write \(write.range) \(write.start)-\(String(describing: write.end)) zero=\(write.bytes.allSatisfy { $0 == 0 }) matches=\(matches)"
+                        )
+                    }
+                }
+                guard matched else {
+                    snapshots[info.id] = nil
+                    throw SimulationFailure(
+                        "snapshot \(info.id.guidString) of \(info.volume) after recovery matches no set that was being taken"
+                    )
+                }
+            }
+            snapshots[info.id]!.mayBeGone = false
+            snapshots[info.id]!.isPending = false
+            try check(snapshot: info.id, bytes: bytes)
+            // Every chunk where the snapshot and the live volume differ must be reported as changed.
+            let changed = try store.changes(volume: info.volume, since: info.id).extents
+            let live = liveContents[info.volume]!
+            for chunkStart in stride(from: 0, to: volumeSize, by: chunkSize) {
+                let chunkRange = chunkStart..<min(chunkStart + chunkSize, volumeSize)
+                if !bytesEqual(bytes[chunkRange], live[chunkRange]),
+                    !changed.contains(where: {
+                        Int($0.offset.rawValue) <= chunkStart && Int($0.end.rawValue) >= chunkRange.upperBound
+                    })
+                {
+                    throw SimulationFailure("changes since \(info.id.guidString) miss the chunk at \(chunkStart)")
+                }
+            }
+        }
+        for (id, snapshot) in snapshots where !seen.contains(id) {
+            if pendingDeletions.contains(id) || snapshotsMayVanish || snapshot.mayBeGone || snapshot.isPending {
+                snapshots[id] = nil
+            } else {
+                throw SimulationFailure("snapshot \(id.guidString) of \(snapshot.volume) vanished after recovery")
+            }
+        }
+        // The recovered state is the new certainty.
+        for name in Simulation.volumeNames {
+            volumes[name] = VolumeModel(content: liveContents[name]!, baseline: liveContents[name]!)
+        }
+        pendingSets = [:]
+        pendingDeletions = []
+        setPhases = [:]
+        pendingSetIDs = [:]
+        inFlightOwners = []
+    }
+}
