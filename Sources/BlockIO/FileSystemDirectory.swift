@@ -1,0 +1,104 @@
+// The data directory on the real file system: directory operations fsync the parent, and the lock
+// is an flock(2) held for the life of the process.
+
+import Synchronization
+
+#if canImport(Glibc)
+    import Glibc
+#elseif canImport(Musl)
+    import Musl
+#endif
+
+/// A directory on the real file system.
+public struct FileSystemDirectory: StorageDirectory {
+    public let path: String
+    static let lockFileName = "lock"
+
+    /// Uses `path`, creating it (and its missing parents) if needed.
+    public init(path: String) throws(BlockIOError) {
+        var normalized = path
+        while normalized.count > 1 && normalized.hasSuffix("/") { normalized.removeLast() }
+        var prefix = normalized.hasPrefix("/") ? "" : "."
+        for component in normalized.split(separator: "/") {
+            prefix += "/" + component
+            try Syscall.makeDirectory(prefix)
+        }
+        self.path = normalized
+    }
+
+    private func absolute(_ name: String) -> String {
+        name.isEmpty ? path : path + "/" + name
+    }
+
+    private func parent(of name: String) -> String {
+        guard let slash = name.lastIndex(of: "/") else { return path }
+        return absolute(String(name[..<slash]))
+    }
+
+    public func openFile(_ name: String, mode: StorageOpenMode) throws(BlockIOError) -> any BlockStorage {
+        let storage = try FileStorage(path: absolute(name), mode: mode)
+        if mode != .existing { try Syscall.syncDirectory(parent(of: name)) }
+        return storage
+    }
+
+    public func openExternal(_ path: String) throws(BlockIOError) -> any BlockStorage {
+        try FileStorage(path: path, mode: .existing)
+    }
+
+    public func fileExists(_ name: String) -> Bool { Syscall.exists(absolute(name)) }
+
+    public func removeFile(_ name: String) throws(BlockIOError) {
+        try Syscall.unlink(absolute(name))
+        try Syscall.syncDirectory(parent(of: name))
+    }
+
+    public func makeDirectory(_ name: String) throws(BlockIOError) {
+        try Syscall.makeDirectory(absolute(name))
+        try Syscall.syncDirectory(parent(of: name))
+    }
+
+    public func removeDirectory(_ name: String) throws(BlockIOError) {
+        try Syscall.removeDirectory(absolute(name))
+        try Syscall.syncDirectory(parent(of: name))
+    }
+
+    public func rename(_ source: String, to destination: String) throws(BlockIOError) {
+        try Syscall.rename(absolute(source), absolute(destination))
+        try Syscall.syncDirectory(parent(of: destination))
+    }
+
+    public func list(_ name: String) throws(BlockIOError) -> [String] {
+        try Syscall.listDirectory(absolute(name))
+    }
+
+    public func lockExclusively() throws(BlockIOError) -> (any DirectoryLock)? {
+        let lockPath = absolute(Self.lockFileName)
+        let fd = try Syscall.open(lockPath, flags: O_RDWR | O_CREAT)
+        do {
+            guard try Syscall.lockExclusive(fd, path: lockPath) else {
+                Syscall.close(fd)
+                return nil
+            }
+        } catch {
+            Syscall.close(fd)
+            throw error
+        }
+        return FileLock(descriptor: fd)
+    }
+}
+
+/// An flock(2) held on the directory's lock file; closing the descriptor releases it.
+final class FileLock: DirectoryLock {
+    private let descriptor: Mutex<Int32?>
+    init(descriptor: Int32) { self.descriptor = Mutex(descriptor) }
+    deinit { release() }
+
+    func release() {
+        if let fd = descriptor.withLock({ descriptor in
+            defer { descriptor = nil }
+            return descriptor
+        }) {
+            Syscall.close(fd)
+        }
+    }
+}

@@ -1,0 +1,113 @@
+// A file on a SimulatedDisk, as the engine's BlockStorage: every operation goes through the disk,
+// so it is recorded for a crash and fails once the disk has crashed.
+
+import Synchronization
+
+/// A file on a `SimulatedDisk`.
+public final class SimulatedStorage: BlockStorage {
+    public let path: String
+    let inode: Int
+    let disk: SimulatedDisk
+
+    init(disk: SimulatedDisk, inode: Int, name: String) {
+        self.disk = disk
+        self.inode = inode
+        self.path = "sim:/" + name
+    }
+
+    private func withFile<T>(
+        _ operation: String, onCrash: ((inout SimulatedDisk.File) -> Void)? = nil,
+        _ body: (inout SimulatedDisk.File) throws(BlockIOError) -> T
+    ) throws(BlockIOError) -> T {
+        let inode = self.inode
+        let path = self.path
+        return try disk.perform(
+            operation, path: path,
+            onCrash: { state in
+                if let onCrash, var file = state.files[inode] {
+                    onCrash(&file)
+                    state.files[inode] = file
+                }
+            }
+        ) { (state: inout SimulatedDisk.State) throws(BlockIOError) -> T in
+            guard state.files[inode] != nil else {
+                throw BlockIOError(.system(.badFileDescriptor), operation: operation, path: path)
+            }
+            // Mutate in place: copying a file image out and back would copy it on every call.
+            return try body(&state.files[inode]!)
+        }
+    }
+
+    public func size() throws(BlockIOError) -> ByteCount {
+        try withFile("fstat") { ByteCount($0.current.count) }
+    }
+
+    public func read(fromAbsoluteOffset offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer)
+        throws(BlockIOError)
+    {
+        try withFile("pread") { file in
+            let start = Int(offset.rawValue)
+            let available = max(0, min(buffer.count, file.current.count - start))
+            if available > 0 {
+                file.current.withUnsafeBytes { source in
+                    buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: source[start..<(start + available)]))
+                }
+            }
+            if available < buffer.count {
+                UnsafeMutableRawBufferPointer(rebasing: buffer[available...]).initializeMemory(
+                    as: UInt8.self, repeating: 0)
+            }
+        }
+    }
+
+    public func readIfCached(
+        fromAbsoluteOffset offset: ByteOffset, into buffer: UnsafeMutableRawBufferPointer
+    ) throws(BlockIOError) -> Bool {
+        try read(fromAbsoluteOffset: offset, into: buffer)
+        return true
+    }
+
+    public func write(toAbsoluteOffset offset: ByteOffset, _ bytes: UnsafeRawBufferPointer) throws(BlockIOError) {
+        let operation = SimulatedDisk.PendingOperation.write(offset: Int(offset.rawValue), bytes: Array(bytes))
+        try withFile("pwrite", onCrash: { $0.pending.append(operation) }) { $0.apply(operation) }
+    }
+
+    public func synchronize() throws(BlockIOError) {
+        try withFile("fdatasync") { file in
+            file.durable = file.current
+            file.pending.removeAll()
+        }
+    }
+
+    public func resize(to size: ByteCount) throws(BlockIOError) {
+        try withFile("ftruncate") { $0.apply(.resize(size: Int(size.rawValue))) }
+    }
+
+    public func discard(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try writeZeroes(at: offset, count: count)
+    }
+
+    public func writeZeroes(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try withFile("fallocate") { file in
+            let start = Int(offset.rawValue)
+            // Zeroing past the end does not extend the file (KEEP_SIZE).
+            let end = min(start + Int(count.rawValue), file.current.count)
+            guard start < end else { return }
+            file.apply(.write(offset: start, bytes: Array(repeating: 0, count: end - start)))
+        }
+    }
+
+    /// A hint the simulator does not take: it counts as an operation (so a crash can land on it) but
+    /// reserves nothing, sparing a megabyte-sized image per catalog.
+    public func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try withFile("fallocate") { _ in }
+    }
+
+    public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {
+        try withFile("lseek") { offset.rawValue < UInt64($0.current.count) ? offset : nil }
+    }
+
+    public func nextHole(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset {
+        try withFile("lseek") { ByteOffset(max(UInt64($0.current.count), offset.rawValue)) }
+    }
+}

@@ -1,0 +1,63 @@
+// How a store runs (limits, clocks, executors, the diff-store policy) and the durable changes it
+// reports to an observer.
+
+import BlockIO
+import Logging
+
+#if canImport(FoundationEssentials)
+    import FoundationEssentials
+#else
+    import Foundation
+#endif
+
+/// How a `SnapshotStore` runs. The defaults suit a daemon; tests inject clocks, identifiers and an
+/// inline executor to make runs deterministic.
+public struct StoreConfiguration: Sendable {
+    /// Where blocking storage calls run. Nil: the store starts its own `IOThreadPool` of
+    /// `ioThreadCount` threads and stops it on close.
+    public var ioExecutor: (any IOExecutor)?
+    public var ioThreadCount = 16
+    /// The longest writes may be held while a snapshot set is prepared (VSS allows 10 s). Past it the
+    /// set is aborted and the writes go on.
+    public var holdLimit: Duration = .seconds(10)
+    /// The clock the hold limit is measured on.
+    public var clock: any Clock<Duration> = ContinuousClock()
+    /// The wall clock that stamps snapshot sets.
+    public var wallClock: @Sendable () -> Date = { Date() }
+    /// Makes the GUIDs of sets and snapshots.
+    public var makeIdentifier: @Sendable () -> UUID = { UUID() }
+    /// Where the store's own background tasks (the hold watchdog) run; nil for the default executor.
+    public var taskExecutor: (any TaskExecutor)?
+    /// Serve reads of the live volume that the page cache already holds on the caller's thread
+    /// (preadv2 with RWF_NOWAIT) instead of hopping to the I/O executor.
+    public var readsCachedDataInline = true
+    /// Write to the live volume on the caller's thread once the copy-on-write (if any) is done,
+    /// instead of hopping to the I/O executor: a buffered write usually only copies into the page
+    /// cache, and the hop there and back costs more than the write. It can block when the kernel
+    /// throttles dirty memory, so callers that must never block (an event loop) decide.
+    public var writesLiveDataInline = false
+    /// The most snapshots one volume may have.
+    public var maximumSnapshotsPerVolume = 2048
+    /// Compact the catalog when this many bytes were appended since it was last written whole, and
+    /// they are more than four times what a compacted catalog would take.
+    public var catalogCompactionThreshold: ByteCount = .mebibytes(64)
+    public var logger = Logger(label: "umbra.engine")
+    /// Told of every change to the store's volumes and snapshots once it is durable, including those
+    /// the diff-store policy makes on its own. Called synchronously: keep it short.
+    public var eventHandler: (@Sendable (StoreEvent) -> Void)?
+    /// Tests only: leave pending sets alone at open, to show the crash simulation notices.
+    var skipsRollbackForTesting = false
+
+    public init() {}
+}
+
+/// A durable change to what a store holds.
+public enum StoreEvent: Sendable, Equatable {
+    case volumeCreated(name: String)
+    case volumeDeleted(name: String)
+    case snapshotSetCreated(SnapshotSetInfo)
+    /// Deleted by request, or by a full diff store's `deleteOldest` policy.
+    case snapshotsDeleted(ids: [UUID])
+    /// Failed by a full diff store's `failSnapshot` policy; still listed, no longer readable.
+    case snapshotFailed(id: UUID, reason: String)
+}
