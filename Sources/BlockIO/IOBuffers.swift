@@ -41,9 +41,9 @@ public final class IOBufferHandoff<Buffer: IOBuffer>: @unchecked Sendable {
 
     /// Gives the buffer back to its owner; the handoff is empty afterwards.
     public func take() -> Buffer {
-        precondition(buffer != nil, "a handed-off buffer was taken back twice")
-        defer { buffer = nil }
-        return buffer!
+        // Moved out, not copied: a copy would leave the storage shared until the handoff is freed.
+        guard let taken = buffer.take() else { preconditionFailure("a handed-off buffer was taken back twice") }
+        return taken
     }
 }
 

@@ -17,8 +17,9 @@ public struct NBDConnectionStateMachine {
         case send([NBDHandshakeMessage])
         /// Send these, then the TLS handshake starts; report `tlsEstablished()` when it completes.
         case sendAndStartTLS([NBDHandshakeMessage])
-        /// Send these; transmission of this session has begun.
-        case sendAndStartTransmission([NBDHandshakeMessage], NBDSession)
+        /// Send these; transmission of this session has begun. (Boxed: a session is big, and every
+        /// action of every request would be as big as it.)
+        indirect case sendAndStartTransmission([NBDHandshakeMessage], NBDSession)
         /// Take `bytes` from the server's budget for `request`; call `budgetGranted()` once they are.
         case takeBudget(NBDRequest, bytes: Int)
         /// Give `bytes` back to the server's budget.
@@ -61,7 +62,8 @@ public struct NBDConnectionStateMachine {
 
     private enum State {
         case idle
-        case handshake(NBDHandshakeStateMachine)
+        // Boxed: the handshake machine is big, and every transition of every request moves the state.
+        indirect case handshake(NBDHandshakeStateMachine)
         case transmission(Transmission)
         /// Closing or closed: nothing more is read; requests still in flight give their bytes back.
         case closed(pendingBudget: NBDRequest?)
@@ -242,14 +244,15 @@ public struct NBDConnectionStateMachine {
             // Closed meanwhile: nobody to answer, but the bytes go back.
             return release(bytes)
         }
+        let completion = transmission.machine.requestCompleted(request)
+        state = .transmission(transmission)
         var actions: [Action] = [.reply(request)]
         if bytes > 0 && request.command == .read {
             actions.append(.releaseBudgetWhenSent(bytes))
-        } else {
+        } else if bytes > 0 {
             actions += release(bytes)
         }
-        let completion = transmission.machine.requestCompleted(request)
-        state = .transmission(transmission)
+        if case .none = completion { return actions }
         return actions + completionActions(completion, transmission)
     }
 

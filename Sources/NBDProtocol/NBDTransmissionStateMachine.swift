@@ -34,26 +34,39 @@ public struct NBDTransmissionStateMachine {
         case disconnecting
     }
 
-    public let session: NBDSession
-    public let limits: NBDLimits
+    /// What the negotiation fixed, behind one immutable reference: the machine is copied on every
+    /// transition of the connection machine that holds it, and a copy should cost one retain, not one
+    /// per string and array of the session (immutable, so copies still behave as values).
+    private final class Negotiated: Sendable {
+        let session: NBDSession
+        let limits: NBDLimits
+        init(session: NBDSession, limits: NBDLimits) {
+            self.session = session
+            self.limits = limits
+        }
+    }
+
+    private let negotiated: Negotiated
     private var state: State = .active
     public private(set) var inFlightRequests = 0
 
+    public var session: NBDSession { negotiated.session }
+    public var limits: NBDLimits { negotiated.limits }
+
     public init(session: NBDSession, limits: NBDLimits) {
-        self.session = session
-        self.limits = limits
+        self.negotiated = Negotiated(session: session, limits: limits)
     }
 
     /// Whether the connection may read more requests now (the in-flight request bound is not reached).
     public var canAcceptRequest: Bool {
-        state != .disconnecting && inFlightRequests < limits.maximumInFlightRequests
+        state != .disconnecting && inFlightRequests < negotiated.limits.maximumInFlightRequests
     }
 
     public var isDraining: Bool { state == .draining }
 
     /// The largest READ/WRITE/CACHE/WRITE_ZEROES length this session accepts.
     public var maximumRequestBytes: UInt32 {
-        Swift.min(session.export.blockSize.maximum, UInt32(clamping: limits.maximumRequestBytes))
+        Swift.min(negotiated.session.export.blockSize.maximum, UInt32(clamping: negotiated.limits.maximumRequestBytes))
     }
 
     public mutating func receivedRequest(_ request: NBDRequest) -> RequestAction {
@@ -62,7 +75,7 @@ public struct NBDTransmissionStateMachine {
             return .disconnect(closeNow: inFlightRequests == 0)
         }
         if let error = validate(request) {
-            if request.command == .write && Int(request.length) > limits.maximumDiscardedPayloadBytes {
+            if request.command == .write && Int(request.length) > negotiated.limits.maximumDiscardedPayloadBytes {
                 return .close(reason: "refused WRITE of \(request.length) bytes is too large to read past")
             }
             return .reject(request, error)
@@ -96,8 +109,8 @@ public struct NBDTransmissionStateMachine {
         if state == .draining { return .eshutdown }
 
         let command = request.command
-        let flags = session.transmissionFlags
-        let export = session.export
+        let flags = negotiated.session.transmissionFlags
+        let export = negotiated.session.export
         switch command {
         case .read, .write, .flush, .trim, .cache, .writeZeroes, .blockStatus: break
         default: return .einval
@@ -111,7 +124,7 @@ public struct NBDTransmissionStateMachine {
         case .trim: advertised = flags.contains(.sendTrim)
         case .writeZeroes: advertised = flags.contains(.sendWriteZeroes)
         case .cache: advertised = flags.contains(.sendCache)
-        case .blockStatus: advertised = !session.metaContexts.isEmpty
+        case .blockStatus: advertised = !negotiated.session.metaContexts.isEmpty
         default: advertised = true
         }
         if !advertised { return .einval }

@@ -278,7 +278,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     // MARK: - Serving
 
     private func serve(_ request: NBDRequest, payload: NBDWritePayload?) {
-        guard let export, let context, let session = machine.session else {
+        // The export is set when transmission starts, so it stands for the session here: asking the
+        // machine (another module's value) for its session on every request would copy it.
+        guard let export, let context else {
             return closeNow(reason: "serving without an export")
         }
         if request.length == 0 && request.command != .flush {
@@ -287,7 +289,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
             requestCompleted(request, request.command == .read ? .read(empty) : .done)
             return
         }
-        let contexts = request.command == .blockStatus ? session.metaContexts : []
+        let contexts = request.command == .blockStatus ? machine.session?.metaContexts ?? [] : []
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let buffers = self.buffers
         let allowsFiles = replies.sendsFileRegions

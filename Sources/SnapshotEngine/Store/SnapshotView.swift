@@ -34,7 +34,7 @@ public final class SnapshotView: Sendable {
     /// Reads `buffer.count` bytes of the snapshot, as the volume was when it was taken, into
     /// `buffer`, and gives it back.
     public func read<Buffer: IOBuffer>(at offset: ByteOffset, into buffer: consuming Buffer) async throws -> Buffer {
-        try await volume.readSnapshot(sequence, id: id, at: offset, into: buffer)
+        try await volume.readSnapshot(sequence, id: id, at: offset, into: consume buffer)
     }
 
     /// Which parts of a range hold data and which are holes.

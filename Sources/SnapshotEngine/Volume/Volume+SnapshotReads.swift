@@ -69,7 +69,7 @@ extension Volume {
         }
         let plan = ReadPlan(
             offset: offset.rawValue, count: buffer.count, firstChunk: touched.lowerBound, chunkShift: chunkShift)
-        let target = IOBufferHandoff(buffer)
+        let target = IOBufferHandoff(consume buffer)
         let live = self.live
         let diff = self.diff
         do {

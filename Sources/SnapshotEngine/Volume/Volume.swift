@@ -87,7 +87,7 @@ public final class Volume: Sendable {
         {
             return buffer
         }
-        let target = IOBufferHandoff(buffer)
+        let target = IOBufferHandoff(consume buffer)
         do {
             try await context.io.run {
                 try target.withUnsafeMutableBytes { try live.read(fromAbsoluteOffset: offset, into: $0) }
@@ -101,7 +101,13 @@ public final class Volume: Sendable {
     /// Writes `bytes` to the live volume at `offset`, preserving what the newest snapshot still needs
     /// first. With `fua`, the data is durable when this returns.
     public func write<Bytes: IOBytes>(at offset: ByteOffset, _ bytes: Bytes, fua: Bool = false) async throws {
-        try await write(at: offset, gathering: [bytes], fua: fua)
+        try checkRange(offset, ByteCount(bytes.count))
+        guard bytes.count > 0 else { return }
+        let live = self.live
+        try await mutate(offset, ByteCount(bytes.count)) {
+            try bytes.withUnsafeBytes { try live.write(toAbsoluteOffset: offset, $0) }
+        }
+        if fua { try await flush() }
     }
 
     /// Writes `pieces`, back to back, to the live volume at `offset` (one vectored write), like

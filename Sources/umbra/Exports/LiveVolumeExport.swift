@@ -45,14 +45,21 @@ struct LiveVolumeExport: NBDExport {
                 return .file(
                     NBDFileSegment(descriptor: file.descriptor, offset: offset, length: length, release: file.release))
             }
+            // Handed over, not copied: a second reference to the pooled storage would make the
+            // fill copy it first.
             let target = ReadTarget(length: length, buffers: buffers)
-            return .data(try await volume.read(at: ByteOffset(offset), into: target).filled())
+            return .data(try await volume.read(at: ByteOffset(offset), into: consume target).filled())
         }
     }
 
     func write(offset: UInt64, data: NBDWritePayload, fua: Bool) async throws {
         try await ExportError.wrapping {
-            try await volume.write(at: ByteOffset(offset), gathering: data.buffers.map(PayloadBytes.init), fua: fua)
+            let buffers = data.buffers
+            if buffers.count == 1 {
+                try await volume.write(at: ByteOffset(offset), PayloadBytes(buffer: buffers[0]), fua: fua)
+            } else {
+                try await volume.write(at: ByteOffset(offset), gathering: buffers.map(PayloadBytes.init), fua: fua)
+            }
         }
     }
 

@@ -37,7 +37,7 @@ struct SnapshotExport: NBDExport {
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {
         try await ExportError.wrapping {
             let target = ReadTarget(length: length, buffers: buffers)
-            return .data(try await snapshot.read(at: ByteOffset(offset), into: target).filled())
+            return .data(try await snapshot.read(at: ByteOffset(offset), into: consume target).filled())
         }
     }
 
