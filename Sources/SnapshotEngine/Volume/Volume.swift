@@ -115,6 +115,8 @@ public final class Volume: Sendable {
     public func write<Bytes: IOBytes>(at offset: ByteOffset, gathering pieces: [Bytes], fua: Bool = false)
         async throws
     {
+        // Most writes arrive in one buffer: no arrays of pieces or pointers for them.
+        if pieces.count == 1 { return try await write(at: offset, pieces[0], fua: fua) }
         let count = pieces.reduce(0) { $0 + $1.count }
         try checkRange(offset, ByteCount(count))
         guard count > 0 else { return }

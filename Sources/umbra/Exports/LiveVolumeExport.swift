@@ -56,6 +56,7 @@ struct LiveVolumeExport: NBDExport {
         try await ExportError.wrapping {
             let buffers = data.buffers
             if buffers.count == 1 {
+                // Not through `gathering`: that would allocate an array of one for every write.
                 try await volume.write(at: ByteOffset(offset), PayloadBytes(buffer: buffers[0]), fua: fua)
             } else {
                 try await volume.write(at: ByteOffset(offset), gathering: buffers.map(PayloadBytes.init), fua: fua)
