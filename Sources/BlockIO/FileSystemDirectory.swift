@@ -14,14 +14,17 @@ public struct FileSystemDirectory: StorageDirectory {
     public let path: String
     static let lockFileName = "lock"
 
-    /// Uses `path`, creating it (and its missing parents) if needed.
+    /// Uses `path`, creating it (and its missing parents) if needed. Each directory created is made
+    /// durable by syncing its parent: otherwise a power cut could take the new data directory, and
+    /// with it the whole store, even after its own files were synced.
     public init(path: String) throws(BlockIOError) {
         var normalized = path
         while normalized.count > 1 && normalized.hasSuffix("/") { normalized.removeLast() }
         var prefix = normalized.hasPrefix("/") ? "" : "."
         for component in normalized.split(separator: "/") {
+            let parent = prefix.isEmpty ? "/" : prefix
             prefix += "/" + component
-            try Syscall.makeDirectory(prefix)
+            if try Syscall.makeDirectory(prefix) { try Syscall.syncDirectory(parent) }
         }
         self.path = normalized
     }

@@ -203,9 +203,12 @@ enum Syscall {
         if Glibc.unlink(path) != 0 && Glibc.errno != ENOENT { throw lastError("unlink", path) }
     }
 
-    /// mkdir(2); an existing directory is not an error.
-    static func makeDirectory(_ path: String) throws(BlockIOError) {
-        if Glibc.mkdir(path, 0o755) != 0 && Glibc.errno != EEXIST { throw lastError("mkdir", path) }
+    /// mkdir(2); an existing directory is not an error. Returns whether it was created.
+    @discardableResult
+    static func makeDirectory(_ path: String) throws(BlockIOError) -> Bool {
+        if Glibc.mkdir(path, 0o755) == 0 { return true }
+        if Glibc.errno != EEXIST { throw lastError("mkdir", path) }
+        return false
     }
 
     /// rmdir(2); a missing directory is not an error.
