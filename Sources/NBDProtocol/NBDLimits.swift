@@ -56,6 +56,12 @@ public struct NBDLimits: Hashable, Sendable {
     /// open for as long as the device is attached, and reconnecting is not free for it.
     public var idleTimeoutMilliseconds: Int64 = 0
 
+    /// How long a connection may have replies waiting for the client (READ data not yet taken by the
+    /// socket, or more queued than the socket takes) without any of them moving, before it is closed
+    /// and the bytes it holds are given back. A client that stops reading would otherwise hold its
+    /// share of the server's in-flight budget for ever. 0 turns it off.
+    public var replyProgressTimeoutMilliseconds: Int64 = 60_000
+
     /// Extents sent per metadata context in one BLOCK_STATUS reply.
     public var maximumExtentsPerReply: Int = 8192
 

@@ -2,7 +2,17 @@ import NBDProtocol
 import NIOCore
 
 // How a connection ends besides the client leaving: draining when its export goes away or the server
-// stops, and the handshake and idle timeouts (one task on the connection's loop at a time).
+// stops, the handshake and idle timeouts (one task on the connection's loop at a time), and the
+// reply-progress timeout for a client that stops taking its replies (a task of its own, scheduled
+// only while replies wait on the client, never per request).
+
+/// Replies waiting on the client: READ replies whose data the socket has not taken yet, and whether
+/// the socket is behind (not writable); `since` is when they last moved.
+struct ReplyProgress {
+    var sendsAwaited = 0
+    var since = NIODeadline.uptimeNanoseconds(0)
+    var check: Scheduled<Void>?
+}
 
 extension NBDConnectionHandler {
     // MARK: - Draining
@@ -74,5 +84,60 @@ extension NBDConnectionHandler {
             handler.logger.debug("NBD connection idle too long, disconnecting")
             handler.closeNow()
         }
+    }
+
+    // MARK: - Replies the client does not take
+
+    private var isWaitingOnClient: Bool {
+        replyProgress.sendsAwaited > 0 || !(context?.channel.isWritable ?? true)
+    }
+
+    /// A READ reply was written; its data now waits for the socket to take it.
+    func sendAwaited() {
+        if !isWaitingOnClient, let context { replyProgress.since = context.eventLoop.now }
+        replyProgress.sendsAwaited += 1
+        watchReplyProgress()
+    }
+
+    /// A READ reply's data has gone to the socket (or the connection failed first).
+    func sendCompleted() {
+        replyProgress.sendsAwaited -= 1
+        if let context { replyProgress.since = context.eventLoop.now }
+    }
+
+    func repliesWritabilityChanged(isWritable: Bool) {
+        guard let context else { return }
+        // Writable again: the socket took bytes. Not writable: waiting starts now, unless it had already.
+        if isWritable || replyProgress.sendsAwaited == 0 { replyProgress.since = context.eventLoop.now }
+        if !isWritable { watchReplyProgress() }
+    }
+
+    private func watchReplyProgress() {
+        let limit = environment.limits.replyProgressTimeoutMilliseconds
+        guard limit > 0, replyProgress.check == nil else { return }
+        scheduleReplyProgressCheck(after: limit)
+    }
+
+    private func scheduleReplyProgressCheck(after milliseconds: Int64) {
+        guard let context else { return }
+        replyProgress.check = context.eventLoop.assumeIsolated().scheduleTask(in: .milliseconds(milliseconds)) {
+            self.replyProgress.check = nil
+            self.checkReplyProgress()
+        }
+    }
+
+    /// Closes the connection if its replies have waited on the client, unmoved, for the limit; else
+    /// looks again when they would have (nothing is left scheduled once nothing waits).
+    private func checkReplyProgress() {
+        guard let context, !channelClosing, isWaitingOnClient else { return }
+        let limit = TimeAmount.milliseconds(environment.limits.replyProgressTimeoutMilliseconds)
+        let remaining = replyProgress.since + limit - context.eventLoop.now
+        guard remaining <= .zero else {
+            return scheduleReplyProgressCheck(after: max(1, remaining.nanoseconds / 1_000_000))
+        }
+        logger.info(
+            "NBD client took none of its replies for the reply timeout, disconnecting",
+            metadata: ["nbd.replies.awaited": "\(replyProgress.sendsAwaited)"])
+        closeNow()
     }
 }

@@ -63,6 +63,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     var timeout: Scheduled<Void>?
     /// When the last request came in or the last reply went out (kept only with an idle timeout).
     var lastActivity = NIODeadline.uptimeNanoseconds(0)
+    /// Whether replies are moving to a client that has them waiting (the reply-progress timeout).
+    var replyProgress = ReplyProgress()
     /// Who the client proved to be: unauthenticated until a TLS handshake says otherwise.
     var clientIdentity = NBDClientIdentity.unauthenticated
     /// The TLS handler once STARTTLS was acknowledged, and whether its handshake completed.
@@ -116,6 +118,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         channelClosing = true
         timeout?.cancel()
         timeout = nil
+        replyProgress.check?.cancel()
+        replyProgress.check = nil
         run(machine.closed())
         cancelBudgetWait()
         if let binding {
@@ -141,6 +145,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
+        repliesWritabilityChanged(isWritable: context.channel.isWritable)
         resumeReadsIfPossible()
         context.fireChannelWritabilityChanged()
     }
@@ -329,7 +334,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         guard let context else { return run(machine.replySent(bytes: bytes)) }
         let sent = context.eventLoop.makePromise(of: Void.self)
         replies.writePayload(.byteBuffer(ByteBuffer()), promise: sent)
+        sendAwaited()
         sent.futureResult.assumeIsolated().whenComplete { _ in
+            self.sendCompleted()
             self.run(self.machine.replySent(bytes: bytes))
             guard !self.channelClosing else { return }
             self.noteActivity()

@@ -23,6 +23,12 @@ struct ServeLimitOptions: ParsableArguments {
     @Option(help: "Seconds a connection may stay without requests before it is closed (0: never).")
     var idleTimeout: Double = Double(defaults.idleTimeoutMilliseconds) / 1000
 
+    @Option(
+        help:
+            "Seconds a connection's replies may wait on a client that takes none of them before it is closed (0: never)."
+    )
+    var replyTimeout: Double = Double(defaults.replyProgressTimeoutMilliseconds) / 1000
+
     @Option(help: "READ and WRITE payload bytes in flight over all connections (memory held for them).")
     var maxInflightBytes: Size = Size(bytes: UInt64(defaults.maximumServerInFlightBytes))
 
@@ -40,7 +46,10 @@ struct ServeLimitOptions: ParsableArguments {
             throw ValidationError(
                 "--max-connections-per-client must be from 1 to --max-connections (\(maxConnections)).")
         }
-        for (name, value) in [("--handshake-timeout", handshakeTimeout), ("--idle-timeout", idleTimeout)]
+        for (name, value) in [
+            ("--handshake-timeout", handshakeTimeout), ("--idle-timeout", idleTimeout),
+            ("--reply-timeout", replyTimeout),
+        ]
         where !(value >= 0 && value <= 86400) {
             throw ValidationError("\(name) must be from 0 (no limit) to 86400 seconds.")
         }
@@ -65,6 +74,7 @@ struct ServeLimitOptions: ParsableArguments {
         limits.maximumConnectionsPerClient = maxConnectionsPerClient
         limits.handshakeTimeoutMilliseconds = Int64((handshakeTimeout * 1000).rounded())
         limits.idleTimeoutMilliseconds = Int64((idleTimeout * 1000).rounded())
+        limits.replyProgressTimeoutMilliseconds = Int64((replyTimeout * 1000).rounded())
         limits.maximumServerInFlightBytes = Int(maxInflightBytes.bytes)
         limits.maximumInFlightBytes = Int(maxInflightBytesPerConnection.bytes)
         limits.maximumInFlightRequests = maxInflightRequests

@@ -303,7 +303,10 @@ private func raiseDescriptorLimit() {
     /// connection and 96 MiB overall, each stalled client holds exactly one 32 MiB reply (its header
     /// reaching the client shows it is produced) and only three of five get one.
     @Test func clientsThatStopReading() async throws {
-        let arguments = ["--max-inflight-bytes-per-connection", "32M", "--max-inflight-bytes", "96M"]
+        // No reply timeout: this measures what stalled clients hold while they are still connected.
+        let arguments = [
+            "--max-inflight-bytes-per-connection", "32M", "--max-inflight-bytes", "96M", "--reply-timeout", "0",
+        ]
         try await withAttack("clients that stop reading", arguments: arguments) { daemon, integrity in
             let pid = daemon.process.processIdentifier
             let baseline = try residentBytes(of: pid)
@@ -344,6 +347,31 @@ private func raiseDescriptorLimit() {
             #expect(one <= 32 * mib + slack)
             #expect(five <= 96 * mib + slack)
             for client in clients { client.reset() }
+        }
+    }
+
+    /// A client that stops taking its replies is closed once they have not moved for the reply
+    /// timeout, and the budget its READ data held goes back. Here the stalled client's one 32 MiB
+    /// reply holds the whole server budget, so another client's READ is answered only after that.
+    @Test(.timeLimit(.minutes(2))) func stalledRepliesTimeOut() async throws {
+        let arguments = [
+            "--max-inflight-bytes-per-connection", "32M", "--max-inflight-bytes", "32M", "--reply-timeout", "1",
+        ]
+        try await withAttack("a client that stopped taking replies", arguments: arguments) { daemon, integrity in
+            let reads = (0..<64).flatMap { index in
+                Array(
+                    ByteBuffer.request(request(.read, offset: UInt64(index % 2) << 25, length: 32 << 20))
+                        .readableBytesView)
+            }
+            let stalled = try RawNBDSocket(unixPath: daemon.nbdSocket, receiveBufferBytes: 64 * 1024)
+            defer { stalled.reset() }
+            try stalled.negotiate(export: integrity.snapshot)
+            #expect(stalled.sendWithoutBlocking(reads) > 0)
+            #expect(stalled.isReadable(withinMilliseconds: 30_000), "the stalled client's first reply is produced")
+            let other = try daemon.connect(integrity.snapshot)
+            let started = ContinuousClock.now
+            #expect(try other.pread(count: 1 << 20, offset: 0).count == 1 << 20)
+            print("stalledRepliesTimeOut: another client's READ was answered \(ContinuousClock.now - started) later")
         }
     }
 
