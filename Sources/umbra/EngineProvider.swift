@@ -75,22 +75,33 @@ struct DaemonRequests: ControlRequestHandler {
     let exports: ExportReconciler
 
     func createVolume(_ params: CreateVolumeParams) async throws -> ShadowCopy.VolumeInfo {
+        guard params.whenFull == nil || params.diffLimit != nil else {
+            throw ShadowCopyError(
+                .invalidParams, "whenFull needs a diffLimit: without a limit the diff store is never full.")
+        }
         do {
             let info = try await store.createVolume(
                 VolumeSpec(
                     name: params.name, size: ByteCount(params.size),
-                    chunkSize: params.chunkSize.map(ByteCount.init(_:)) ?? VolumeSpec.defaultChunkSize))
-            return ShadowCopy.VolumeInfo(name: info.name, size: info.size.rawValue, chunkSize: info.chunkSize.rawValue)
+                    chunkSize: params.chunkSize.map(ByteCount.init(_:)) ?? VolumeSpec.defaultChunkSize,
+                    diffLimit: params.diffLimit.map(ByteCount.init(_:)),
+                    policy: params.whenFull == .failSnapshot ? .failSnapshot : .deleteOldest))
+            return Self.describe(info)
         } catch {
             throw controlError(error)
         }
     }
 
     func listVolumes() async throws -> VolumeList {
-        VolumeList(
-            volumes: store.volumes().map {
-                ShadowCopy.VolumeInfo(name: $0.name, size: $0.size.rawValue, chunkSize: $0.chunkSize.rawValue)
-            })
+        VolumeList(volumes: store.volumes().map(Self.describe))
+    }
+
+    /// A volume as the control protocol shows it.
+    static func describe(_ info: SnapshotEngine.VolumeInfo) -> ShadowCopy.VolumeInfo {
+        ShadowCopy.VolumeInfo(
+            name: info.name, size: info.size.rawValue, chunkSize: info.chunkSize.rawValue,
+            diffLimit: info.diffLimit?.rawValue,
+            whenFull: info.diffLimit == nil ? nil : info.policy == .failSnapshot ? .failSnapshot : .deleteOldest)
     }
 
     func deleteVolume(name: String) async throws {

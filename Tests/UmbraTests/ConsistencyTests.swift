@@ -200,7 +200,7 @@ struct BankWriter: ShadowCopyWriterDelegate {
             while try await control.listWriters().writers.isEmpty { await Task.yield() }
 
             for index in 0..<Self.sets {
-                await Task.detached { bank.waitForTransfers(20) }.value
+                await onOwnThread { bank.waitForTransfers(20) }
                 let set = try await control.createSnapshotSet(CreateSetParams(volumes: Bank.volumes))
                 #expect(!set.crashConsistent)
                 #expect(set.writers.map(\.name) == ["bank"])
@@ -214,7 +214,7 @@ struct BankWriter: ShadowCopyWriterDelegate {
 
             var unbalanced = 0
             for _ in 0..<Self.sets {
-                await Task.detached { bank.waitForTransfers(20) }.value
+                await onOwnThread { bank.waitForTransfers(20) }
                 let set = try await control.createSnapshotSet(CreateSetParams(volumes: Bank.volumes, writers: false))
                 #expect(set.crashConsistent)
                 if try snapshotTotal(set, daemon: daemon) != Bank.total { unbalanced += 1 }
@@ -222,7 +222,7 @@ struct BankWriter: ShadowCopyWriterDelegate {
             }
             // The control, deterministic where the loop above depends on timing: a crash-consistent
             // set taken between a debit and its credit is unbalanced, so the sum does see torn transfers.
-            await Task.detached { bank.holdBetweenDebitAndCredit() }.value
+            await onOwnThread { bank.holdBetweenDebitAndCredit() }
             let torn = try await control.createSnapshotSet(CreateSetParams(volumes: Bank.volumes, writers: false))
             bank.releaseHeldTransfer()
             #expect(try snapshotTotal(torn, daemon: daemon) != Bank.total, "a torn transfer went unseen")

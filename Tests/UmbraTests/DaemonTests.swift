@@ -121,6 +121,48 @@ import UmbraTestSupport
         }
     }
 
+    /// `volume create --diff-limit --when-full` sets a volume's diff-store limit and policy from the
+    /// CLI: both are shown back, `--when-full` alone is refused, and with `fail-snapshot` a write
+    /// whose copy does not fit fails the snapshot, never the write.
+    @Test func diffLimitFromTheCLI() async throws {
+        try await DaemonFixture.with(volumes: []) { daemon in
+            let umbra = builtProduct("umbra")
+            let control = ["--control", daemon.controlSocket]
+            let create = try ChildProcess(
+                umbra,
+                ["volume", "create", "small", "--size", "1M", "--chunk-size", "64K", "--diff-limit", "128K"]
+                    + ["--when-full", "fail-snapshot", "--json"] + control)
+            let created = try JSONSerialization.jsonObject(with: Data(create.readAll().utf8)) as? [String: Any]
+            #expect(create.finish() == 0)
+            #expect(created?["diffLimit"] as? Int == 128 << 10)
+            #expect(created?["whenFull"] as? String == "fail-snapshot")
+
+            let list = try ChildProcess(umbra, ["volume", "list"] + control)
+            let table = list.readAll()
+            #expect(list.finish() == 0)
+            #expect(table.contains("128 KiB") && table.contains("fail-snapshot"), "\(table)")
+
+            let alone = try ChildProcess(
+                umbra, ["volume", "create", "other", "--size", "1M", "--when-full", "delete-oldest"] + control,
+                captureStandardError: true)
+            #expect(alone.finish() != 0)
+            #expect(alone.standardErrorText.contains("--when-full needs --diff-limit"))
+
+            let requester = try await daemon.control()
+            let live = try daemon.connect("small")
+            // Chunks of zeros need no copy; these three do.
+            try live.pwrite([UInt8](repeating: 1, count: 192 << 10), offset: 0)
+            let set = try await requester.createSnapshotSet(CreateSetParams(volumes: ["small"]))
+            // Three chunks to copy, room for two: the snapshot fails, the live write does not.
+            try live.pwrite([UInt8](repeating: 7, count: 192 << 10), offset: 0)
+            #expect(try live.pread(count: 192 << 10, offset: 0) == [UInt8](repeating: 7, count: 192 << 10))
+            let snapshots = try await requester.listSnapshots(volume: "small").snapshots
+            #expect(snapshots.map(\.id) == [set.snapshots[0].id])
+            #expect(snapshots.first?.state == "failed")
+            await requester.close()
+        }
+    }
+
     /// --volume-file serves an existing file's data; snapshots of it work; the file is left alone when the daemon stops.
     @Test func servesAnExistingFile() async throws {
         let directory = try TemporaryDirectory("umbra-volume-file")

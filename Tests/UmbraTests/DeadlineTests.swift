@@ -74,7 +74,9 @@ actor TimingWriter: ShadowCopyWriterDelegate {
 
         // A first write to a chunk the new snapshot has not preserved waits for its copy's sync.
         try disk.setSyncDelay(seconds: Self.stuckSyncSeconds)
-        let writing = Task.detached { try nbd.pwrite([UInt8](repeating: 0x5A, count: 4096), offset: 512 << 10) }
+        let writing = Task {
+            try await onOwnThread { try nbd.pwrite([UInt8](repeating: 0x5A, count: 4096), offset: 512 << 10) }
+        }
         try await disk.waitForSyncInProgress(of: "/diff")
         let window = Duration.seconds(1)
         // The writer runs in this test process, beside suites that load both cores; if it was starved

@@ -52,9 +52,14 @@ public final class ControlClient: Sendable {
 
     // MARK: - Volumes
 
-    public func createVolume(name: String, size: UInt64, chunkSize: UInt64? = nil) async throws -> VolumeInfo {
+    public func createVolume(
+        name: String, size: UInt64, chunkSize: UInt64? = nil, diffLimit: UInt64? = nil,
+        whenFull: DiffStoreFullPolicy? = nil
+    ) async throws -> VolumeInfo {
         try await call(
-            "volume.create", params: CreateVolumeParams(name: name, size: size, chunkSize: chunkSize),
+            "volume.create",
+            params: CreateVolumeParams(
+                name: name, size: size, chunkSize: chunkSize, diffLimit: diffLimit, whenFull: whenFull),
             as: VolumeInfo.self)
     }
 

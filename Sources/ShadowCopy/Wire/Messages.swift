@@ -76,17 +76,32 @@ public struct EmptyResult: Codable, Sendable, Hashable {
 
 // MARK: - Volumes
 
+/// What a volume does when its diff store is full (`volume.create`'s `whenFull`).
+public enum DiffStoreFullPolicy: String, Codable, Sendable, Hashable, CaseIterable {
+    /// Delete the volume's oldest snapshots until the copy fits (what VSS does).
+    case deleteOldest = "delete-oldest"
+    /// Fail the snapshot that needs the space; the others stay readable.
+    case failSnapshot = "fail-snapshot"
+}
+
 public struct VolumeInfo: Codable, Sendable, Hashable {
     public var name: String
     /// Bytes.
     public var size: UInt64
     /// Bytes.
     public var chunkSize: UInt64
+    /// Bytes the diff store may hold; absent for no limit.
+    public var diffLimit: UInt64?
+    public var whenFull: DiffStoreFullPolicy?
 
-    public init(name: String, size: UInt64, chunkSize: UInt64) {
+    public init(
+        name: String, size: UInt64, chunkSize: UInt64, diffLimit: UInt64? = nil, whenFull: DiffStoreFullPolicy? = nil
+    ) {
         self.name = name
         self.size = size
         self.chunkSize = chunkSize
+        self.diffLimit = diffLimit
+        self.whenFull = whenFull
     }
 }
 
@@ -101,11 +116,20 @@ public struct CreateVolumeParams: Codable, Sendable, Hashable {
     public var size: UInt64
     /// Bytes; the daemon's default when absent.
     public var chunkSize: UInt64?
+    /// Bytes the diff store may hold; no limit when absent.
+    public var diffLimit: UInt64?
+    /// What happens when the diff store is full; `delete-oldest` when absent. Needs `diffLimit`.
+    public var whenFull: DiffStoreFullPolicy?
 
-    public init(name: String, size: UInt64, chunkSize: UInt64? = nil) {
+    public init(
+        name: String, size: UInt64, chunkSize: UInt64? = nil, diffLimit: UInt64? = nil,
+        whenFull: DiffStoreFullPolicy? = nil
+    ) {
         self.name = name
         self.size = size
         self.chunkSize = chunkSize
+        self.diffLimit = diffLimit
+        self.whenFull = whenFull
     }
 }
 

@@ -16,15 +16,37 @@ struct VolumeCommand: AsyncParsableCommand {
         @Argument(help: "The volume's name (letters, digits, . _ -).") var name: String
         @Option(help: "Its size: bytes, or with K, M, G, T (a multiple of 4 KiB).") var size: Size
         @Option(help: "The copy-on-write chunk size: a power of two from 4K to 1M.") var chunkSize: Size?
+        @Option(help: "The most the volume's diff store may hold (at least one chunk); no limit if absent.")
+        var diffLimit: Size?
+        @Option(help: "When the diff store is full: delete-oldest (the default) or fail-snapshot. Needs --diff-limit.")
+        var whenFull: WhenFull?
         @OptionGroup var connection: ControlOptions
         @OptionGroup var output: OutputOptions
 
+        enum WhenFull: String, ExpressibleByArgument, CaseIterable {
+            case deleteOldest = "delete-oldest"
+            case failSnapshot = "fail-snapshot"
+        }
+
+        func validate() throws {
+            if whenFull != nil && diffLimit == nil {
+                throw ValidationError("--when-full needs --diff-limit: without a limit the diff store is never full.")
+            }
+        }
+
         func run() async throws {
             let info = try await withClient(connection) {
-                try await $0.createVolume(name: name, size: size.bytes, chunkSize: chunkSize?.bytes)
+                try await $0.createVolume(
+                    name: name, size: size.bytes, chunkSize: chunkSize?.bytes, diffLimit: diffLimit?.bytes,
+                    whenFull: whenFull.flatMap { DiffStoreFullPolicy(rawValue: $0.rawValue) })
             }
             if output.json { return try printJSON(info) }
-            print("Created volume \(info.name): \(Size.format(info.size)), \(Size.format(info.chunkSize)) chunks.")
+            var line = "Created volume \(info.name): \(Size.format(info.size)), \(Size.format(info.chunkSize)) chunks"
+            if let limit = info.diffLimit {
+                line +=
+                    ", diff store up to \(Size.format(limit)) (when full: \(info.whenFull?.rawValue ?? "delete-oldest"))"
+            }
+            print(line + ".")
         }
     }
 
@@ -38,8 +60,13 @@ struct VolumeCommand: AsyncParsableCommand {
             if output.json { return try printJSON(list) }
             if list.volumes.isEmpty { return print("No volumes.") }
             printTable(
-                ["NAME", "SIZE", "CHUNK"],
-                list.volumes.map { [$0.name, Size.format($0.size), Size.format($0.chunkSize)] })
+                ["NAME", "SIZE", "CHUNK", "DIFF LIMIT", "WHEN FULL"],
+                list.volumes.map {
+                    [
+                        $0.name, Size.format($0.size), Size.format($0.chunkSize),
+                        $0.diffLimit.map(Size.format) ?? "-", $0.whenFull?.rawValue ?? "-",
+                    ]
+                })
         }
     }
 
