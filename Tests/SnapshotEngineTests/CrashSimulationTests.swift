@@ -22,14 +22,22 @@ import UmbraTestSupport
 
 @Suite struct CrashSimulationTests {
     static let defaultSeedCount: UInt64 = 1000
+    /// Seeds drawn afresh on every run besides the fixed ones, so that runs keep exploring; each is
+    /// printed, and a failing one names itself for replay.
+    static let freshSeedCount = 16
     static let batches = 8
 
-    static var seeds: [UInt64] {
+    /// The fixed seeds 1…N, then the fresh ones (drawn once per process).
+    static let seeds: [UInt64] = {
         let environment = ProcessInfo.processInfo.environment
         if let seed = environment["UMBRA_SIMULATION_SEED"].flatMap(UInt64.init) { return [seed] }
         let count = environment["UMBRA_SIMULATION_SEEDS"].flatMap(UInt64.init) ?? defaultSeedCount
-        return Array(1...count)
-    }
+        var system = SystemRandomNumberGenerator()
+        // Above every fixed seed, so a fresh seed never repeats one.
+        let fresh = (0..<freshSeedCount).map { _ in UInt64.random(in: (1 << 32)...(1 << 62), using: &system) }
+        print("crash simulation: fresh seeds this run: \(fresh.map(String.init).joined(separator: " "))")
+        return Array(1...count) + fresh
+    }()
 
     /// Thousands of seeded crash points: after each crash and recovery, every snapshot and the live volume match the model.
     @Test(arguments: 0..<batches)
@@ -58,6 +66,8 @@ import UmbraTestSupport
             }
         }
         if let failure { Issue.record(Comment(rawValue: failure)) }
+        // Most cycles crash inside the workload (the crash point is drawn within the operations a
+        // cycle makes); a seed whose three never do would test recovery from clean shutdowns only.
         #expect(seeds.isEmpty || crashPoints >= seeds.count)
         // Every phase of a set's life met a crash somewhere in the batch (the default seed count).
         if seeds.count >= Self.defaultSeedCount / UInt64(Self.batches) {
@@ -65,7 +75,7 @@ import UmbraTestSupport
             #expect(missed.isEmpty, "no crash while a set was \(missed); crashes by phase: \(phases)")
         }
         print(
-            "crash simulation batch \(batch): crashes while a set was \(SetPhase.allCases.map { "\($0) \(phases[$0, default: 0])" }.joined(separator: ", "))"
+            "crash simulation batch \(batch): \(seeds.count) seeds, \(crashPoints) crashes inside the workload; crashes while a set was \(SetPhase.allCases.map { "\($0) \(phases[$0, default: 0])" }.joined(separator: ", "))"
         )
     }
 }
@@ -170,9 +180,11 @@ struct Simulation {
         return configuration
     }
 
-    /// Runs the seed; returns how many crash points it exercised.
+    /// Runs the seed; returns how many of its crashes came inside the workload (a cycle whose workload
+    /// ends before its crash point is crashed after a clean close, which counts for nothing).
     mutating func run() throws -> Int {
         try setUp()
+        var crashesInWorkload = 0
         var operationBudget = 400
         for cycle in 0..<Self.cycles {
             let crashAt = Int.random(in: 1...operationBudget, using: &random)
@@ -191,6 +203,7 @@ struct Simulation {
             guard let outcome else { throw SimulationFailure("cycle \(cycle): deadlock (a task never finished)") }
             if case .failure(let error) = outcome { throw SimulationFailure("cycle \(cycle): \(error)") }
             if disk.hasCrashed {
+                crashesInWorkload += 1
                 for phase in phasesAtCrash.withLock({ $0 }) { setPhasesAtCrashes[phase, default: 0] += 1 }
             } else {
                 operationBudget = max(50, disk.operationCount - before)
@@ -199,7 +212,7 @@ struct Simulation {
             self.disk = disk.recovered(using: &random)
             try recoverAndVerify(cycle: cycle)
         }
-        return Self.cycles
+        return crashesInWorkload
     }
 
     private mutating func setUp() throws {
@@ -230,7 +243,11 @@ struct Simulation {
                 let store = try await SnapshotStore.open(directory: disk.directory(), configuration: configuration)
                 try await store.close()
             }
-            guard outcome != nil else { throw SimulationFailure("cycle \(cycle): deadlock while recovering") }
+            guard let outcome else { throw SimulationFailure("cycle \(cycle): deadlock while recovering") }
+            // An error is expected only from the crash itself.
+            if case .failure(let error) = outcome, !disk.hasCrashed {
+                throw SimulationFailure("cycle \(cycle): recovery failed without a crash: \(error)")
+            }
             disk.crashNow()
             self.disk = disk.recovered(using: &random)
         }
