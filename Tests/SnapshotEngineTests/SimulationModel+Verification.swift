@@ -105,7 +105,8 @@ extension SimulationModel {
                 for pending in candidates where !matched {
                     snapshots[info.id] = SnapshotModel(
                         id: info.id, setID: info.setID, volume: info.volume, exact: nil,
-                        atStart: pending.atStart[info.volume]!, maybe: pending.maybe[info.volume] ?? [])
+                        atStart: pending.atStart[info.volume]!, maybe: pending.maybe[info.volume] ?? [],
+                        setStart: pending.start)
                     do {
                         try check(snapshot: info.id, bytes: bytes)
                         matched = true
@@ -115,41 +116,6 @@ extension SimulationModel {
                                 "candidate set started at \(pending.start) does not match: \(error); maybe writes \(pending.maybe[info.volume]?.map(\.range) ?? [])"
                             )
                         }
-                    }
-                }
-                if !matched && ProcessInfo.processInfo.environment["UMBRA_SIMULATION_DEBUG"] != nil {
-                    print("pending sets: \(pendingSets.count); known snapshots: \(snapshots.count)")
-                    let model = volumes[info.volume]!
-                    print(
-                        "baseline equals snapshot at 17113..<22745: \(bytesEqual(model.baseline[17113..<22745], bytes[17113..<22745]))"
-                    )
-                    print(
-                        "live equals snapshot at 17113..<22745: \(bytesEqual(liveContents[info.volume]![17113..<22745], bytes[17113..<22745]))"
-                    )
-                    let volume = try store.volume(named: info.volume)
-                    let view = try store.snapshot(id: info.id)
-                    volume.metadata.withLock { metadata in
-                        print(
-                            "chunk size \(chunkSize); chain \(metadata.chain.map(\.sequence.rawValue)); snapshot seq \(view.sequence.rawValue); highWater \(metadata.slots.highWater)"
-                        )
-                        for chunk in UInt64(17113 / chunkSize)...UInt64(33661 / chunkSize) {
-                            print(
-                                "  chunk \(chunk): \(String(describing: metadata.index.copy(of: chunk, forSnapshotAt: view.sequence)))"
-                            )
-                        }
-                    }
-                    for write in model.writes {
-                        let overlap = write.range.clamped(to: 17113..<22745)
-                        let matches =
-                            !overlap.isEmpty
-                            && bytesEqual(
-                                bytes[overlap],
-                                write.bytes[
-                                    (overlap.lowerBound - write.range.lowerBound)..<(overlap.upperBound
-                                        - write.range.lowerBound)])
-                        print(
-                            "  write \(write.range) \(write.start)-\(String(describing: write.end)) zero=\(write.bytes.allSatisfy { $0 == 0 }) matches=\(matches)"
-                        )
                     }
                 }
                 guard matched else {
@@ -173,6 +139,24 @@ extension SimulationModel {
                     })
                 {
                     throw SimulationFailure("changes since \(info.id.guidString) miss the chunk at \(chunkStart)")
+                }
+            }
+            // And nothing else: every chunk reported was written (or trimmed, or zeroed) since the set
+            // began, by a write that may be after the snapshot. Reporting everything would pass the
+            // check above, not this one.
+            let model = snapshots[info.id]!
+            let mayHaveChanged =
+                (writeLog[info.volume] ?? []).filter { $0.start >= model.setStart }.map(\.range)
+                + model.maybe.map(\.range)
+            for extent in changed {
+                for chunkStart in stride(from: Int(extent.offset.rawValue), to: Int(extent.end.rawValue), by: chunkSize)
+                {
+                    let chunkRange = chunkStart..<(chunkStart + chunkSize)
+                    guard mayHaveChanged.contains(where: { $0.overlaps(chunkRange) }) else {
+                        throw SimulationFailure(
+                            "changes since \(info.id.guidString) report the chunk at \(chunkStart), which nothing wrote since"
+                        )
+                    }
                 }
             }
         }

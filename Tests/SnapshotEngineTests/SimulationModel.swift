@@ -40,6 +40,8 @@ final class SimulationModel: @unchecked Sendable {
         /// Otherwise: the contents when the set began, and the writes that may or may not be in it.
         var atStart: [UInt8]
         var maybe: [Write]
+        /// The tick its set began at: writes starting from then on may be reported as changed since it.
+        var setStart: Int
         /// A deletion of it began (by the diff-store policy) but may not have become durable.
         var mayBeGone = false
         /// Its set was taken pending and `keepSnapshotSet` has not returned: recovery rolls it back,
@@ -85,6 +87,9 @@ final class SimulationModel: @unchecked Sendable {
     }
     var clock = 0
     var nextOwner = 0
+    /// Every write, trim and zeroing ever started, per volume (across crashes): what changed-block
+    /// tracking may report.
+    var writeLog: [String: [(range: Range<Int>, start: Int)]] = [:]
 
     init(chunkSize: Int, volumeSize: Int, diffLimit: Int?, policy: DiffStorePolicy, names: [String], seed: UInt64) {
         self.chunkSize = chunkSize
@@ -161,6 +166,7 @@ final class SimulationModel: @unchecked Sendable {
         trace("\(kind) \(name) \(range) fua=\(fua) starts")
         let write = Write(range: range, bytes: bytes, start: start, end: nil)
         volumes[name]!.writes.append(write)
+        writeLog[name, default: []].append((range, start))
         for key in pendingSets.keys where pendingSets[key]!.volumes.contains(name) {
             pendingSets[key]!.maybe[name, default: []].append(write)
         }
@@ -245,7 +251,7 @@ final class SimulationModel: @unchecked Sendable {
             snapshots[snapshot.id] = SnapshotModel(
                 id: snapshot.id, setID: set.id, volume: snapshot.volume, exact: nil,
                 atStart: taking.atStart[snapshot.volume]!,
-                maybe: taking.maybe[snapshot.volume] ?? [], isPending: pending)
+                maybe: taking.maybe[snapshot.volume] ?? [], setStart: start, isPending: pending)
             if !pending { promote(snapshot.volume, completedBefore: start) }
         }
         releaseSetClaims()
