@@ -91,10 +91,11 @@ extension SimulationModel {
                 throw SimulationFailure("snapshot \(info.id.guidString) is still pending after recovery")
             }
             if case .failed = info.state {
-                guard diffLimit != nil, policy == .failSnapshot else {
-                    throw SimulationFailure("snapshot \(info.id.guidString) failed without a diff-store limit")
+                guard snapshotsMayFail else {
+                    throw SimulationFailure(
+                        "snapshot \(info.id.guidString) failed without a diff-store limit and the failSnapshot policy")
                 }
-                snapshots[info.id] = nil
+                snapshots[info.id]?.failed = true
                 continue
             }
             let bytes = try await store.snapshot(id: info.id).read(at: 0, count: volumeSize)

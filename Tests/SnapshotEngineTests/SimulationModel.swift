@@ -44,6 +44,8 @@ final class SimulationModel: @unchecked Sendable {
         var setStart: Int
         /// A deletion of it began (by the diff-store policy) but may not have become durable.
         var mayBeGone = false
+        /// Failed by the `failSnapshot` policy: still listed, no longer readable.
+        var failed = false
         /// Its set was taken pending and `keepSnapshotSet` has not returned: recovery rolls it back,
         /// unless the keep had begun (then it may go either way).
         var isPending = false
@@ -112,7 +114,9 @@ final class SimulationModel: @unchecked Sendable {
         if Self.debugging { print("model[\(clock)]: \(message())") }
     }
 
-    var snapshotsMayVanish: Bool { diffLimit != nil }
+    /// Only `deleteOldest` deletes snapshots by itself; `failSnapshot` fails them and keeps them listed.
+    var snapshotsMayVanish: Bool { diffLimit != nil && policy == .deleteOldest }
+    var snapshotsMayFail: Bool { diffLimit != nil && policy == .failSnapshot }
 
     // MARK: - Operations
 
@@ -335,7 +339,7 @@ final class SimulationModel: @unchecked Sendable {
     }
 
     func readSnapshot(_ store: SnapshotStore, random: inout SeededRandom) async throws {
-        let candidates = snapshots.values.filter { !pendingDeletions.contains($0.id) && !$0.mayBeGone }
+        let candidates = snapshots.values.filter { !pendingDeletions.contains($0.id) && !$0.mayBeGone && !$0.failed }
             .sorted { $0.id.uuidString < $1.id.uuidString }
         guard let target = candidates.randomElement(using: &random) else { return }
         let bytes: [UInt8]
@@ -345,6 +349,12 @@ final class SimulationModel: @unchecked Sendable {
             // A deletion (by a worker, or by the diff-store policy) may overtake the read.
             let deletable = snapshots[target.id] == nil || pendingDeletions.contains(target.id) || snapshotsMayVanish
             switch error {
+            case .snapshotFailed where snapshotsMayFail && !deletable,
+                .snapshotDeleted where snapshotsMayFail && !deletable:
+                // The policy failed it (a copy for it did not fit); it stays listed as failed. (A read
+                // that meets it while it is being failed is told it was deleted.)
+                snapshots[target.id]?.failed = true
+                return
             case .snapshotNotFound, .snapshotDeleted, .snapshotFailed:
                 guard deletable else { throw error }
                 if snapshotsMayVanish {

@@ -43,9 +43,13 @@ extension Volume {
         }
         let freed = metadata.withLock { metadata -> [DiffSlot] in
             guard let position = metadata.position(of: snapshot.sequence) else { return [] }
+            // As it is now, not as it was chosen: its set may have been kept while this waited for
+            // readers and for the record, and a failed snapshot recorded as still pending would be
+            // rolled back (deleted) at the next start.
+            let current = metadata.chain[position]
             let freed = metadata.removeSnapshot(at: position)
             if policy == .failSnapshot {
-                metadata.failed.append(FailedSnapshot(failing: snapshot, reason: reason))
+                metadata.failed.append(FailedSnapshot(failing: current, reason: reason))
             }
             return freed
         }
