@@ -118,6 +118,27 @@ extension CrashSimulationTests {
         let caught = try #require(failure, "no seed noticed unfinished sets surviving recovery")
         #expect(caught.contains("never kept") || caught.contains("still pending"), "\(caught)")
     }
+
+    /// Teeth: with one durability ordering broken, the simulation fails within the seeds a default
+    /// run uses (the live write before its copy's record is durable; the record made durable without
+    /// syncing the diff store that holds the copy).
+    @Test(arguments: [BrokenOrdering.liveWriteBeforeCopyCommit, .noDiffStoreSync])
+    func catchesBrokenOrderings(_ ordering: BrokenOrdering) async throws {
+        let failure = await onOwnThread { () -> String? in
+            for seed in 1...Self.defaultSeedCount {
+                var simulation = Simulation(seed: seed)
+                simulation.brokenOrdering = ordering
+                do {
+                    _ = try simulation.run()
+                } catch {
+                    return "seed \(seed): \(error)"
+                }
+            }
+            return nil
+        }
+        let caught = try #require(failure, "no seed noticed \(ordering)")
+        print("broken ordering \(ordering) caught: \(caught.prefix(200))")
+    }
 }
 
 struct SimulationFailure: Error, CustomStringConvertible {
@@ -140,6 +161,7 @@ struct Simulation {
     var setPhasesAtCrashes: [SetPhase: Int] = [:]
     /// Teeth: open stores without rolling back unfinished sets.
     var skipsRollback = false
+    var brokenOrdering: BrokenOrdering?
 
     init(seed: UInt64) {
         self.seed = seed
@@ -171,6 +193,7 @@ struct Simulation {
         }
         configuration.wallClock = { Date(timeIntervalSince1970: 1_800_000_000) }
         configuration.skipsRollbackForTesting = skipsRollback
+        configuration.brokenOrderingForTesting = brokenOrdering
         if ProcessInfo.processInfo.environment["UMBRA_SIMULATION_DEBUG"] != nil {
             configuration.logger = Logger(label: "sim") { StreamLogHandler.standardOutput(label: $0) }
             configuration.logger.logLevel = .trace

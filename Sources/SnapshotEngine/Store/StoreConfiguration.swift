@@ -47,6 +47,8 @@ public struct StoreConfiguration: Sendable {
     public var eventHandler: (@Sendable (StoreEvent) -> Void)?
     /// Tests only: leave pending sets alone at open, to show the crash simulation notices.
     var skipsRollbackForTesting = false
+    /// Tests only: break one durability ordering on purpose, to show the crash simulation notices.
+    var brokenOrderingForTesting: BrokenOrdering?
 
     public init() {}
 }
@@ -60,4 +62,13 @@ public enum StoreEvent: Sendable, Equatable {
     case snapshotsDeleted(ids: [UUID])
     /// Failed by a full diff store's `failSnapshot` policy; still listed, no longer readable.
     case snapshotFailed(id: UUID, reason: String)
+}
+
+/// The orderings the engine's durability rests on, each of which a test can break (ARCHITECTURE.md,
+/// "Durability ordering"): the crash simulation must catch every one.
+enum BrokenOrdering: Sendable {
+    /// The live write lands before the record of the copy it overwrites is durable.
+    case liveWriteBeforeCopyCommit
+    /// The copy's record is made durable without syncing the diff store holding its data first.
+    case noDiffStoreSync
 }

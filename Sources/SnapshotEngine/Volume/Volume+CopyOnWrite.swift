@@ -11,9 +11,10 @@ extension Volume {
     /// contents, writes those that are not all zeros into `slots`, makes the records durable, and
     /// records the copies. Returns `.needSpace` if there were more non-zero chunks than slots (those
     /// are left unpreserved and unclaimed).
-    func copy(_ chunks: [UInt64], into slots: [DiffSlot], for sequence: SnapshotSequence) async throws
-        -> CopyOutcome
-    {
+    func copy(
+        _ chunks: [UInt64], into slots: [DiffSlot], for sequence: SnapshotSequence,
+        beforeCommit: (@Sendable () throws -> Void)? = nil
+    ) async throws -> CopyOutcome {
         let chunkBytes = self.chunkBytes
         let buffer = copyBuffers.take(count: chunks.count * chunkBytes)
         defer { copyBuffers.give(buffer) }
@@ -83,9 +84,12 @@ extension Volume {
                             "\(placed.map { "\($0.chunk)->\($0.slot.isZero ? "zero" : String($0.slot.rawValue))" })",
                         "unplaced": "\(unplaced)",
                     ])
+                if let beforeCommit { try await context.io.run(beforeCommit) }
+                let syncsDiff =
+                    !dataCopies.isEmpty && context.configuration.brokenOrderingForTesting != .noDiffStoreSync
                 try await context.catalog.append(
                     Self.records(for: placed.map { ($0.chunk, $0.slot) }, volume: id, sequence: sequence),
-                    syncingFirst: dataCopies.isEmpty ? [] : [diff])
+                    syncingFirst: syncsDiff ? [diff] : [])
             }
         } catch {
             let waiters = metadata.withLock { metadata -> [CheckedContinuation<Void, Never>] in

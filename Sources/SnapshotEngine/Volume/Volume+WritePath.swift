@@ -22,13 +22,17 @@ extension Volume {
         async throws
     {
         let touched = chunks(offset, count)
+        let early =
+            context.configuration.brokenOrderingForTesting == .liveWriteBeforeCopyCommit ? EarlyLiveWrite(apply) : nil
+        var beforeCommit: (@Sendable () throws -> Void)?
+        if let early { beforeCommit = { try early.run() } }
         while true {
             await gate.enter()
             let outcome: CopyOutcome
             do {
                 try checkUsable()
                 if let failure = context.catalog.failure { throw failure }
-                outcome = try await preserve(touched)
+                outcome = try await preserve(touched, beforeCommit: beforeCommit)
             } catch {
                 gate.leave()
                 throw EngineError.wrap(error)
@@ -39,7 +43,9 @@ extension Volume {
                 continue
             }
             do {
-                if context.configuration.writesLiveDataInline {
+                if early?.done == true {
+                    // Broken on purpose (tests only): the live data went out before the copy's record.
+                } else if context.configuration.writesLiveDataInline {
                     try apply()
                 } else {
                     try await context.io.run(apply)
@@ -59,8 +65,11 @@ extension Volume {
         case copy(sequence: SnapshotSequence, chunks: [UInt64], slots: [DiffSlot], busy: [UInt64])
     }
 
-    /// Makes sure the newest snapshot holds a copy of every chunk in `touched`.
-    func preserve(_ touched: Range<UInt64>) async throws -> CopyOutcome {
+    /// Makes sure the newest snapshot holds a copy of every chunk in `touched`. `beforeCommit` (tests
+    /// only) runs after a copy's data is written and before its record is.
+    func preserve(_ touched: Range<UInt64>, beforeCommit: (@Sendable () throws -> Void)? = nil) async throws
+        -> CopyOutcome
+    {
         let maximumChunks = max(1, Self.maximumCopyBytes / chunkBytes)
         while true {
             let plan = metadata.withLock { metadata -> CopyPlan in
@@ -86,7 +95,9 @@ extension Volume {
             case .wait(let busy):
                 for chunk in busy { await waitForCopy(of: chunk) }
             case .copy(let sequence, let chunks, let slots, let busy):
-                if try await copy(chunks, into: slots, for: sequence) == .needSpace { return .needSpace }
+                if try await copy(chunks, into: slots, for: sequence, beforeCommit: beforeCommit) == .needSpace {
+                    return .needSpace
+                }
                 for chunk in busy { await waitForCopy(of: chunk) }
             }
         }
@@ -101,5 +112,19 @@ extension Volume {
             }
             if finished { continuation.resume() }
         }
+    }
+}
+
+/// Tests only: a live write carried out early, in the middle of its copy (`BrokenOrdering`).
+final class EarlyLiveWrite: @unchecked Sendable {
+    private let apply: @Sendable () throws -> Void
+    private(set) var done = false
+
+    init(_ apply: @escaping @Sendable () throws -> Void) { self.apply = apply }
+
+    func run() throws {
+        guard !done else { return }
+        try apply()
+        done = true
     }
 }
