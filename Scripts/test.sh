@@ -10,7 +10,7 @@ source Scripts/env.sh
 
 Scripts/install-dependencies.sh
 # Formatting first: it takes seconds, and a build takes minutes.
-swift format lint --strict --recursive Sources Tests Benchmarks
+swift format lint --strict --recursive Sources Tests Benchmarks Fuzz/Sources Package.swift
 swift build --build-tests
 swift test --skip-build
 if [ -x Scripts/interop/run-all.sh ]; then

@@ -16,7 +16,9 @@ public struct FileSystemDirectory: StorageDirectory {
 
     /// Uses `path`, creating it (and its missing parents) if needed. Each directory created is made
     /// durable by syncing its parent: otherwise a power cut could take the new data directory, and
-    /// with it the whole store, even after its own files were synced.
+    /// with it the whole store, even after its own files were synced. Parents of directories that
+    /// already exist are synced too, as far as this user may (a crash between an earlier start's
+    /// mkdir and its sync would otherwise leave the name undurable for good); it is cheap once synced.
     public init(path: String) throws(BlockIOError) {
         var normalized = path
         while normalized.count > 1 && normalized.hasSuffix("/") { normalized.removeLast() }
@@ -24,7 +26,11 @@ public struct FileSystemDirectory: StorageDirectory {
         for component in normalized.split(separator: "/") {
             let parent = prefix.isEmpty ? "/" : prefix
             prefix += "/" + component
-            if try Syscall.makeDirectory(prefix) { try Syscall.syncDirectory(parent) }
+            if try Syscall.makeDirectory(prefix) {
+                try Syscall.syncDirectory(parent)
+            } else {
+                try? Syscall.syncDirectory(parent)
+            }
         }
         self.path = normalized
     }

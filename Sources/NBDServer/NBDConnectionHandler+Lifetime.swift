@@ -129,7 +129,9 @@ extension NBDConnectionHandler {
     /// Closes the connection if its replies have waited on the client, unmoved, for the limit; else
     /// looks again when they would have (nothing is left scheduled once nothing waits).
     private func checkReplyProgress() {
-        guard let context, !channelClosing, isWaitingOnClient else { return }
+        // Also during a graceful close: a client that sent DISC (or half-closed) after a big READ and
+        // reads nothing would otherwise hold the close, and the READ's bytes, for ever.
+        guard let context, isWaitingOnClient else { return }
         let limit = TimeAmount.milliseconds(environment.limits.replyProgressTimeoutMilliseconds)
         let remaining = replyProgress.since + limit - context.eventLoop.now
         guard remaining <= .zero else {
@@ -138,6 +140,11 @@ extension NBDConnectionHandler {
         logger.info(
             "NBD client took none of its replies for the reply timeout, disconnecting",
             metadata: ["nbd.replies.awaited": "\(replyProgress.sendsAwaited)"])
-        closeNow()
+        if channelClosing {
+            // The graceful close waits for writes that will never go; close under it.
+            context.close(promise: nil)
+        } else {
+            closeNow()
+        }
     }
 }

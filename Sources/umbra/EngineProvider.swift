@@ -79,6 +79,13 @@ struct DaemonRequests: ControlRequestHandler {
             throw ShadowCopyError(
                 .invalidParams, "whenFull needs a diffLimit: without a limit the diff store is never full.")
         }
+        let chunkSize = params.chunkSize ?? VolumeSpec.defaultChunkSize.rawValue
+        if let limit = params.diffLimit, chunkSize > 0, limit % chunkSize != 0 {
+            // The diff store holds whole chunks: a limit in between would be rounded down unseen.
+            throw ShadowCopyError(
+                .invalidArgument,
+                "The diff limit (\(limit) bytes) must be a whole number of chunks (\(chunkSize) bytes each).")
+        }
         do {
             let info = try await store.createVolume(
                 VolumeSpec(

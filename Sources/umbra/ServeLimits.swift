@@ -53,6 +53,9 @@ struct ServeLimitOptions: ParsableArguments {
         where !(value >= 0 && value <= 86400) {
             throw ValidationError("\(name) must be from 0 (no limit) to 86400 seconds.")
         }
+        guard replyTimeout == 0 || replyTimeout >= 0.001 else {
+            throw ValidationError("--reply-timeout must be 0 (no limit) or at least 0.001 seconds.")
+        }
         let range = UInt64(1 << 20)...UInt64(1 << 40)
         for (name, size) in [
             ("--max-inflight-bytes", maxInflightBytes),

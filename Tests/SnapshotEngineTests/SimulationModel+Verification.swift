@@ -95,6 +95,15 @@ extension SimulationModel {
                     throw SimulationFailure(
                         "snapshot \(info.id.guidString) failed without a diff-store limit and the failSnapshot policy")
                 }
+                // A failed snapshot is still one the model knows, or one of a set in flight at the crash.
+                guard
+                    snapshots[info.id] != nil
+                        || pendingSets.values.contains(where: { $0.volumes.contains(info.volume) && !$0.rollsBack })
+                else {
+                    throw SimulationFailure(
+                        "snapshot \(info.id.guidString) of \(info.volume) is listed as failed but matches no snapshot or set"
+                    )
+                }
                 snapshots[info.id]?.failed = true
                 continue
             }
@@ -128,6 +137,8 @@ extension SimulationModel {
             }
             snapshots[info.id]!.mayBeGone = false
             snapshots[info.id]!.isPending = false
+            // Seen failing before the crash, but the failure never became durable: it is whole again.
+            snapshots[info.id]!.failed = false
             try check(snapshot: info.id, bytes: bytes)
             // Every chunk where the snapshot and the live volume differ must be reported as changed.
             let changed = try store.changes(volume: info.volume, since: info.id).extents

@@ -373,6 +373,19 @@ private func raiseDescriptorLimit() {
             let read = try await onOwnThread { try other.pread(count: 1 << 20, offset: 0) }
             #expect(read.count == 1 << 20)
             print("stalledRepliesTimeOut: another client's READ was answered \(ContinuousClock.now - started) later")
+
+            // The same after DISC: the graceful close waits for the reply, and must not wait for ever.
+            // Half the budget, so the DISC is read too; the other client then asks for all of it.
+            var readThenDisconnect = ByteBuffer.request(request(.read, offset: 0, length: 16 << 20))
+            var disconnect = ByteBuffer.request(request(.disconnect, length: 0, handle: 2))
+            readThenDisconnect.writeBuffer(&disconnect)
+            let leaving = try RawNBDSocket(unixPath: daemon.nbdSocket, receiveBufferBytes: 64 * 1024)
+            defer { leaving.reset() }
+            try leaving.negotiate(export: integrity.snapshot)
+            #expect(leaving.sendWithoutBlocking(Array(readThenDisconnect.readableBytesView)) > 0)
+            #expect(leaving.isReadable(withinMilliseconds: 30_000), "the leaving client's reply is produced")
+            let again = try await onOwnThread { try other.pread(count: 32 << 20, offset: 0) }
+            #expect(again.count == 32 << 20, "the bytes held by a client that sent DISC and reads nothing came back")
         }
     }
 

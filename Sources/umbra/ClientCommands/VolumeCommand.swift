@@ -40,6 +40,12 @@ struct VolumeCommand: AsyncParsableCommand {
                     name: name, size: size.bytes, chunkSize: chunkSize?.bytes, diffLimit: diffLimit?.bytes,
                     whenFull: whenFull.flatMap { DiffStoreFullPolicy(rawValue: $0.rawValue) })
             }
+            if diffLimit != nil && info.diffLimit == nil {
+                throw ShadowCopyError(
+                    .internal,
+                    "The daemon created volume \(info.name) without the diff limit (it predates --diff-limit); delete it and upgrade the daemon."
+                )
+            }
             if output.json { return try printJSON(info) }
             var line = "Created volume \(info.name): \(Size.format(info.size)), \(Size.format(info.chunkSize)) chunks"
             if let limit = info.diffLimit {
