@@ -349,10 +349,8 @@ final class SimulationModel: @unchecked Sendable {
             // A deletion (by a worker, or by the diff-store policy) may overtake the read.
             let deletable = snapshots[target.id] == nil || pendingDeletions.contains(target.id) || snapshotsMayVanish
             switch error {
-            case .snapshotFailed where snapshotsMayFail && !deletable,
-                .snapshotDeleted where snapshotsMayFail && !deletable:
-                // The policy failed it (a copy for it did not fit); it stays listed as failed. (A read
-                // that meets it while it is being failed is told it was deleted.)
+            case .snapshotFailed where snapshotsMayFail && !deletable:
+                // The policy failed it, or is failing it (a copy for it did not fit); it stays listed.
                 snapshots[target.id]?.failed = true
                 return
             case .snapshotNotFound, .snapshotDeleted, .snapshotFailed:

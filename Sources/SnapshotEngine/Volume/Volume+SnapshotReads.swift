@@ -23,6 +23,9 @@ extension Volume {
                 if let failed = metadata.failed.first(where: { $0.sequence == sequence }) {
                     throw .snapshotFailed(id, reason: failed.reason)
                 }
+                if let position = metadata.position(of: sequence), let reason = metadata.chain[position].failingReason {
+                    throw .snapshotFailed(id, reason: reason)
+                }
                 throw .snapshotDeleted(id)
             }
             metadata.chain[position].readers += 1

@@ -18,10 +18,13 @@ extension Volume {
         try await gate.acquireExclusive()
         defer { gate.releaseExclusive() }
         try checkUsable()
+        let limit = diffLimit?.rawValue ?? 0
+        let reason = "the diff store of volume '\(name)' reached its limit of \(limit) bytes"
         let victim = metadata.withLock { metadata -> (SnapshotState, DiffStorePolicy)? in
             guard metadata.slots.availableCount == 0, !metadata.chain.isEmpty else { return nil }
             let position = metadata.policy == .deleteOldest ? 0 : metadata.chain.count - 1
             metadata.chain[position].deleting = true
+            if metadata.policy == .failSnapshot { metadata.chain[position].failingReason = reason }
             return (metadata.chain[position], metadata.policy)
         }
         guard let (snapshot, policy) = victim else { return }
@@ -30,14 +33,15 @@ extension Volume {
             metadata: ["volume": "\(name)", "snapshot.sequence": "\(snapshot.sequence.rawValue)"])
         await waitForReaders(of: snapshot.sequence)
         let reference = SnapshotReference(volume: id, sequence: snapshot.sequence)
-        let limit = diffLimit?.rawValue ?? 0
-        let reason = "the diff store of volume '\(name)' reached its limit of \(limit) bytes"
         do {
             try await context.catalog.append(
                 [policy == .deleteOldest ? .snapshotsDeleted([reference]) : .snapshotFailed(reference, reason: reason)])
         } catch {
             metadata.withLock { metadata in
-                if let position = metadata.position(of: snapshot.sequence) { metadata.chain[position].deleting = false }
+                if let position = metadata.position(of: snapshot.sequence) {
+                    metadata.chain[position].deleting = false
+                    metadata.chain[position].failingReason = nil
+                }
             }
             throw error
         }

@@ -27,6 +27,9 @@ struct SnapshotState: Sendable {
     var readers = 0
     /// Set when a deletion has begun: new reads are refused.
     var deleting = false
+    /// Why the `failSnapshot` policy is failing it, while it does (`deleting` is set too): reads are
+    /// told it failed, not that it was deleted.
+    var failingReason: String?
     var readersDrained: CheckedContinuation<Void, Never>?
 
     init(id: UUID, setID: UUID, sequence: SnapshotSequence, createdAtNanoseconds: Int64, isPending: Bool = false) {
