@@ -80,6 +80,8 @@ extension SimulationModel {
         }
         let listed = try store.snapshots()
         var seen: Set<UUID> = []
+        /// The whole snapshots read here, for the checks between two of them.
+        var verified: [(id: UUID, volume: String, bytes: [UInt8])] = []
         for info in listed {
             seen.insert(info.id)
             if let known = snapshots[info.id], known.isPending, !known.keepBegan {
@@ -140,6 +142,7 @@ extension SimulationModel {
             // Seen failing before the crash, but the failure never became durable: it is whole again.
             snapshots[info.id]!.failed = false
             try check(snapshot: info.id, bytes: bytes)
+            verified.append((info.id, info.volume, bytes))
             // Every chunk where the snapshot and the live volume differ must be reported as changed.
             let changed = try store.changes(volume: info.volume, since: info.id).extents
             let live = liveContents[info.volume]!
@@ -172,6 +175,7 @@ extension SimulationModel {
                 }
             }
         }
+        try checkChangesBetweenSnapshots(store, verified)
         for (id, snapshot) in snapshots where !seen.contains(id) {
             if pendingDeletions.contains(id) || snapshotsMayVanish || snapshot.mayBeGone || snapshot.isPending {
                 snapshots[id] = nil
@@ -188,5 +192,49 @@ extension SimulationModel {
         setPhases = [:]
         pendingSetIDs = [:]
         inFlightOwners = []
+    }
+
+    /// Changed-block tracking between two snapshots of a volume (`since` one, `until` a newer one), for
+    /// each snapshot and the next one of its volume: every chunk where they differ is reported, and
+    /// nothing that no write touched between the two sets.
+    func checkChangesBetweenSnapshots(
+        _ store: SnapshotStore, _ verified: [(id: UUID, volume: String, bytes: [UInt8])]
+    ) throws {
+        for name in Simulation.volumeNames {
+            let chain = try verified.filter { $0.volume == name }
+                .map { (snapshot: $0, sequence: try store.snapshot(id: $0.id).sequence) }
+                .sorted { $0.sequence < $1.sequence }.map(\.snapshot)
+            for (older, newer) in zip(chain, chain.dropFirst()) {
+                let changed = try store.changes(volume: name, since: older.id, until: newer.id).extents
+                func reported(_ chunk: Range<Int>) -> Bool {
+                    changed.contains {
+                        Int($0.offset.rawValue) < chunk.upperBound && Int($0.end.rawValue) > chunk.lowerBound
+                    }
+                }
+                let (from, to) = (snapshots[older.id]!, snapshots[newer.id]!)
+                // Written after the older set began (or in flight as it was taken), and before the
+                // newer one began (or in flight as it was taken).
+                let between = (writeLog[name] ?? []).filter { write in
+                    let afterOlder =
+                        write.start >= from.setStart || from.maybe.contains { $0.start == write.start }
+                    let beforeNewer =
+                        write.start < to.setStart || to.maybe.contains { $0.start == write.start }
+                    return afterOlder && beforeNewer
+                }.map(\.range)
+                for chunkStart in stride(from: 0, to: volumeSize, by: chunkSize) {
+                    let chunk = chunkStart..<min(chunkStart + chunkSize, volumeSize)
+                    if !bytesEqual(older.bytes[chunk], newer.bytes[chunk]) && !reported(chunk) {
+                        throw SimulationFailure(
+                            "changes from \(older.id.guidString) until \(newer.id.guidString) miss the chunk at \(chunkStart)"
+                        )
+                    }
+                    if reported(chunk) && !between.contains(where: { $0.overlaps(chunk) }) {
+                        throw SimulationFailure(
+                            "changes from \(older.id.guidString) until \(newer.id.guidString) report the chunk at \(chunkStart), which nothing wrote between them"
+                        )
+                    }
+                }
+            }
+        }
     }
 }
