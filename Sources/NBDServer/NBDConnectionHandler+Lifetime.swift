@@ -93,7 +93,11 @@ extension NBDConnectionHandler {
     }
 
     /// A READ reply was written; its data now waits for the socket to take it.
+    /// Whether the reply timeout is on; with it off, READ replies cost no bookkeeping at all.
+    private var watchesReplies: Bool { environment.limits.replyProgressTimeoutMilliseconds > 0 }
+
     func sendAwaited() {
+        guard watchesReplies else { return }
         if !isWaitingOnClient, let context { replyProgress.since = context.eventLoop.now }
         replyProgress.sendsAwaited += 1
         watchReplyProgress()
@@ -101,21 +105,21 @@ extension NBDConnectionHandler {
 
     /// A READ reply's data has gone to the socket (or the connection failed first).
     func sendCompleted() {
+        guard watchesReplies else { return }
         replyProgress.sendsAwaited -= 1
         if let context { replyProgress.since = context.eventLoop.now }
     }
 
     func repliesWritabilityChanged(isWritable: Bool) {
-        guard let context else { return }
+        guard watchesReplies, let context else { return }
         // Writable again: the socket took bytes. Not writable: waiting starts now, unless it had already.
         if isWritable || replyProgress.sendsAwaited == 0 { replyProgress.since = context.eventLoop.now }
         if !isWritable { watchReplyProgress() }
     }
 
     private func watchReplyProgress() {
-        let limit = environment.limits.replyProgressTimeoutMilliseconds
-        guard limit > 0, replyProgress.check == nil else { return }
-        scheduleReplyProgressCheck(after: limit)
+        guard replyProgress.check == nil else { return }
+        scheduleReplyProgressCheck(after: environment.limits.replyProgressTimeoutMilliseconds)
     }
 
     private func scheduleReplyProgressCheck(after milliseconds: Int64) {

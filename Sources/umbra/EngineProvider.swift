@@ -92,7 +92,7 @@ struct DaemonRequests: ControlRequestHandler {
                     name: params.name, size: ByteCount(params.size),
                     chunkSize: params.chunkSize.map(ByteCount.init(_:)) ?? VolumeSpec.defaultChunkSize,
                     diffLimit: params.diffLimit.map(ByteCount.init(_:)),
-                    policy: params.whenFull == .failSnapshot ? .failSnapshot : .deleteOldest))
+                    policy: DiffStorePolicy(params.whenFull ?? .deleteOldest)))
             return Self.describe(info)
         } catch {
             throw controlError(error)
@@ -108,7 +108,7 @@ struct DaemonRequests: ControlRequestHandler {
         ShadowCopy.VolumeInfo(
             name: info.name, size: info.size.rawValue, chunkSize: info.chunkSize.rawValue,
             diffLimit: info.diffLimit?.rawValue,
-            whenFull: info.diffLimit == nil ? nil : info.policy == .failSnapshot ? .failSnapshot : .deleteOldest)
+            whenFull: info.diffLimit == nil ? nil : DiffStoreFullPolicy(info.policy))
     }
 
     func deleteVolume(name: String) async throws {
@@ -154,6 +154,25 @@ struct DaemonRequests: ControlRequestHandler {
                 extents: changes.extents.map { ByteExtent(offset: $0.offset.rawValue, length: $0.count.rawValue) })
         } catch {
             throw controlError(error)
+        }
+    }
+}
+
+// The engine's diff-store policy and the control protocol's name for it, one mapping each way.
+extension DiffStorePolicy {
+    init(_ policy: DiffStoreFullPolicy) {
+        switch policy {
+        case .deleteOldest: self = .deleteOldest
+        case .failSnapshot: self = .failSnapshot
+        }
+    }
+}
+
+extension DiffStoreFullPolicy {
+    init(_ policy: DiffStorePolicy) {
+        switch policy {
+        case .deleteOldest: self = .deleteOldest
+        case .failSnapshot: self = .failSnapshot
         }
     }
 }

@@ -49,25 +49,21 @@ import UmbraTestSupport
         let seeds = Self.seeds.enumerated().filter { $0.offset % Self.batches == batch }.map(\.element)
         // The simulation drives its executor on the calling thread; give it a thread of its own rather
         // than blocking one of Swift's few cooperative threads for the whole batch.
-        let (crashPoints, phases, failure) = await withCheckedContinuation {
-            (continuation: CheckedContinuation<(Int, [SetPhase: Int], String?), Never>) in
-            Thread.detachNewThread {
-                var crashPoints = 0
-                var phases: [SetPhase: Int] = [:]
-                for seed in seeds {
-                    var simulation = Simulation(seed: seed)
-                    do {
-                        crashPoints += try simulation.run()
-                        phases.merge(simulation.setPhasesAtCrashes, uniquingKeysWith: +)
-                    } catch {
-                        let message =
-                            "simulation seed \(seed) failed: \(error) (replay: UMBRA_SIMULATION_SEED=\(seed) swift test --filter CrashSimulation)"
-                        continuation.resume(returning: (crashPoints, phases, message))
-                        return
-                    }
+        let (crashPoints, phases, failure) = await onOwnThread { () -> (Int, [SetPhase: Int], String?) in
+            var crashPoints = 0
+            var phases: [SetPhase: Int] = [:]
+            for seed in seeds {
+                var simulation = Simulation(seed: seed)
+                do {
+                    crashPoints += try simulation.run()
+                    phases.merge(simulation.setPhasesAtCrashes, uniquingKeysWith: +)
+                } catch {
+                    let message =
+                        "simulation seed \(seed) failed: \(error) (replay: UMBRA_SIMULATION_SEED=\(seed) swift test --filter CrashSimulation)"
+                    return (crashPoints, phases, message)
                 }
-                continuation.resume(returning: (crashPoints, phases, String?.none))
             }
+            return (crashPoints, phases, nil)
         }
         if let failure { Issue.record(Comment(rawValue: failure)) }
         // Most cycles crash inside the workload (the crash point is drawn within the operations a
@@ -104,21 +100,7 @@ extension CrashSimulationTests {
     /// Teeth: with the rollback of unfinished sets switched off, the simulation fails within the
     /// seeds a default run uses.
     @Test func catchesUnfinishedSetsThatSurvive() async throws {
-        let failure = await withCheckedContinuation { (continuation: CheckedContinuation<String?, Never>) in
-            Thread.detachNewThread {
-                for seed in 1...Self.defaultSeedCount {
-                    var simulation = Simulation(seed: seed)
-                    simulation.skipsRollback = true
-                    do {
-                        _ = try simulation.run()
-                    } catch {
-                        continuation.resume(returning: "seed \(seed): \(error)")
-                        return
-                    }
-                }
-                continuation.resume(returning: nil)
-            }
-        }
+        let failure = await Self.firstFailure { $0.skipsRollback = true }
         let caught = try #require(failure, "no seed noticed unfinished sets surviving recovery")
         #expect(caught.contains("never kept") || caught.contains("still pending"), "\(caught)")
     }
@@ -128,10 +110,21 @@ extension CrashSimulationTests {
     /// syncing the diff store that holds the copy).
     @Test(arguments: [BrokenOrdering.liveWriteBeforeCopyCommit, .noDiffStoreSync])
     func catchesBrokenOrderings(_ ordering: BrokenOrdering) async throws {
-        let failure = await onOwnThread { () -> String? in
-            for seed in 1...Self.defaultSeedCount {
+        let failure = await Self.firstFailure { $0.brokenOrdering = ordering }
+        let caught = try #require(failure, "no seed noticed \(ordering)")
+        print("broken ordering \(ordering) caught: \(caught.prefix(200))")
+        // Caught as wrong data, not as a deadlock or some unrelated failure.
+        #expect(!caught.contains("deadlock"), "\(caught)")
+        #expect(caught.contains("snapshot") || caught.contains("live"), "\(caught)")
+    }
+
+    /// Runs the default seeds with `configure` applied, on a thread of its own, and returns the first
+    /// failure ("seed N: what went wrong"), or nil if every seed passed.
+    static func firstFailure(_ configure: @escaping @Sendable (inout Simulation) -> Void) async -> String? {
+        await onOwnThread { () -> String? in
+            for seed in 1...defaultSeedCount {
                 var simulation = Simulation(seed: seed)
-                simulation.brokenOrdering = ordering
+                configure(&simulation)
                 do {
                     _ = try simulation.run()
                 } catch {
@@ -140,11 +133,6 @@ extension CrashSimulationTests {
             }
             return nil
         }
-        let caught = try #require(failure, "no seed noticed \(ordering)")
-        print("broken ordering \(ordering) caught: \(caught.prefix(200))")
-        // Caught as wrong data, not as a deadlock or some unrelated failure.
-        #expect(!caught.contains("deadlock"), "\(caught)")
-        #expect(caught.contains("snapshot") || caught.contains("live"), "\(caught)")
     }
 }
 

@@ -46,30 +46,27 @@ final class SlowDisk: @unchecked Sendable {
 
     /// Waits until a sync of a file whose path contains `fragment` has begun (and not yet ended).
     func waitForSyncInProgress(of fragment: String) async throws {
-        let giveUp = ContinuousClock.now + .seconds(60)
-        while true {
-            guard ContinuousClock.now < giveUp else {
-                throw FixtureError("no sync of \(fragment) began; syncs seen: \(syncs.withLock { $0 })")
+        try await waitForSyncs("no sync of \(fragment) began") { lines in
+            var open = 0
+            for line in lines where line.contains(fragment) {
+                open += line.hasPrefix("fsync-begin ") ? 1 : line.hasPrefix("fsync-end ") ? -1 : 0
             }
-            let underway = syncs.withLock { lines in
-                var open = 0
-                for line in lines where line.contains(fragment) {
-                    open += line.hasPrefix("fsync-begin ") ? 1 : line.hasPrefix("fsync-end ") ? -1 : 0
-                }
-                return open > 0
-            }
-            if underway { return }
-            try? await Task.sleep(for: .milliseconds(5))
+            return open > 0
         }
     }
 
     /// Waits until a sync of exactly `path` (as the mounted file system names it: "/" is its root)
     /// has completed.
     func waitForCompletedSync(of path: String) async throws {
+        try await waitForSyncs("no sync of \(path) completed") { $0.contains("fsync-end " + path) }
+    }
+
+    /// Waits, up to a minute, until the sync lines seen so far satisfy `done`.
+    private func waitForSyncs(_ failure: String, until done: ([String]) -> Bool) async throws {
         let giveUp = ContinuousClock.now + .seconds(60)
-        while !syncs.withLock({ $0.contains("fsync-end " + path) }) {
+        while !syncs.withLock({ done($0) }) {
             guard ContinuousClock.now < giveUp else {
-                throw FixtureError("no sync of \(path) completed; syncs seen: \(syncs.withLock { $0 })")
+                throw FixtureError("\(failure); syncs seen: \(syncs.withLock { $0 })")
             }
             try? await Task.sleep(for: .milliseconds(5))
         }

@@ -101,13 +101,10 @@ public final class Volume: Sendable {
     /// Writes `bytes` to the live volume at `offset`, preserving what the newest snapshot still needs
     /// first. With `fua`, the data is durable when this returns.
     public func write<Bytes: IOBytes>(at offset: ByteOffset, _ bytes: Bytes, fua: Bool = false) async throws {
-        try checkRange(offset, ByteCount(bytes.count))
-        guard bytes.count > 0 else { return }
         let live = self.live
-        try await mutate(offset, ByteCount(bytes.count)) {
+        try await writeLive(at: offset, count: bytes.count, fua: fua) {
             try bytes.withUnsafeBytes { try live.write(toAbsoluteOffset: offset, $0) }
         }
-        if fua { try await flush() }
     }
 
     /// Writes `pieces`, back to back, to the live volume at `offset` (one vectored write), like
@@ -117,13 +114,19 @@ public final class Volume: Sendable {
     {
         // Most writes arrive in one buffer: no arrays of pieces or pointers for them.
         if pieces.count == 1 { return try await write(at: offset, pieces[0], fua: fua) }
-        let count = pieces.reduce(0) { $0 + $1.count }
-        try checkRange(offset, ByteCount(count))
-        guard count > 0 else { return }
         let live = self.live
-        try await mutate(offset, ByteCount(count)) {
+        try await writeLive(at: offset, count: pieces.reduce(0) { $0 + $1.count }, fua: fua) {
             try withUnsafeBytes(of: pieces) { try live.write(toAbsoluteOffset: offset, gathering: $0) }
         }
+    }
+
+    /// The checks, the write path and FUA around `apply`, which writes `count` bytes at `offset`.
+    private func writeLive(
+        at offset: ByteOffset, count: Int, fua: Bool, _ apply: @escaping @Sendable () throws -> Void
+    ) async throws {
+        try checkRange(offset, ByteCount(count))
+        guard count > 0 else { return }
+        try await mutate(offset, ByteCount(count), apply)
         if fua { try await flush() }
     }
 

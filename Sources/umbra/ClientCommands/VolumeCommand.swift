@@ -18,15 +18,17 @@ struct VolumeCommand: AsyncParsableCommand {
         @Option(help: "The copy-on-write chunk size: a power of two from 4K to 1M.") var chunkSize: Size?
         @Option(help: "The most the volume's diff store may hold (at least one chunk); no limit if absent.")
         var diffLimit: Size?
-        @Option(help: "When the diff store is full: delete-oldest (the default) or fail-snapshot. Needs --diff-limit.")
-        var whenFull: WhenFull?
+        @Option(
+            help: "When the diff store is full: delete-oldest (the default) or fail-snapshot. Needs --diff-limit.",
+            transform: { value in
+                guard let policy = DiffStoreFullPolicy(rawValue: value) else {
+                    throw ValidationError("use delete-oldest or fail-snapshot.")
+                }
+                return policy
+            })
+        var whenFull: DiffStoreFullPolicy?
         @OptionGroup var connection: ControlOptions
         @OptionGroup var output: OutputOptions
-
-        enum WhenFull: String, ExpressibleByArgument, CaseIterable {
-            case deleteOldest = "delete-oldest"
-            case failSnapshot = "fail-snapshot"
-        }
 
         func validate() throws {
             if whenFull != nil && diffLimit == nil {
@@ -38,7 +40,7 @@ struct VolumeCommand: AsyncParsableCommand {
             let info = try await withClient(connection) {
                 try await $0.createVolume(
                     name: name, size: size.bytes, chunkSize: chunkSize?.bytes, diffLimit: diffLimit?.bytes,
-                    whenFull: whenFull.flatMap { DiffStoreFullPolicy(rawValue: $0.rawValue) })
+                    whenFull: whenFull)
             }
             if diffLimit != nil && info.diffLimit == nil {
                 throw ShadowCopyError(
