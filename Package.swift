@@ -23,13 +23,19 @@ let package = Package(
     ],
     targets: [
         .target(name: "CBlockIO"),
+        // ISA-L's hardware-accelerated CRC-32C (catalog batches and preserved chunks).
+        .systemLibrary(
+            name: "CISAL",
+            pkgConfig: "libisal",
+            providers: [.apt(["libisal-dev"])]
+        ),
         .target(
             name: "BlockIO",
             dependencies: ["CBlockIO", .product(name: "SystemPackage", package: "swift-system")]
         ),
         .target(
             name: "SnapshotEngine",
-            dependencies: ["BlockIO", .product(name: "Logging", package: "swift-log")],
+            dependencies: ["BlockIO", "CISAL", .product(name: "Logging", package: "swift-log")],
             // Debug and test builds check the engine's data structures after every change.
             swiftSettings: [.define("UMBRA_CHECK_INVARIANTS", .when(configuration: .debug))]
         ),

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Umbra's tests use (NBD clients and servers, QEMU's tools, fio, FUSE),
-# as root or through sudo. Does nothing when they are all there already.
+# Installs the Debian packages Umbra needs, as root or through sudo. Does nothing when they are all
+# there already.
+#   Scripts/install-dependencies.sh           what building and every test need (NBD clients and
+#                                             servers, QEMU's tools, fio, FUSE)
+#   Scripts/install-dependencies.sh --build   only what building `umbra` needs (Scripts/serve.sh)
 set -euo pipefail
 
+build_packages=(
+    libisal-dev                                    # ISA-L's CRC-32C: checksums of catalog batches and copies
+)
 packages=(
+    "${build_packages[@]}"
     libnbd-dev libnbd-bin python3-libnbd nbdfuse   # libnbd: the Swift test client, nbdinfo, nbdcopy, nbdsh, nbdfuse
     nbdkit nbd-server nbd-client                   # peer servers (benchmarks) and nbd-client -l
     qemu-utils fio                                 # qemu-img, qemu-io, fio --ioengine=nbd
@@ -11,6 +18,10 @@ packages=(
     python3 python3-fusepy                         # the Python writer and nbdsh; Scripts/testing/faultfs.py
     openssl                                        # certificates made at test time (test-tls.sh)
 )
+
+if [ "${1:-}" = "--build" ]; then
+    packages=("${build_packages[@]}")
+fi
 
 missing=()
 for package in "${packages[@]}"; do

@@ -158,6 +158,27 @@ struct DaemonRequests: ControlRequestHandler {
     }
 }
 
+extension DaemonRequests {
+    func verify(_ params: VerifyParams) async throws -> VerifyResult {
+        do {
+            let reports = try await store.verify(volumes: params.volumes)
+            return VerifyResult(
+                volumes: reports.map { report in
+                    VerifyResult.Volume(
+                        name: report.volume, snapshotsChecked: report.snapshotsChecked,
+                        bytesChecked: report.bytesChecked, bytesUnchecked: report.bytesUnchecked,
+                        damaged: report.damaged.map {
+                            VerifyResult.Damage(
+                                snapshot: $0.snapshot, offset: $0.range.offset.rawValue, length: $0.range.count.rawValue
+                            )
+                        })
+                })
+        } catch {
+            throw controlError(error)
+        }
+    }
+}
+
 // The engine's diff-store policy and the control protocol's name for it, one mapping each way.
 extension DiffStorePolicy {
     init(_ policy: DiffStoreFullPolicy) {

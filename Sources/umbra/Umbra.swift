@@ -6,7 +6,10 @@ struct Umbra: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "umbra",
         abstract: "Copy-on-write snapshots of block volumes, served over NBD.",
-        subcommands: [Serve.self, VolumeCommand.self, SnapshotCommand.self, WriterCommand.self, EngineShell.self]
+        subcommands: [
+            Serve.self, VolumeCommand.self, SnapshotCommand.self, WriterCommand.self, VerifyCommand.self,
+            EngineShell.self,
+        ]
     )
 
     /// Runs the command; a failure of the work itself is its one sentence on stderr and exit status

@@ -198,6 +198,13 @@ struct CannedHandler: ControlRequestHandler {
         DeleteSnapshotsResult(deleted: ids)
     }
 
+    func verify(_ params: VerifyParams) async throws -> VerifyResult {
+        VerifyResult(
+            volumes: params.volumes.map {
+                VerifyResult.Volume(name: $0, snapshotsChecked: 0, bytesChecked: 0, bytesUnchecked: 0, damaged: [])
+            })
+    }
+
     func changes(_ params: ChangesParams) async throws -> ChangeList {
         if params.until != nil { throw PlainError(description: "engine exploded") }
         return ChangeList(chunkSize: 65536, extents: [ByteExtent(offset: 0, length: 65536)])

@@ -115,7 +115,7 @@ import UmbraTestSupport
         }
     }
 
-    /// A catalog in format version 1 opens, keeps its sets, and is rewritten as version 2.
+    /// A catalog in format version 1 opens, keeps its sets, and is rewritten in the current version.
     @Test func upgradesVersionOneCatalogs() async throws {
         try await TemporaryDirectory.with("umbra-pending") { directory in
             let path = directory.path + "/data"
@@ -129,7 +129,7 @@ import UmbraTestSupport
             // What version 1 wrote: the same records (none of types 8 and 9) under a version 1 header.
             let catalog = URL(fileURLWithPath: path + "/catalog")
             var bytes = try [UInt8](Data(contentsOf: catalog))
-            #expect(bytes[8] == 2)
+            #expect(bytes[8] == UInt8(CatalogLog.formatVersion))
             bytes[8] = 1
             let checksum = CRC32C.checksum(Array(bytes[0..<16]))
             withUnsafeBytes(of: checksum.littleEndian) { bytes.replaceSubrange(16..<20, with: $0) }
@@ -141,7 +141,7 @@ import UmbraTestSupport
                 try await reopened.snapshot(id: set.snapshots[0].id).read(at: 0, count: 4096)
                     == Fixture.pattern(1, count: 4096))
             try await reopened.close()
-            #expect(try Data(contentsOf: catalog)[8] == 2)
+            #expect(try Data(contentsOf: catalog)[8] == UInt8(CatalogLog.formatVersion))
         }
     }
 }

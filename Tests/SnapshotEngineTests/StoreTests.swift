@@ -370,7 +370,7 @@ extension ByteCount: ExpressibleByIntegerLiteral {
             var wrongVersion = pristine
             wrongVersion[8] = 99
             try wrongVersion.write(to: URL(fileURLWithPath: catalog))
-            await #expect(throws: EngineError.unsupportedFormatVersion(path: catalog, found: 99, supported: 1...2)) {
+            await #expect(throws: EngineError.unsupportedFormatVersion(path: catalog, found: 99, supported: 1...3)) {
                 _ = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
             }
 

@@ -163,6 +163,74 @@ import UmbraTestSupport
         }
     }
 
+    /// One byte flipped in a diff store while the daemon runs: NBD reads of the snapshot that meet it
+    /// get EIO (never the wrong bytes), other ranges read exactly, and `umbra verify` names the
+    /// snapshot and range and exits 1; a clean volume verifies with exit 0.
+    @Test func verifyFindsRottenCopies() async throws {
+        try await DaemonFixture.with(volumes: ["disk:1M", "clean:1M"]) { daemon in
+            let umbra = builtProduct("umbra")
+            let control = ["--control", daemon.controlSocket]
+            let requester = try await daemon.control()
+            let live = try daemon.connect("disk")
+            var random = SeededRandom(seed: 12)
+            var original = [UInt8](repeating: 0, count: 256 << 10)
+            original.withUnsafeMutableBytes { random.fill($0) }
+            try live.pwrite(original, offset: 0)
+            let set = try await requester.createSnapshotSet(CreateSetParams(volumes: ["disk", "clean"]))
+            // Chunks 0..3 (64 KiB each) are copied to slots 0..3, in order.
+            try live.pwrite([UInt8](repeating: 9, count: 256 << 10), offset: 0)
+            let snapshot = set.snapshots[0].id
+
+            let clean = try ChildProcess(umbra, ["verify", "--json"] + control)
+            let cleanReport = try JSONSerialization.jsonObject(with: Data(clean.readAll().utf8)) as? [String: Any]
+            #expect(clean.finish() == 0)
+            let cleanVolumes = cleanReport?["volumes"] as? [[String: Any]]
+            #expect(cleanVolumes?.map { $0["name"] as? String } == ["clean", "disk"])
+            #expect(cleanVolumes?.last?["bytesChecked"] as? Int == 256 << 10)
+
+            // Rot: one bit of slot 2 (chunk 2), written behind the daemon's back.
+            let diff = try FileHandle(forUpdating: URL(fileURLWithPath: daemon.data + "/volumes/1/diff"))
+            try diff.seek(toOffset: (2 << 16) + 1000)
+            let byte = try diff.read(upToCount: 1)![0]
+            try diff.seek(toOffset: (2 << 16) + 1000)
+            try diff.write(contentsOf: [byte ^ 1])
+            try diff.close()
+
+            let reader = try daemon.connect("disk@" + snapshot.uuidString.lowercased())
+            #expect(throws: NBDClientError.self) { _ = try reader.pread(count: 4096, offset: (2 << 16) + 4096) }
+            do {
+                _ = try reader.pread(count: 256 << 10, offset: 0)
+                Issue.record("a read over the damaged chunk returned data")
+            } catch let error as NBDClientError {
+                #expect(error.errno == EIO)
+            }
+            #expect(try reader.pread(count: 128 << 10, offset: 0) == Array(original[..<(128 << 10)]))
+            #expect(try reader.pread(count: 64 << 10, offset: 3 << 16) == Array(original[(3 << 16)...]))
+
+            let damaged = try ChildProcess(umbra, ["verify", "disk", "--json"] + control)
+            let report = try JSONSerialization.jsonObject(with: Data(damaged.readAll().utf8)) as? [String: Any]
+            #expect(damaged.finish() == 1)
+            let volume = (report?["volumes"] as? [[String: Any]])?.first
+            #expect(volume?["snapshotsChecked"] as? Int == 1)
+            let ranges = volume?["damaged"] as? [[String: Any]]
+            #expect(ranges?.count == 1)
+            #expect(ranges?.first?["snapshot"] as? String == snapshot.uuidString.lowercased())
+            #expect(ranges?.first?["offset"] as? Int == 2 << 16)
+            #expect(ranges?.first?["length"] as? Int == 1 << 16)
+
+            let human = try ChildProcess(umbra, ["verify", "disk"] + control, captureStandardError: true)
+            let table = human.readAll()
+            #expect(human.finish() == 1)
+            #expect(table.contains("offset 131072  length 65536"), "\(table)")
+            #expect(human.standardErrorText.hasPrefix("Found 1 damaged range"))
+
+            let unknown = try ChildProcess(umbra, ["verify", "nope"] + control, captureStandardError: true)
+            #expect(unknown.finish() == 1)
+            #expect(unknown.standardErrorText == "No volume named 'nope'.\n")
+            await requester.close()
+        }
+    }
+
     /// --volume-file serves an existing file's data; snapshots of it work; the file is left alone when the daemon stops.
     @Test func servesAnExistingFile() async throws {
         let directory = try TemporaryDirectory("umbra-volume-file")

@@ -105,6 +105,12 @@ public final class ControlClient: Sendable {
         )
     }
 
+    /// Reads everything the volumes (all, if `volumes` is empty) preserved and compares it with its
+    /// checksums. Takes as long as reading the diff stores.
+    public func verify(volumes: [String]) async throws -> VerifyResult {
+        try await call("verify", params: VerifyParams(volumes: volumes), as: VerifyResult.self)
+    }
+
     public func listWriters() async throws -> WriterList {
         try await call("writer.list", params: EmptyResult(), as: WriterList.self)
     }

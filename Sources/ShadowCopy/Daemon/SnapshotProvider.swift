@@ -71,4 +71,6 @@ public protocol ControlRequestHandler: Sendable {
     func listSnapshots(volume: String?) async throws -> SnapshotList
     func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult
     func changes(_ params: ChangesParams) async throws -> ChangeList
+    /// Reads everything the volumes preserved and compares it with its checksums.
+    func verify(_ params: VerifyParams) async throws -> VerifyResult
 }

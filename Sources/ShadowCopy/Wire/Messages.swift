@@ -225,6 +225,50 @@ public struct ChangeList: Codable, Sendable, Hashable {
     }
 }
 
+// MARK: - Verification
+
+public struct VerifyParams: Codable, Sendable, Hashable {
+    /// The volumes to verify; every volume when empty.
+    public var volumes: [String]
+    public init(volumes: [String]) { self.volumes = volumes }
+}
+
+public struct VerifyResult: Codable, Sendable, Hashable {
+    public struct Damage: Codable, Sendable, Hashable {
+        @GUIDCoding public var snapshot: UUID
+        public var offset: UInt64
+        public var length: UInt64
+        public init(snapshot: UUID, offset: UInt64, length: UInt64) {
+            self.snapshot = snapshot
+            self.offset = offset
+            self.length = length
+        }
+    }
+
+    public struct Volume: Codable, Sendable, Hashable {
+        public var name: String
+        public var snapshotsChecked: Int
+        /// Preserved bytes read and compared with their checksums.
+        public var bytesChecked: UInt64
+        /// Preserved bytes recorded before checksums existed (format 2 or older): read, not compared.
+        public var bytesUnchecked: UInt64
+        /// Volume ranges that read wrong, for each snapshot whose reads meet them.
+        public var damaged: [Damage]
+        public init(
+            name: String, snapshotsChecked: Int, bytesChecked: UInt64, bytesUnchecked: UInt64, damaged: [Damage]
+        ) {
+            self.name = name
+            self.snapshotsChecked = snapshotsChecked
+            self.bytesChecked = bytesChecked
+            self.bytesUnchecked = bytesUnchecked
+            self.damaged = damaged
+        }
+    }
+
+    public var volumes: [Volume]
+    public init(volumes: [Volume]) { self.volumes = volumes }
+}
+
 // MARK: - Shadow copy sets
 
 public struct CreateSetParams: Codable, Sendable, Hashable {

@@ -16,10 +16,11 @@ final class CatalogLog: Sendable {
     static let fileName = "catalog"
     static let newFileName = "catalog.new"
     static let magic: [UInt8] = Array("UMBRACAT".utf8)
-    /// The version this code writes. Version 2 added the pending-set records (types 8 and 9); a
-    /// version 1 catalog is read as it is and rewritten whole as version 2 when the store opens.
-    static let formatVersion: UInt32 = 2
-    static let readableFormatVersions: ClosedRange<UInt32> = 1...2
+    /// The version this code writes. Version 2 added the pending-set records (types 8 and 9), version
+    /// 3 the checksummed copies (type 10). An older catalog is read as it is and rewritten whole in
+    /// the current version when the store opens; its copies keep having no checksums.
+    static let formatVersion: UInt32 = 3
+    static let readableFormatVersions: ClosedRange<UInt32> = 1...3
     static let headerSize = 512
     static let batchAlignment = 512
     static let batchHeaderSize = 32
@@ -190,10 +191,10 @@ final class CatalogLog: Sendable {
         return computed == checksum ? payloadStart..<payloadEnd : nil
     }
 
-    private static func headerBytes() -> [UInt8] {
+    private static func headerBytes(version: UInt32) -> [UInt8] {
         var writer = BinaryWriter()
         writer.bytes.append(contentsOf: magic)
-        writer.u32(formatVersion)
+        writer.u32(version)
         writer.u32(UInt32(headerSize))
         writer.u32(CRC32C.checksum(writer.bytes))
         writer.bytes.append(contentsOf: repeatElement(0, count: headerSize - writer.bytes.count))
@@ -232,17 +233,22 @@ final class CatalogLog: Sendable {
 
     /// Writes a complete catalog holding `records` to `catalog.new`, syncs it, and renames it over
     /// `catalog`. Returns the new file, open.
+    /// A whole catalog file holding `records` (tests write older versions with it).
+    static func fileBytes(records: [CatalogRecord], version: UInt32 = formatVersion) -> [UInt8] {
+        var bytes = headerBytes(version: version)
+        for (index, payload) in payloads(for: records).enumerated() {
+            bytes.append(contentsOf: batchBytes(payload: payload, sequence: UInt64(index + 1)))
+        }
+        return bytes
+    }
+
     private static func writeWhole(
         records: [CatalogRecord], in directory: any StorageDirectory, io: any IOExecutor
     ) async throws -> (any BlockStorage) {
-        let batches = payloads(for: records)
+        let bytes = fileBytes(records: records)
         return try await io.run {
             if directory.fileExists(newFileName) { try directory.removeFile(newFileName) }
             let storage = try directory.openFile(newFileName, mode: .createNew)
-            var bytes = headerBytes()
-            for (index, payload) in batches.enumerated() {
-                bytes.append(contentsOf: batchBytes(payload: payload, sequence: UInt64(index + 1)))
-            }
             try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: .zero, $0) }
             try storage.synchronize()
             try directory.rename(newFileName, to: fileName)

@@ -70,7 +70,11 @@ enum CatalogRecord: Sendable, Equatable {
     case setKept(UUID)
     /// Chunks `firstChunk ..< firstChunk + count` of a volume were preserved for the snapshot at
     /// `sequence`, in slots `firstSlot ..< firstSlot + count`, or all as zeros when `firstSlot` is zero.
-    case preserved(volume: VolumeID, sequence: SnapshotSequence, firstChunk: UInt64, count: UInt32, firstSlot: DiffSlot)
+    /// `checksums` holds each copy's CRC-32C (format 3); nil for zeros, and for copies that a catalog
+    /// before format 3 recorded without them.
+    case preserved(
+        volume: VolumeID, sequence: SnapshotSequence, firstChunk: UInt64, count: UInt32, firstSlot: DiffSlot,
+        checksums: [UInt32]?)
     /// The snapshots were deleted, all at once.
     case snapshotsDeleted([SnapshotReference])
     /// The snapshot failed (its diff store ran out of space): its copies are handed on as in a
@@ -87,6 +91,7 @@ enum CatalogRecord: Sendable, Equatable {
         case snapshotFailed = 7
         case setPending = 8
         case setKept = 9
+        case checkedPreserved = 10
     }
 
     func encode(into writer: inout BinaryWriter) {
@@ -129,13 +134,14 @@ enum CatalogRecord: Sendable, Equatable {
         case .setKept(let id):
             kind = .setKept
             body.uuid(id)
-        case .preserved(let volume, let sequence, let firstChunk, let count, let firstSlot):
-            kind = .preserved
+        case .preserved(let volume, let sequence, let firstChunk, let count, let firstSlot, let checksums):
+            kind = checksums == nil ? .preserved : .checkedPreserved
             body.u32(volume.rawValue)
             body.u64(sequence.rawValue)
             body.u64(firstChunk)
             body.u32(count)
             body.u64(firstSlot.rawValue)
+            for checksum in checksums ?? [] { body.u32(checksum) }
         case .snapshotsDeleted(let references):
             kind = .snapshotsDeleted
             body.u32(UInt32(references.count))
@@ -205,10 +211,26 @@ enum CatalogRecord: Sendable, Equatable {
             )
         case .setKept:
             record = .setKept(try body.uuid())
-        case .preserved:
+        case .preserved, .checkedPreserved:
+            let volume = VolumeID(rawValue: try body.u32())
+            let sequence = SnapshotSequence(rawValue: try body.u64())
+            let firstChunk = try body.u64()
+            let count = try body.u32()
+            let firstSlot = DiffSlot(rawValue: try body.u64())
+            var checksums: [UInt32]?
+            if kind == .checkedPreserved {
+                guard !firstSlot.isZero else { throw .init(reason: "checksums for chunks that hold only zeros") }
+                guard Int(count) == body.remaining / 4 else {
+                    throw .init(reason: "\(body.remaining / 4) checksums for \(count) chunks")
+                }
+                var values: [UInt32] = []
+                values.reserveCapacity(Int(count))
+                for _ in 0..<count { values.append(try body.u32()) }
+                checksums = values
+            }
             record = .preserved(
-                volume: VolumeID(rawValue: try body.u32()), sequence: SnapshotSequence(rawValue: try body.u64()),
-                firstChunk: try body.u64(), count: try body.u32(), firstSlot: DiffSlot(rawValue: try body.u64()))
+                volume: volume, sequence: sequence, firstChunk: firstChunk, count: count, firstSlot: firstSlot,
+                checksums: checksums)
         case .snapshotsDeleted:
             let count = Int(try body.u32())
             guard count <= body.remaining / 12 else {

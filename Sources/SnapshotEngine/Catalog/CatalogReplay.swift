@@ -48,7 +48,7 @@ struct CatalogReplay {
             var found = false
             for volume in volumes.keys where volumes[volume]!.metadata.keepSet(id) { found = true }
             if !found { ignoredRecords += 1 }
-        case .preserved(let volume, let sequence, let firstChunk, let count, let firstSlot):
+        case .preserved(let volume, let sequence, let firstChunk, let count, let firstSlot, let checksums):
             guard var entry = volumes.removeValue(forKey: volume) else {
                 ignoredRecords += 1
                 return
@@ -60,7 +60,8 @@ struct CatalogReplay {
             }
             for offset in 0..<UInt64(count) {
                 let slot = firstSlot.isZero ? DiffSlot.zero : DiffSlot(rawValue: firstSlot.rawValue + offset)
-                entry.metadata.recordCopy(of: firstChunk + offset, in: slot, snapshotAt: position)
+                entry.metadata.recordCopy(
+                    of: firstChunk + offset, in: slot, checksum: checksums?[Int(offset)], snapshotAt: position)
             }
         case .snapshotsDeleted(let references):
             for reference in references {
@@ -148,10 +149,15 @@ struct CatalogReplay {
         records.append(contentsOf: failures)
         for (definition, metadata) in volumes.sorted(by: { $0.definition.id < $1.definition.id }) {
             for snapshot in metadata.chain {
-                var copies: [(chunk: UInt64, slot: DiffSlot)] = []
+                var copies: [PlacedCopy] = []
                 snapshot.preserved.forEachRun(in: 0..<UInt64.max) { run in
                     for chunk in run {
-                        copies.append((chunk, metadata.index.copy(of: chunk, forSnapshotAt: snapshot.sequence)!.slot))
+                        let slot = metadata.index.copy(of: chunk, forSnapshotAt: snapshot.sequence)!.slot
+                        copies.append(
+                            PlacedCopy(
+                                chunk: chunk, slot: slot,
+                                checksum: slot.isZero ? nil : metadata.checksums.checksum(of: slot)
+                            ))
                     }
                 }
                 records.append(

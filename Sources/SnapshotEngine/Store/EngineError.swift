@@ -37,6 +37,8 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
     /// A storage call failed in a way that leaves durability unknown (a failed fdatasync); the store
     /// refuses further changes until it is reopened.
     case storageFailed(BlockIOError)
+    /// A snapshot read met preserved data that does not match its checksum (the chunk at `range`).
+    case damagedCopy(volume: String, snapshot: UUID, range: ByteRange)
     case io(BlockIOError)
     case closed
 
@@ -68,6 +70,8 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
             "writes were held longer than the limit of \(limit) ms, so the snapshot set was aborted"
         case .holdNotActive: "the prepared snapshot set was already committed or aborted"
         case .storageFailed(let error): "storage failed and durability is unknown (\(error)); reopen the data directory"
+        case .damagedCopy(let volume, let snapshot, let range):
+            "snapshot \(snapshot.guidString) of volume '\(volume)' is damaged at bytes \(range.offset.rawValue)–\(range.end.rawValue - 1): the preserved data does not match its checksum"
         case .io(let error): error.description
         case .closed: "the data directory is closed"
         }
@@ -86,7 +90,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
         case .io(let error) where error.errno == .noSpace: .noSpace
         case .snapshotNotFound, .volumeExists, .snapshotFailed, .volumeHasSnapshots, .directoryLocked,
             .notADataDirectory, .unsupportedFormatVersion, .corruptCatalog, .holdExpired, .holdNotActive,
-            .storageFailed, .io:
+            .storageFailed, .damagedCopy, .io:
             .ioError
         }
     }

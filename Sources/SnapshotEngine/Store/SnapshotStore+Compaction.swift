@@ -1,5 +1,6 @@
-// The store's consistency check, and compaction: the catalog rewritten as the records of the
-// current state when the appended log has grown well past that (or to upgrade its format).
+// The store's consistency checks (of its metadata, and of the preserved data against its checksums),
+// and compaction: the catalog rewritten as the records of the current state when the appended log has
+// grown well past that (or to upgrade its format).
 
 import BlockIO
 import Logging
@@ -18,6 +19,21 @@ extension SnapshotStore {
     /// writes are in flight.
     public func consistencyProblems() -> [String] {
         allVolumes().flatMap { volume in volume.metadata.withLock { $0.consistencyProblems(volume: volume.name) } }
+    }
+
+    /// Reads everything the named volumes (all, if none is named) preserved and compares it with its
+    /// checksums; see `Volume.verifyPreserved`. Unknown names fail before anything is read.
+    public func verify(volumes names: [String], progress: (@Sendable (String, UInt64, UInt64) -> Void)? = nil)
+        async throws -> [VerificationReport]
+    {
+        try checkOpen()
+        let volumes = try names.isEmpty ? allVolumes() : names.map { try volume(named: $0) }
+        var reports: [VerificationReport] = []
+        for volume in volumes {
+            let name = volume.name
+            reports.append(try await volume.verifyPreserved { progress?(name, $0, $1) })
+        }
+        return reports
     }
 
     /// Rewrites the catalog as the records of the current state when the appended log has grown well

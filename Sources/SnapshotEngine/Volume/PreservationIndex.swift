@@ -15,15 +15,17 @@ enum ChunkSource: Sendable, Equatable {
     case live
     /// Preserved, and it held only zeros.
     case zero
-    /// Preserved in this diff slot.
-    case slot(DiffSlot)
+    /// Preserved in this diff slot, whose bytes have this CRC-32C (nil: recorded without one).
+    case slot(DiffSlot, checksum: UInt32?)
 
-    init(_ preservation: Preservation?) {
+    init(_ preservation: Preservation?, _ checksums: SlotChecksums) {
         guard let preservation else {
             self = .live
             return
         }
-        self = preservation.slot.isZero ? .zero : .slot(preservation.slot)
+        self =
+            preservation.slot.isZero
+            ? .zero : .slot(preservation.slot, checksum: checksums.checksum(of: preservation.slot))
     }
 }
 
@@ -39,6 +41,11 @@ struct PreservationIndex: Sendable {
         // The newest snapshot's copy, when it exists, is the last one; check it first.
         if list.last?.sequence == sequence { return true }
         return list.contains { $0.sequence == sequence }
+    }
+
+    /// Whether some snapshot's copy of `chunk` lies in `slot`.
+    func holds(_ slot: DiffSlot, for chunk: UInt64) -> Bool {
+        copies[chunk]?.contains { $0.slot == slot } ?? false
     }
 
     /// The copy a snapshot with `sequence` reads `chunk` from: the first held at or after it.

@@ -1,7 +1,7 @@
 // Copy-on-write: the claimed chunks' old contents are read from the live data into a pooled
-// buffer, those that are not all zeros written to diff slots (consecutive slots in one write), and
-// the copies recorded in the catalog, whose append syncs the diff store first and then itself,
-// group-committed with every other writer's copies.
+// buffer, those that are not all zeros checksummed (CRC-32C) and written to diff slots (consecutive
+// slots in one write), and the copies recorded in the catalog with their checksums, whose append syncs
+// the diff store first and then itself, group-committed with every other writer's copies.
 
 import BlockIO
 import Synchronization
@@ -18,7 +18,7 @@ extension Volume {
         let chunkBytes = self.chunkBytes
         let buffer = copyBuffers.take(count: chunks.count * chunkBytes)
         defer { copyBuffers.give(buffer) }
-        var placed: [(chunk: UInt64, slot: DiffSlot, bufferIndex: Int)] = []
+        var placed: [(copy: PlacedCopy, bufferIndex: Int)] = []
         var unplaced: [UInt64] = []
         do {
             let live = self.live
@@ -34,24 +34,26 @@ extension Volume {
             }
             var freeSlots = slots[...]
             for (index, chunk) in chunks.enumerated() {
-                if buffer.withUnsafeBytes((index * chunkBytes)..<((index + 1) * chunkBytes), Self.isAllZero) {
-                    placed.append((chunk, .zero, index))
+                let bytes = (index * chunkBytes)..<((index + 1) * chunkBytes)
+                if buffer.withUnsafeBytes(bytes, Self.isAllZero) {
+                    placed.append((PlacedCopy(chunk: chunk, slot: .zero, checksum: nil), index))
                 } else if let slot = freeSlots.popFirst() {
-                    placed.append((chunk, slot, index))
+                    let checksum = buffer.withUnsafeBytes(bytes) { CRC32C.checksum($0) }
+                    placed.append((PlacedCopy(chunk: chunk, slot: slot, checksum: checksum), index))
                 } else {
                     unplaced.append(chunk)
                 }
             }
-            let dataCopies = placed.filter { !$0.slot.isZero }
+            let dataCopies = placed.filter { !$0.copy.slot.isZero }
             if !dataCopies.isEmpty {
                 let diff = self.diff
                 // Copies whose slots are consecutive go out as one vectored write.
                 var groups: [(slot: UInt64, pieces: [Int])] = []
-                for copy in dataCopies {
+                for (copy, bufferIndex) in dataCopies {
                     if let last = groups.last, last.slot + UInt64(last.pieces.count) == copy.slot.rawValue {
-                        groups[groups.count - 1].pieces.append(copy.bufferIndex)
+                        groups[groups.count - 1].pieces.append(bufferIndex)
                     } else {
-                        groups.append((copy.slot.rawValue, [copy.bufferIndex]))
+                        groups.append((copy.slot.rawValue, [bufferIndex]))
                     }
                 }
                 let runs = groups
@@ -81,14 +83,14 @@ extension Volume {
                     metadata: [
                         "volume": "\(name)", "snapshot.sequence": "\(sequence.rawValue)",
                         "copies":
-                            "\(placed.map { "\($0.chunk)->\($0.slot.isZero ? "zero" : String($0.slot.rawValue))" })",
+                            "\(placed.map { "\($0.copy.chunk)->\($0.copy.slot.isZero ? "zero" : String($0.copy.slot.rawValue))" })",
                         "unplaced": "\(unplaced)",
                     ])
                 if let beforeCommit { try await context.io.run(beforeCommit) }
                 let syncsDiff =
                     !dataCopies.isEmpty && context.configuration.brokenOrderingForTesting != .noDiffStoreSync
                 try await context.catalog.append(
-                    Self.records(for: placed.map { ($0.chunk, $0.slot) }, volume: id, sequence: sequence),
+                    Self.records(for: placed.map(\.copy), volume: id, sequence: sequence),
                     syncingFirst: syncsDiff ? [diff] : [])
             }
         } catch {
@@ -99,11 +101,13 @@ extension Volume {
             for waiter in waiters { waiter.resume() }
             throw error
         }
-        let usedSlots = Set(placed.map(\.slot))
+        let usedSlots = Set(placed.map(\.copy.slot))
         let waiters = metadata.withLock { metadata -> [CheckedContinuation<Void, Never>] in
             let position = metadata.chain.count - 1
             assert(metadata.chain[position].sequence == sequence, "the chain changed under a writer holding the gate")
-            for copy in placed { metadata.recordCopy(of: copy.chunk, in: copy.slot, snapshotAt: position) }
+            for (copy, _) in placed {
+                metadata.recordCopy(of: copy.chunk, in: copy.slot, checksum: copy.checksum, snapshotAt: position)
+            }
             metadata.slots.release(slots.filter { !usedSlots.contains($0) })
             return chunks.flatMap { metadata.chunksInCopy.removeValue(forKey: $0) ?? [] }
         }
@@ -124,10 +128,9 @@ extension Volume {
         return runs
     }
 
-    /// Catalog records for copies, merging runs of consecutive chunks in consecutive slots (or zeros).
-    static func records(for copies: [(chunk: UInt64, slot: DiffSlot)], volume: VolumeID, sequence: SnapshotSequence)
-        -> [CatalogRecord]
-    {
+    /// Catalog records for copies, merging runs of consecutive chunks in consecutive slots (or zeros);
+    /// a run's copies all have checksums or all lack them.
+    static func records(for copies: [PlacedCopy], volume: VolumeID, sequence: SnapshotSequence) -> [CatalogRecord] {
         var records: [CatalogRecord] = []
         var start = 0
         while start < copies.count {
@@ -135,14 +138,17 @@ extension Volume {
             while end < copies.count, copies[end].chunk == copies[end - 1].chunk + 1, end - start < Int(UInt32.max),
                 copies[end].slot.isZero
                     ? copies[end - 1].slot.isZero
-                    : (!copies[end - 1].slot.isZero && copies[end].slot.rawValue == copies[end - 1].slot.rawValue + 1)
+                    : (!copies[end - 1].slot.isZero && copies[end].slot.rawValue == copies[end - 1].slot.rawValue + 1
+                        && (copies[end].checksum == nil) == (copies[end - 1].checksum == nil))
             {
                 end += 1
             }
+            let run = copies[start..<end]
             records.append(
                 .preserved(
                     volume: volume, sequence: sequence, firstChunk: copies[start].chunk, count: UInt32(end - start),
-                    firstSlot: copies[start].slot))
+                    firstSlot: copies[start].slot,
+                    checksums: copies[start].checksum == nil ? nil : run.map { $0.checksum! }))
             start = end
         }
         return records
@@ -161,6 +167,14 @@ extension Volume {
         }
         return bytes.allSatisfy { $0 == 0 }
     }
+}
+
+/// A chunk's copy: where it went, and the CRC-32C of its bytes (nil for zeros, which take no slot, or
+/// for a copy recorded before checksums existed).
+struct PlacedCopy: Sendable, Equatable {
+    var chunk: UInt64
+    var slot: DiffSlot
+    var checksum: UInt32?
 }
 
 /// One chunk of a copy buffer, as a piece of a vectored write.

@@ -68,7 +68,7 @@ extension Volume {
         defer { endSnapshotRead(sequence) }
         let touched = chunks(offset, ByteCount(buffer.count))
         let sources = metadata.withLock { metadata in
-            touched.map { ChunkSource(metadata.index.copy(of: $0, forSnapshotAt: sequence)) }
+            touched.map { ChunkSource(metadata.index.copy(of: $0, forSnapshotAt: sequence), metadata.checksums) }
         }
         let plan = ReadPlan(
             offset: offset.rawValue, count: buffer.count, firstChunk: touched.lowerBound, chunkShift: chunkShift)
@@ -85,7 +85,8 @@ extension Volume {
                 var moved: [Int: ChunkSource] = [:]
                 for (position, source) in sources.enumerated() where source == .live {
                     let now = ChunkSource(
-                        metadata.index.copy(of: touched.lowerBound + UInt64(position), forSnapshotAt: sequence))
+                        metadata.index.copy(of: touched.lowerBound + UInt64(position), forSnapshotAt: sequence),
+                        metadata.checksums)
                     if now != .live { moved[position] = now }
                 }
                 return moved
@@ -101,6 +102,16 @@ extension Volume {
                     }
                 }
             }
+        } catch let damage as DamagedCopy {
+            let offset = damage.chunk << chunkShift
+            context.logger.error(
+                "a preserved chunk does not match its checksum; the read fails",
+                metadata: [
+                    "volume": "\(name)", "snapshot": "\(id.guidString)", "chunk": "\(damage.chunk)",
+                    "offset": "\(offset)", "diff.slot": "\(damage.slot.rawValue)",
+                ])
+            throw EngineError.damagedCopy(
+                volume: name, snapshot: id, range: ByteRange(offset: ByteOffset(offset), count: ByteCount(chunkBytes)))
         } catch {
             throw EngineError.wrap(error)
         }
@@ -119,7 +130,7 @@ extension Volume {
         defer { endSnapshotRead(sequence) }
         let touched = chunks(offset, count)
         let sources = metadata.withLock { metadata in
-            touched.map { ChunkSource(metadata.index.copy(of: $0, forSnapshotAt: sequence)) }
+            touched.map { ChunkSource(metadata.index.copy(of: $0, forSnapshotAt: sequence), metadata.checksums) }
         }
         let live = self.live
         let shift = chunkShift
@@ -228,11 +239,47 @@ struct ReadPlan: Sendable {
                 try live.read(fromAbsoluteOffset: ByteOffset(start), into: bytes)
             case .zero:
                 bytes.initializeMemory(as: UInt8.self, repeating: 0)
-            case .slot(let slot):
-                let withinChunk = start - (chunk << chunkShift)
-                try diff.read(fromAbsoluteOffset: ByteOffset((slot.rawValue << chunkShift) + withinChunk), into: bytes)
+            case .slot(let slot, let checksum):
+                let withinChunk = Int(start - (chunk << chunkShift))
+                let slotOffset = ByteOffset(slot.rawValue << chunkShift)
+                let chunkBytes = 1 << Int(chunkShift)
+                if let checksum {
+                    // The checksum covers the whole chunk: a part of it is read through a scratch chunk.
+                    try Self.readChecked(
+                        from: diff, at: slotOffset, chunkBytes: chunkBytes, checksum: checksum,
+                        part: withinChunk, into: bytes
+                    ) {
+                        DamagedCopy(chunk: chunk, slot: slot)
+                    }
+                } else {
+                    try diff.read(fromAbsoluteOffset: slotOffset + ByteCount(UInt64(withinChunk)), into: bytes)
+                }
             }
             position = stopPosition
         }
     }
+
+    /// Reads bytes `part ..< part + bytes.count` of the chunk at `offset` of `storage` into `bytes`
+    /// after checking the whole chunk against `checksum`; throws `damage()` if it does not match.
+    static func readChecked(
+        from storage: any BlockStorage, at offset: ByteOffset, chunkBytes: Int, checksum: UInt32, part: Int,
+        into bytes: UnsafeMutableRawBufferPointer, damage: () -> DamagedCopy
+    ) throws {
+        if part == 0 && bytes.count == chunkBytes {
+            try storage.read(fromAbsoluteOffset: offset, into: bytes)
+            guard CRC32C.checksum(UnsafeRawBufferPointer(bytes)) == checksum else { throw damage() }
+            return
+        }
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkBytes, alignment: 4096)
+        defer { scratch.deallocate() }
+        try storage.read(fromAbsoluteOffset: offset, into: scratch)
+        guard CRC32C.checksum(UnsafeRawBufferPointer(scratch)) == checksum else { throw damage() }
+        bytes.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch[part..<(part + bytes.count)]))
+    }
+}
+
+/// A preserved chunk whose bytes do not match the checksum recorded with its copy.
+struct DamagedCopy: Error {
+    let chunk: UInt64
+    let slot: DiffSlot
 }

@@ -66,6 +66,8 @@ struct VolumeMetadata: Sendable {
     var failed: [FailedSnapshot] = []
     var index = PreservationIndex()
     var slots: SlotAllocator
+    /// The checksum of each slot's copy.
+    var checksums = SlotChecksums()
     /// Chunks being copied right now, with the writers waiting for each copy to finish.
     var chunksInCopy: [UInt64: [CheckedContinuation<Void, Never>]] = [:]
     var policy: DiffStorePolicy
@@ -108,8 +110,10 @@ struct VolumeMetadata: Sendable {
         return found
     }
 
-    /// Records that the snapshot at `position` holds a copy of `chunk` in `slot`.
-    mutating func recordCopy(of chunk: UInt64, in slot: DiffSlot, snapshotAt position: Int) {
+    /// Records that the snapshot at `position` holds a copy of `chunk` in `slot`, whose bytes have
+    /// `checksum` (nil for zeros, or a copy recorded before checksums existed).
+    mutating func recordCopy(of chunk: UInt64, in slot: DiffSlot, checksum: UInt32?, snapshotAt position: Int) {
+        checksums.set(checksum, of: slot)
         let replaced = index.insert(Preservation(sequence: chain[position].sequence, slot: slot), for: chunk)
         chain[position].preserved.insert(chunk)
         // Replay may meet the same copy twice; count each chunk's slot once.

@@ -31,6 +31,9 @@ struct OutputOptions: ParsableArguments {
 /// came (docs/control-protocol.md: print it as is), anything else made a sentence.
 struct CLIError: Error, CustomStringConvertible {
     let description: String
+
+    init(message: String) { description = message }
+
     init(_ error: any Error) {
         if let error = error as? CLIError {
             description = error.description
