@@ -125,7 +125,7 @@ requires_loop() {
 
 # MARK: - The daemon
 
-# start_daemon [SERVE-ARGUMENT]...: runs `umbra serve` on $tmp/data, listening on $UMBRA_SOCKET
+# start_daemon [SERVE-ARGUMENT]...: runs `umbra serve` on $tmp/data (or $UMBRA_DATA), listening on $UMBRA_SOCKET
 # (plus whatever --listen the arguments add), and returns once it prints its ready line. Sets
 # UMBRA_PID, UMBRA_SOCKET, UMBRA_CONTROL (exported, so `umbra` commands find the daemon),
 # UMBRA_READY (the ready line) and UMBRA_TCP_PORT (the first TCP port in it, if any).
@@ -135,7 +135,7 @@ start_daemon() {
     export UMBRA_CONTROL=$tmp/control.sock
     rm -f "$tmp/ready"
     mkfifo "$tmp/ready"
-    "$UMBRA" serve --data "$tmp/data" --listen "unix:$UMBRA_SOCKET" --control "$UMBRA_CONTROL" "$@" \
+    "$UMBRA" serve --data "${UMBRA_DATA:-$tmp/data}" --listen "unix:$UMBRA_SOCKET" --control "$UMBRA_CONTROL" "$@" \
         >"$tmp/ready" 2>>"$tmp/daemon.log" &
     UMBRA_PID=$!
     if [ -z "${daemon_cleanup_registered:-}" ]; then

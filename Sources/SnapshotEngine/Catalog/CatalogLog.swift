@@ -330,11 +330,17 @@ final class CatalogLog: Sendable {
                         * Self.preallocationStep : nil
                 let storage = batch.storage
                 let allocatedEnd = preallocatedEnd
+                let first = written == 0
                 try await io.run {
-                    if let growTo {
-                        try storage.preallocate(at: ByteOffset(allocatedEnd), count: ByteCount(growTo - allocatedEnd))
+                    do {
+                        if let growTo {
+                            try storage.preallocate(
+                                at: ByteOffset(allocatedEnd), count: ByteCount(growTo - allocatedEnd))
+                        }
+                        try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: ByteOffset(offset), $0) }
+                    } catch let error as BlockIOError where first && error.errno == .noSpace {
+                        throw NoRoomForBatch(error: error)
                     }
-                    try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: ByteOffset(offset), $0) }
                     try storage.synchronize()
                 }
                 if let growTo { preallocatedEnd = growTo }
@@ -355,6 +361,20 @@ final class CatalogLog: Sendable {
             }
             for waiter in batch.waiters { waiter.resume(returning: .done) }
             next?.resume(returning: .lead)
+        } catch let noRoom as NoRoomForBatch {
+            // Nothing of this batch was synced and the tail stays where it was, so the next batch
+            // simply overwrites whatever part of it reached the page cache: the log is intact and
+            // only these records fail, with ENOSPC. Space may be freed before the next append.
+            let next = state.withLock { state -> CheckedContinuation<Role, any Error>? in
+                guard !state.pendingWaiters.isEmpty else {
+                    state.leaderActive = false
+                    return nil
+                }
+                return state.pendingWaiters.removeFirst()
+            }
+            for waiter in batch.waiters { waiter.resume(throwing: EngineError.io(noRoom.error)) }
+            next?.resume(returning: .lead)
+            throw EngineError.io(noRoom.error)
         } catch {
             let failure = EngineError.storageFailed(
                 (error as? BlockIOError) ?? BlockIOError(.system(.ioError), operation: "catalog append", path: path))
@@ -396,4 +416,9 @@ extension BinaryReader {
             throw EngineError.corruptCatalog(path: path, offset: UInt64(position), reason: error.reason)
         }
     }
+}
+
+/// A batch that could not be written for want of space, before anything of it was synced.
+private struct NoRoomForBatch: Error {
+    let error: BlockIOError
 }

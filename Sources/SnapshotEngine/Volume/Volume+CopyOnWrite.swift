@@ -94,13 +94,39 @@ extension Volume {
                     syncingFirst: syncsDiff ? [diff] : [])
             }
         } catch {
+            // Unless the catalog failed with durability unknown, no record names these slots: give
+            // back the space a half-done write took (on a full disk that is what the next copy needs).
+            let recordsMayBeDurable: Bool
+            if case .storageFailed = error as? EngineError {
+                recordsMayBeDurable = true
+            } else {
+                recordsMayBeDurable = false
+            }
+            if !recordsMayBeDurable {
+                let diff = self.diff
+                let shift = chunkShift
+                let runs = Self.runs(of: slots.map(\.rawValue).sorted())
+                try? await context.io.run {
+                    for run in runs {
+                        try diff.discard(
+                            at: ByteOffset(run.first << shift), count: ByteCount(UInt64(run.count) << shift))
+                    }
+                }
+            }
             let waiters = metadata.withLock { metadata -> [CheckedContinuation<Void, Never>] in
-                metadata.slots.release(slots)
+                if !recordsMayBeDurable { metadata.slots.release(slots) }
                 return chunks.flatMap { metadata.chunksInCopy.removeValue(forKey: $0) ?? [] }
             }
             for waiter in waiters { waiter.resume() }
+            if EngineError.wrap(error).errno == .noSpace {
+                noteOutOfSpace(error)
+                // With a diff limit the user chose what gives way when space runs out; a full file
+                // system is the same case. Without one, the write fails and every snapshot stays.
+                if diffLimit != nil && !metadata.withLock({ $0.chain.isEmpty }) { return .fileSystemFull }
+            }
             throw error
         }
+        noteSpaceAvailable()
         let usedSlots = Set(placed.map(\.copy.slot))
         let waiters = metadata.withLock { metadata -> [CheckedContinuation<Void, Never>] in
             let position = metadata.chain.count - 1
@@ -113,6 +139,20 @@ extension Volume {
         }
         for waiter in waiters { waiter.resume() }
         return unplaced.isEmpty ? .done : .needSpace
+    }
+
+    /// Logs once when copies start failing for want of space, not once per write.
+    func noteOutOfSpace(_ error: any Error) {
+        guard !outOfSpace.exchange(true, ordering: .relaxed) else { return }
+        let policy = diffLimit == nil ? "" : " (the volume's diff-limit policy frees some)"
+        context.logger.warning(
+            "copy-on-write is failing: no space left for the diff store; writes that need a copy fail with ENOSPC until space is freed\(policy)",
+            metadata: ["volume": "\(name)", "error": "\(error)"])
+    }
+
+    func noteSpaceAvailable() {
+        guard outOfSpace.load(ordering: .relaxed), outOfSpace.exchange(false, ordering: .relaxed) else { return }
+        context.logger.notice("copy-on-write has space again", metadata: ["volume": "\(name)"])
     }
 
     /// Consecutive chunks grouped: (first chunk, count, index of the first in the list).

@@ -13,15 +13,19 @@ extension Volume {
     // MARK: - Running out of diff space
 
     /// Frees diff space by the volume's policy: deletes the oldest snapshot, or fails the newest (the
-    /// one that needs the space). Runs with the gate held, like any change to the chain.
-    func reclaimSpace() async throws {
+    /// one that needs the space). Runs with the gate held, like any change to the chain. With
+    /// `fileSystemFull`, the file system ran out before the limit did.
+    func reclaimSpace(fileSystemFull: Bool = false) async throws {
         try await gate.acquireExclusive()
         defer { gate.releaseExclusive() }
         try checkUsable()
         let limit = diffLimit?.rawValue ?? 0
-        let reason = "the diff store of volume '\(name)' reached its limit of \(limit) bytes"
+        let reason =
+            fileSystemFull
+            ? "the file system holding the diff store of volume '\(name)' is full"
+            : "the diff store of volume '\(name)' reached its limit of \(limit) bytes"
         let victim = metadata.withLock { metadata -> (SnapshotState, DiffStorePolicy)? in
-            guard metadata.slots.availableCount == 0, !metadata.chain.isEmpty else { return nil }
+            guard fileSystemFull || metadata.slots.availableCount == 0, !metadata.chain.isEmpty else { return nil }
             let position = metadata.policy == .deleteOldest ? 0 : metadata.chain.count - 1
             metadata.chain[position].deleting = true
             if metadata.policy == .failSnapshot { metadata.chain[position].failingReason = reason }

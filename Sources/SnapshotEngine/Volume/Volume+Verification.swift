@@ -88,7 +88,7 @@ extension Volume {
             done += UInt64(batch.count) * UInt64(chunkBytes)
             progress?(done, total)
         }
-        for (sequence, snapshot, chunk) in damaged.sorted(by: { ($0.sequence, $0.chunk) < ($1.sequence, $1.chunk) }) {
+        for (_, snapshot, chunk) in damaged.sorted(by: { ($0.sequence, $0.chunk) < ($1.sequence, $1.chunk) }) {
             let range = ByteRange(offset: ByteOffset(chunk << chunkShift), count: chunkSize)
             if let last = report.damaged.last, last.snapshot == snapshot, last.range.end == range.offset {
                 report.damaged[report.damaged.count - 1].range.count = last.range.count + range.count

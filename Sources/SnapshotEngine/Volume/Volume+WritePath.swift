@@ -14,6 +14,9 @@ extension Volume {
         case done
         /// Some chunk could not be preserved because the diff store is full.
         case needSpace
+        /// The file system under the diff store ran out of space (the volume has a diff limit, so its
+        /// policy applies as if the limit were reached).
+        case fileSystemFull
     }
 
     /// Runs `apply` (the change to the live data) once every chunk of the range is preserved for the
@@ -37,9 +40,9 @@ extension Volume {
                 gate.leave()
                 throw EngineError.wrap(error)
             }
-            if outcome == .needSpace {
+            if outcome != .done {
                 gate.leave()
-                try await reclaimSpace()
+                try await reclaimSpace(fileSystemFull: outcome == .fileSystemFull)
                 continue
             }
             do {
@@ -95,9 +98,8 @@ extension Volume {
             case .wait(let busy):
                 for chunk in busy { await waitForCopy(of: chunk) }
             case .copy(let sequence, let chunks, let slots, let busy):
-                if try await copy(chunks, into: slots, for: sequence, beforeCommit: beforeCommit) == .needSpace {
-                    return .needSpace
-                }
+                let outcome = try await copy(chunks, into: slots, for: sequence, beforeCommit: beforeCommit)
+                if outcome != .done { return outcome }
                 for chunk in busy { await waitForCopy(of: chunk) }
             }
         }

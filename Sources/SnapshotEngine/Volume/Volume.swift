@@ -34,6 +34,8 @@ public final class Volume: Sendable {
     let copyBuffers = AlignedBufferPool()
     /// Set once the volume is deleted: every later request is refused.
     let removed = Atomic<Bool>(false)
+    /// Set while copies fail with ENOSPC, so that is logged once rather than per write.
+    let outOfSpace = Atomic<Bool>(false)
 
     init(
         definition: VolumeDefinition, metadata: VolumeMetadata, live: any BlockStorage, diff: any BlockStorage,

@@ -1,0 +1,333 @@
+#!/usr/bin/python3
+"""The soak run behind Scripts/soak.sh: one data directory, hours of mixed load, and every snapshot
+checked block by block at the end.
+
+Load, all at once:
+  - NBD clients (threads, libnbd) writing 4 KiB blocks at random to two volumes, flushing now and
+    then, reconnecting whenever the daemon goes away;
+  - shadow copy sets of both volumes, taken with and without writers;
+  - a writer (Scripts/umbra_writer.py) that vetoes one freeze in eight and hangs past the freeze
+    window in another eight;
+  - deletions of old snapshots;
+  - daemon restarts: SIGTERM (which must exit 0) and kill -9.
+
+Every block a client writes describes itself: volume, block number and version in a header, and
+bytes derived from them after it. So a snapshot can be checked without knowing what it should hold
+byte for byte: each block must be intact, and its version must lie in the window the set's instant
+allows (at least the newest version acknowledged before the request, at most the newest started
+before the answer).
+
+At the end the daemon is stopped, started again, and every snapshot whose set was taken and not
+deleted must be listed and check out. Prints the counts; exits 1 on the first problem.
+"""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import nbd
+
+BLOCK = 4096
+VOLUME_BYTES = 32 << 20
+BLOCKS = VOLUME_BYTES // BLOCK
+VOLUMES = ("a", "b")
+WRITERS_PER_VOLUME = 2
+MAGIC = b"SOAKBLK1"
+
+
+def block_bytes(volume, block, version):
+    header = MAGIC + struct.pack("<cQQ", volume.encode(), block, version)
+    seed = hashlib.blake2b(header, digest_size=64).digest()
+    body = seed * ((BLOCK - len(header)) // len(seed) + 1)
+    return header + body[: BLOCK - len(header)]
+
+
+def parse_block(volume, block, data):
+    """The version a block holds, 0 for zeros; None if it is damaged or someone else's."""
+    if data == bytes(BLOCK):
+        return 0
+    if not data.startswith(MAGIC):
+        return None
+    vol, number, version = struct.unpack_from("<cQQ", data, len(MAGIC))
+    if vol != volume.encode() or number != block or data != block_bytes(volume, block, version):
+        return None
+    return version
+
+
+class Failure(Exception):
+    pass
+
+
+class Soak:
+    def __init__(self, umbra, minutes, work, seed):
+        self.umbra = umbra
+        self.deadline = time.monotonic() + minutes * 60
+        self.work = work
+        self.random = random.Random(seed)
+        self.data = os.path.join(work, "data")
+        self.socket = os.path.join(work, "nbd.sock")
+        self.control = os.path.join(work, "control.sock")
+        self.lock = threading.Lock()
+        # Per volume and block: versions with (start, acknowledged) monotonic times.
+        self.history = {v: [[] for _ in range(BLOCKS)] for v in VOLUMES}
+        self.snapshots = {}  # id -> (volume, t_request, t_answer)
+        self.daemon = None
+        self.daemon_up = threading.Event()
+        # Bumped at every stop: a request that spans a restart is not held against the daemon.
+        self.generation = 0
+        # Held by deletions and by the listing check, so the two never cross.
+        self.delete_lock = threading.Lock()
+        self.stop = threading.Event()
+        self.counts = dict.fromkeys(
+            ["writes", "flushes", "write errors (daemon away)", "sets", "sets with writers", "vetoed or timed out",
+             "sets failed (daemon away)", "snapshots deleted", "restarts after SIGTERM", "restarts after kill -9",
+             "rolled back at restart", "snapshots checked", "blocks checked"], 0)
+        self.problem = None
+
+    def count(self, name, n=1):
+        with self.lock:
+            self.counts[name] += n
+
+    def fail(self, message):
+        with self.lock:
+            if self.problem is None:
+                self.problem = message
+        self.stop.set()
+
+    # MARK: - The daemon
+
+    def start_daemon(self):
+        log = open(os.path.join(self.work, "daemon.log"), "ab")
+        self.daemon = subprocess.Popen(
+            [self.umbra, "serve", "--data", self.data, "--listen", "unix:" + self.socket, "--control", self.control,
+             "--log-level", "warning"] + sum((["--volume", v + ":32M"] for v in VOLUMES), []),
+            stdout=subprocess.PIPE, stderr=log)
+        line = self.daemon.stdout.readline().decode()
+        if not line.startswith("ready "):
+            raise Failure("the daemon did not start: %r (see %s/daemon.log)" % (line, self.work))
+        self.daemon_up.set()
+
+    def stop_daemon(self, kill):
+        self.daemon_up.clear()
+        with self.lock:
+            self.generation += 1
+        if kill:
+            self.daemon.kill()
+            self.daemon.wait()
+            self.count("restarts after kill -9")
+        else:
+            self.daemon.terminate()
+            status = self.daemon.wait(timeout=120)
+            if status != 0:
+                raise Failure("umbra serve exited %d after SIGTERM" % status)
+            self.count("restarts after SIGTERM")
+
+    def cli(self, *arguments, timeout=120):
+        result = subprocess.run([self.umbra, *arguments, "--control", self.control], capture_output=True,
+                                timeout=timeout)
+        return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+    # MARK: - Load
+
+    def client(self, volume, index):
+        blocks = [b for b in range(BLOCKS) if b % WRITERS_PER_VOLUME == index]
+        rng = random.Random(self.random.random())
+        handle = None
+        while not self.stop.is_set():
+            if handle is None:
+                if not self.daemon_up.wait(timeout=1):
+                    continue
+                try:
+                    handle = nbd.NBD()
+                    handle.connect_uri("nbd+unix:///%s?socket=%s" % (volume, self.socket))
+                except nbd.Error:
+                    handle = None
+                    time.sleep(0.05)
+                    continue
+            block = rng.choice(blocks)
+            with self.lock:
+                versions = self.history[volume][block]
+                version = len(versions) + 1
+                versions.append([time.monotonic(), None])
+            try:
+                handle.pwrite(block_bytes(volume, block, version), block * BLOCK)
+                with self.lock:
+                    self.history[volume][block][version - 1][1] = time.monotonic()
+                self.count("writes")
+                if rng.random() < 1 / 16:
+                    handle.flush()
+                    self.count("flushes")
+            except nbd.Error:
+                self.count("write errors (daemon away)")
+                handle = None
+
+    def sets(self):
+        while not self.stop.is_set():
+            time.sleep(self.random.uniform(0.05, 0.5))
+            with_writers = self.random.random() < 0.5
+            arguments = ["snapshot", "create", *VOLUMES, "--json", "--freeze-timeout", "2"]
+            if not with_writers:
+                arguments.append("--no-writers")
+            with self.lock:
+                generation = self.generation
+            up = self.daemon_up.is_set()
+            requested = time.monotonic()
+            try:
+                status, out, err = self.cli(*arguments)
+            except subprocess.TimeoutExpired:
+                self.fail("snapshot create did not answer within 120 s")
+                return
+            answered = time.monotonic()
+            if status != 0:
+                with self.lock:
+                    restarted = generation != self.generation
+                if restarted or not up or not self.daemon_up.is_set():
+                    self.count("sets failed (daemon away)")
+                elif with_writers:
+                    self.count("vetoed or timed out")
+                else:
+                    self.fail("a set without writers failed while the daemon was up: " + err.strip())
+                    return
+                continue
+            result = json.loads(out)
+            with self.lock:
+                for snapshot in result["snapshots"]:
+                    self.snapshots[snapshot["id"]] = (snapshot["volume"], requested, answered)
+            self.count("sets")
+            if with_writers and not result.get("crashConsistent", True):
+                self.count("sets with writers")
+
+    def deleter(self):
+        while not self.stop.is_set():
+            time.sleep(self.random.uniform(0.5, 3))
+            with self.lock:
+                ids = list(self.snapshots)
+            if len(ids) <= 6:
+                continue
+            victim = ids[self.random.randrange(len(ids) - 3)]
+            with self.delete_lock:
+                try:
+                    status, _, _ = self.cli("snapshot", "delete", victim)
+                except subprocess.TimeoutExpired:
+                    self.fail("snapshot delete did not answer within 120 s")
+                    return
+                if status == 0:
+                    with self.lock:
+                        self.snapshots.pop(victim, None)
+                    self.count("snapshots deleted")
+                # A failed delete (the daemon away) leaves the snapshot expected: it must still be there.
+
+    # MARK: - Checks
+
+    def check_listed(self):
+        """Every snapshot whose set was answered (before the listing) and not deleted is listed ready."""
+        with self.delete_lock:
+            asked = time.monotonic()
+            status, out, err = self.cli("snapshot", "list", "--json")
+            if status != 0:
+                raise Failure("snapshot list failed: " + err)
+            listed = {s["id"]: s for s in json.loads(out)["snapshots"]}
+            with self.lock:
+                expected = {sid: entry for sid, entry in self.snapshots.items() if entry[2] < asked}
+        for sid, (volume, _, _) in expected.items():
+            if sid not in listed:
+                raise Failure("snapshot %s of %s was taken but is no longer listed" % (sid, volume))
+            if listed[sid]["state"] not in ("ready",):
+                raise Failure("snapshot %s is %s" % (sid, listed[sid]["state"]))
+
+    def check_snapshot(self, sid, volume, requested, answered):
+        handle = nbd.NBD()
+        handle.connect_uri("nbd+unix:///%s@%s?socket=%s" % (volume, sid, self.socket))
+        for start in range(0, BLOCKS, 256):
+            data = handle.pread(256 * BLOCK, start * BLOCK)
+            for offset in range(256):
+                block = start + offset
+                version = parse_block(volume, block, data[offset * BLOCK:(offset + 1) * BLOCK])
+                if version is None:
+                    raise Failure("snapshot %s of %s: block %d is damaged" % (sid, volume, block))
+                versions = self.history[volume][block]
+                newest_acked = max((i + 1 for i, (_, ack) in enumerate(versions) if ack is not None and ack < requested),
+                                   default=0)
+                newest_started = max((i + 1 for i, (start_, _) in enumerate(versions) if start_ < answered), default=0)
+                if not newest_acked <= version <= newest_started:
+                    raise Failure("snapshot %s of %s: block %d holds version %d, outside [%d, %d]"
+                                  % (sid, volume, block, version, newest_acked, newest_started))
+        handle.shutdown()
+        self.count("snapshots checked")
+        self.count("blocks checked", BLOCKS)
+
+    # MARK: - The run
+
+    def run(self):
+        os.makedirs(self.work, exist_ok=True)
+        self.start_daemon()
+        writer = subprocess.Popen(
+            [sys.executable, os.path.join(os.path.dirname(__file__), "..", "umbra_writer.py"), "--socket",
+             self.control, "--name", "soak", "--volume", "a", "--reconnect", "0.2", "--on-freeze",
+             "case $(( $(od -An -N1 -tu1 /dev/urandom) % 8 )) in 0) echo soak veto; exit 1;; 1) sleep 5;; esac"],
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "writer.log"), "ab"))
+        threads = [threading.Thread(target=self.client, args=(v, i), daemon=True)
+                   for v in VOLUMES for i in range(WRITERS_PER_VOLUME)]
+        threads += [threading.Thread(target=self.sets, daemon=True), threading.Thread(target=self.deleter, daemon=True)]
+        for thread in threads:
+            thread.start()
+        try:
+            while time.monotonic() < self.deadline and not self.stop.is_set():
+                time.sleep(self.random.uniform(5, 20))
+                kill = self.random.random() < 0.5
+                self.stop_daemon(kill)
+                # Sets whose answer never came may have been rolled back: forget nothing that was answered.
+                self.start_daemon()
+                self.check_listed()
+                self.print_counts(final=False)
+        except Failure as failure:
+            self.fail(str(failure))
+        self.stop.set()
+        for thread in threads:
+            thread.join(timeout=150)
+        writer.terminate()
+        writer.wait()
+        if self.problem:
+            self.print_counts(final=True)
+            raise Failure(self.problem)
+        self.stop_daemon(kill=False)
+        self.start_daemon()
+        self.check_listed()
+        with self.lock:
+            snapshots = dict(self.snapshots)
+        for sid, (volume, requested, answered) in sorted(snapshots.items(), key=lambda item: item[1][1]):
+            self.check_snapshot(sid, volume, requested, answered)
+        self.stop_daemon(kill=False)
+        self.print_counts(final=True)
+
+    def print_counts(self, final):
+        with self.lock:
+            counts = dict(self.counts)
+        prefix = "soak: final counts" if final else "soak: so far"
+        print(prefix + ": " + ", ".join("%s %d" % (k, v) for k, v in counts.items()), flush=True)
+
+
+def main():
+    if len(sys.argv) != 5:
+        sys.exit("usage: soak.py UMBRA MINUTES WORKDIR SEED")
+    soak = Soak(sys.argv[1], float(sys.argv[2]), sys.argv[3], int(sys.argv[4]))
+    try:
+        soak.run()
+    except Failure as failure:
+        if soak.daemon and soak.daemon.poll() is None:
+            soak.daemon.kill()
+        print("soak: FAIL: %s (work directory %s kept)" % (failure, sys.argv[3]), file=sys.stderr)
+        sys.exit(1)
+    print("soak: passed")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    main()
