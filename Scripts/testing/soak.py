@@ -78,6 +78,8 @@ class Soak:
         # Per volume and block: versions with (start, acknowledged) monotonic times.
         self.history = {v: [[] for _ in range(BLOCKS)] for v in VOLUMES}
         self.snapshots = {}  # id -> (volume, t_request, t_answer)
+        # Snapshots whose deletion got no answer (the daemon went away): it may or may not have happened.
+        self.maybe_deleted = {}
         self.daemon = None
         self.daemon_up = threading.Event()
         # Bumped at every stop: a request that spans a restart is not held against the daemon.
@@ -88,7 +90,7 @@ class Soak:
         self.counts = dict.fromkeys(
             ["writes", "flushes", "write errors (daemon away)", "sets", "sets with writers", "vetoed or timed out",
              "sets failed (daemon away)", "snapshots deleted", "restarts after SIGTERM", "restarts after kill -9",
-             "rolled back at restart", "snapshots checked", "blocks checked"], 0)
+             "sets rolled back at restart", "snapshots checked", "blocks checked"], 0)
         self.problem = None
 
     def count(self, name, n=1):
@@ -208,21 +210,25 @@ class Soak:
         while not self.stop.is_set():
             time.sleep(self.random.uniform(0.5, 3))
             with self.lock:
-                ids = list(self.snapshots)
-            if len(ids) <= 6:
+                ids = sorted(self.snapshots, key=lambda sid: self.snapshots[sid][1])
+            if len(ids) <= 8:
                 continue
-            victim = ids[self.random.randrange(len(ids) - 3)]
+            # Keep the newest few; delete at random among the rest, down to about 24.
+            candidates = ids[:-4]
+            victims = self.random.sample(candidates, max(1, min(len(candidates), len(ids) - 24)))
             with self.delete_lock:
                 try:
-                    status, _, _ = self.cli("snapshot", "delete", victim)
+                    status, _, _ = self.cli("snapshot", "delete", *victims)
                 except subprocess.TimeoutExpired:
                     self.fail("snapshot delete did not answer within 120 s")
                     return
+                with self.lock:
+                    for victim in victims:
+                        entry = self.snapshots.pop(victim)
+                        if status != 0:
+                            self.maybe_deleted[victim] = entry
                 if status == 0:
-                    with self.lock:
-                        self.snapshots.pop(victim, None)
-                    self.count("snapshots deleted")
-                # A failed delete (the daemon away) leaves the snapshot expected: it must still be there.
+                    self.count("snapshots deleted", len(victims))
 
     # MARK: - Checks
 
@@ -246,7 +252,10 @@ class Soak:
         handle = nbd.NBD()
         handle.connect_uri("nbd+unix:///%s@%s?socket=%s" % (volume, sid, self.socket))
         for start in range(0, BLOCKS, 256):
-            data = handle.pread(256 * BLOCK, start * BLOCK)
+            try:
+                data = handle.pread(256 * BLOCK, start * BLOCK)
+            except nbd.Error as error:
+                raise Failure("snapshot %s of %s: reading blocks %d… failed: %s" % (sid, volume, start, error))
             for offset in range(256):
                 block = start + offset
                 version = parse_block(volume, block, data[offset * BLOCK:(offset + 1) * BLOCK])
@@ -298,13 +307,26 @@ class Soak:
             self.print_counts(final=True)
             raise Failure(self.problem)
         self.stop_daemon(kill=False)
+        if os.environ.get("SOAK_DAMAGE") == "1":
+            # The check's own teeth: one flipped byte in a diff store must fail the run.
+            with open(os.path.join(self.data, "volumes", "1", "diff"), "r+b") as diff:
+                diff.seek(4096 * 3 + 17)
+                byte = diff.read(1)
+                diff.seek(4096 * 3 + 17)
+                diff.write(bytes([byte[0] ^ 1]))
         self.start_daemon()
         self.check_listed()
         with self.lock:
             snapshots = dict(self.snapshots)
+        # Deletions that got no answer: those that did not happen are checked like the others.
+        status, out, err = self.cli("snapshot", "list", "--json")
+        listed = {s["id"] for s in json.loads(out)["snapshots"]} if status == 0 else set()
+        snapshots.update({sid: entry for sid, entry in self.maybe_deleted.items() if sid in listed})
         for sid, (volume, requested, answered) in sorted(snapshots.items(), key=lambda item: item[1][1]):
             self.check_snapshot(sid, volume, requested, answered)
         self.stop_daemon(kill=False)
+        with open(os.path.join(self.work, "daemon.log"), errors="replace") as log:
+            self.count("sets rolled back at restart", sum("rolled back an unfinished snapshot set" in line for line in log))
         self.print_counts(final=True)
 
     def print_counts(self, final):
