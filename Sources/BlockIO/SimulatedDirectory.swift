@@ -10,8 +10,26 @@ public struct SimulatedDirectory: StorageDirectory {
     public init(disk: SimulatedDisk) { self.disk = disk }
 
     private func parentExists(_ name: String, in state: SimulatedDisk.State) -> Bool {
-        guard let slash = name.lastIndex(of: "/") else { return true }
-        return state.directories.contains(String(name[..<slash]))
+        state.directories.contains(Self.parent(of: name))
+    }
+
+    static func parent(of name: String) -> String {
+        guard let slash = name.lastIndex(of: "/") else { return "" }
+        return String(name[..<slash])
+    }
+
+    /// fsync of a directory: its entries as they are now become what a reboot finds. One operation of
+    /// its own, as in `FileSystemDirectory`, so a crash can come between a change and its sync.
+    private func syncDirectory(of name: String) throws(BlockIOError) {
+        let directory = Self.parent(of: name)
+        try disk.perform("fsync", path: "sim:/" + directory) { state in
+            guard !state.skipsDirectorySync else { return }
+            let inDirectory = { (entry: String) in entry != "" && Self.parent(of: entry) == directory }
+            state.durableNames = state.durableNames.filter { !inDirectory($0.key) }
+            for (entry, inode) in state.names where inDirectory(entry) { state.durableNames[entry] = inode }
+            state.durableDirectories = state.durableDirectories.filter { !inDirectory($0) }
+            state.durableDirectories.formUnion(state.directories.filter(inDirectory))
+        }
     }
 
     public func openFile(_ name: String, mode: StorageOpenMode) throws(BlockIOError) -> any BlockStorage {
@@ -33,6 +51,7 @@ public struct SimulatedDirectory: StorageDirectory {
             state.names[name] = inode
             return inode
         }
+        if mode != .existing { try syncDirectory(of: name) }
         return SimulatedStorage(disk: disk, inode: inode, name: name)
     }
 
@@ -47,6 +66,7 @@ public struct SimulatedDirectory: StorageDirectory {
 
     public func removeFile(_ name: String) throws(BlockIOError) {
         try disk.perform("unlink", path: "sim:/" + name) { $0.names[name] = nil }
+        try syncDirectory(of: name)
     }
 
     public func makeDirectory(_ name: String) throws(BlockIOError) {
@@ -56,6 +76,7 @@ public struct SimulatedDirectory: StorageDirectory {
             }
             state.directories.insert(name)
         }
+        try syncDirectory(of: name)
     }
 
     public func removeDirectory(_ name: String) throws(BlockIOError) {
@@ -68,6 +89,7 @@ public struct SimulatedDirectory: StorageDirectory {
             }
             state.directories.remove(name)
         }
+        try syncDirectory(of: name)
     }
 
     public func rename(_ source: String, to destination: String) throws(BlockIOError) {
@@ -77,6 +99,7 @@ public struct SimulatedDirectory: StorageDirectory {
             }
             state.names[destination] = inode
         }
+        try syncDirectory(of: destination)
     }
 
     public func list(_ name: String) throws(BlockIOError) -> [String] {

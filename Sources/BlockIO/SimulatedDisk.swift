@@ -6,8 +6,11 @@
 // reboot would find: for each 4 KiB page touched since its last sync, the content after a random
 // prefix of the operations that touched it (write-back reaches pages in any order, but a page carries
 // everything written to it up to the moment it went out), and now and then a page torn at 512-byte
-// sectors between two of those versions. Sizes follow the kept data. Directory operations (create,
-// rename, remove) are durable at once: the real directory fsyncs its parent after each of them.
+// sectors between two of those versions. Sizes follow the kept data. Directory entries (a file's
+// creation, a rename, a removal, a new directory) are durable only once their directory is synced:
+// `SimulatedDirectory` syncs the parent after each operation, as `FileSystemDirectory` does, as a
+// separate operation that a crash can come before. A reboot finds the names as of each directory's
+// last sync.
 
 import Synchronization
 
@@ -68,6 +71,11 @@ public final class SimulatedDisk: Sendable {
         var names: [String: Int] = [:]
         var nextInode = 1
         var directories: Set<String> = [""]
+        /// The names and directories as of each directory's last sync: what a reboot finds.
+        var durableNames: [String: Int] = [:]
+        var durableDirectories: Set<String> = [""]
+        /// Teeth (tests only): directory syncs do nothing, as if the directory never fsynced its parent.
+        var skipsDirectorySync = false
         var locked = false
         var operationCount = 0
         var crashAtOperation: Int?
@@ -80,6 +88,12 @@ public final class SimulatedDisk: Sendable {
 
     public init() {
         state = Mutex(State())
+    }
+
+    /// Teeth (tests only): from now on directory syncs do nothing, on this disk and the disks
+    /// recovered from it; the simulation must then notice files and renames lost at a crash.
+    public func skipDirectorySyncs() {
+        state.withLock { $0.skipsDirectorySync = true }
     }
 
     init(state: State) {
@@ -113,14 +127,18 @@ public final class SimulatedDisk: Sendable {
     /// What a reboot after the crash would find (see the note atop this file). The lock is free.
     public func recovered(using random: inout some RandomNumberGenerator) -> SimulatedDisk {
         let snapshot = state.withLock { $0 }
-        var recovered = State(directories: snapshot.directories, locked: false)
+        var recovered = State(
+            directories: snapshot.durableDirectories, durableDirectories: snapshot.durableDirectories,
+            skipsDirectorySync: snapshot.skipsDirectorySync)
         recovered.nextInode = snapshot.nextInode
-        // Only named files survive a reboot (an unlinked file that was still open is gone).
-        for (name, inode) in snapshot.names.sorted(by: { $0.key < $1.key }) {
+        // Only files named in a synced directory survive a reboot (an unlinked file that was still
+        // open is gone, and so is a new name whose directory was not synced).
+        for (name, inode) in snapshot.durableNames.sorted(by: { $0.key < $1.key }) {
             let image = Self.recoveredImage(of: snapshot.files[inode]!, using: &random)
             recovered.files[inode] = File(current: image, durable: image, pending: [])
             recovered.names[name] = inode
         }
+        recovered.durableNames = recovered.names
         return SimulatedDisk(state: recovered)
     }
 
