@@ -13,6 +13,7 @@
 // last sync.
 
 import Synchronization
+import SystemPackage
 
 public final class SimulatedDisk: Sendable {
     static let pageSize = 4096
@@ -27,6 +28,27 @@ public final class SimulatedDisk: Sendable {
         var current: [UInt8] = []
         var durable: [UInt8] = []
         var pending: [PendingOperation] = []
+        /// A sync failed: writes from before it are in `current` but will never reach `durable`, so
+        /// a sync applies `pending` to `durable` instead of copying `current`.
+        var lostWrites = false
+
+        /// fdatasync: what was written since the last sync reaches the platter. After a failed sync,
+        /// only what was written since that failure does (Linux marks the failed pages clean).
+        mutating func synchronize() {
+            if lostWrites {
+                for operation in pending { Self.apply(operation, to: &durable) }
+            } else {
+                durable = current
+            }
+            pending.removeAll()
+        }
+
+        /// A failed fdatasync: the pages it was writing are dropped on the way to the platter, while
+        /// reads still see them.
+        mutating func failSynchronize() {
+            pending.removeAll()
+            lostWrites = true
+        }
 
         mutating func apply(_ operation: PendingOperation) {
             Self.apply(operation, to: &current)
@@ -82,6 +104,9 @@ public final class SimulatedDisk: Sendable {
         var crashed = false
         /// Told, once, the moment a crash set by `crash(afterOperations:)` happens.
         var crashObserver: (@Sendable () -> Void)?
+        /// An I/O error to return, once, from the first write or sync at or after an operation.
+        var fault: Fault?
+        var faulted = false
     }
 
     let state: Mutex<State>
@@ -117,6 +142,35 @@ public final class SimulatedDisk: Sendable {
     /// operation that crashes (so it sees what the program was doing). It must not use the disk.
     public func observeCrash(_ observer: @escaping @Sendable () -> Void) {
         state.withLock { $0.crashObserver = observer }
+    }
+
+    /// An injected I/O error: EIO or ENOSPC from the first write (pwrite, fallocate, ftruncate) or
+    /// sync, or with `syncsOnly` the first sync, at or after operation `atOperation`.
+    public struct Fault: Sendable {
+        public var atOperation: Int
+        public var errno: Errno
+        public var syncsOnly: Bool
+    }
+
+    /// Fails one later write or sync with `errno`, without crashing: a failed write changes nothing;
+    /// a failed sync drops the pages it was writing (see `File.failSynchronize`).
+    public func injectFault(afterOperations count: Int, errno: Errno, syncsOnly: Bool) {
+        state.withLock {
+            $0.fault = Fault(atOperation: $0.operationCount + max(1, count), errno: errno, syncsOnly: syncsOnly)
+        }
+    }
+
+    /// Whether an injected fault has happened on this disk.
+    public var hasFaulted: Bool { state.withLock { $0.faulted } }
+
+    /// Takes the pending fault if it is due for an operation of this kind.
+    func takeFault(isSync: Bool, in state: inout State) -> Errno? {
+        guard let fault = state.fault, state.operationCount >= fault.atOperation, isSync || !fault.syncsOnly else {
+            return nil
+        }
+        state.fault = nil
+        state.faulted = true
+        return fault.errno
     }
 
     /// Crashes now: every later operation fails.

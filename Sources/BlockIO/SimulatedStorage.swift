@@ -15,8 +15,11 @@ public final class SimulatedStorage: BlockStorage {
         self.path = "sim:/" + name
     }
 
+    /// Runs `body` on the file as one disk operation. A write or sync (`faultKind`) may instead meet
+    /// an injected fault: `onFault` runs and the operation fails with its errno.
     private func withFile<T>(
         _ operation: String, onCrash: ((inout SimulatedDisk.File) -> Void)? = nil,
+        faultKind: FaultKind? = nil, onFault: ((inout SimulatedDisk.File) -> Void)? = nil,
         _ body: (inout SimulatedDisk.File) throws(BlockIOError) -> T
     ) throws(BlockIOError) -> T {
         let inode = self.inode
@@ -32,6 +35,10 @@ public final class SimulatedStorage: BlockStorage {
         ) { (state: inout SimulatedDisk.State) throws(BlockIOError) -> T in
             guard state.files[inode] != nil else {
                 throw BlockIOError(.system(.badFileDescriptor), operation: operation, path: path)
+            }
+            if let faultKind, let errno = disk.takeFault(isSync: faultKind == .sync, in: &state) {
+                onFault?(&state.files[inode]!)
+                throw BlockIOError(.system(errno), operation: operation, path: path)
             }
             // Mutate in place: copying a file image out and back would copy it on every call.
             return try body(&state.files[inode]!)
@@ -69,18 +76,15 @@ public final class SimulatedStorage: BlockStorage {
 
     public func write(toAbsoluteOffset offset: ByteOffset, _ bytes: UnsafeRawBufferPointer) throws(BlockIOError) {
         let operation = SimulatedDisk.PendingOperation.write(offset: Int(offset.rawValue), bytes: Array(bytes))
-        try withFile("pwrite", onCrash: { $0.pending.append(operation) }) { $0.apply(operation) }
+        try withFile("pwrite", onCrash: { $0.pending.append(operation) }, faultKind: .write) { $0.apply(operation) }
     }
 
     public func synchronize() throws(BlockIOError) {
-        try withFile("fdatasync") { file in
-            file.durable = file.current
-            file.pending.removeAll()
-        }
+        try withFile("fdatasync", faultKind: .sync, onFault: { $0.failSynchronize() }) { $0.synchronize() }
     }
 
     public func resize(to size: ByteCount) throws(BlockIOError) {
-        try withFile("ftruncate") { $0.apply(.resize(size: Int(size.rawValue))) }
+        try withFile("ftruncate", faultKind: .write) { $0.apply(.resize(size: Int(size.rawValue))) }
     }
 
     public func discard(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
@@ -88,7 +92,7 @@ public final class SimulatedStorage: BlockStorage {
     }
 
     public func writeZeroes(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
-        try withFile("fallocate") { file in
+        try withFile("fallocate", faultKind: .write) { file in
             let start = Int(offset.rawValue)
             // Zeroing past the end does not extend the file (KEEP_SIZE).
             let end = min(start + Int(count.rawValue), file.current.count)
@@ -100,7 +104,7 @@ public final class SimulatedStorage: BlockStorage {
     /// A hint the simulator does not take: it counts as an operation (so a crash can land on it) but
     /// reserves nothing, sparing a megabyte-sized image per catalog.
     public func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
-        try withFile("fallocate") { _ in }
+        try withFile("fallocate", faultKind: .write) { _ in }
     }
 
     public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {
@@ -110,4 +114,9 @@ public final class SimulatedStorage: BlockStorage {
     public func nextHole(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset {
         try withFile("lseek") { ByteOffset(max(UInt64($0.current.count), offset.rawValue)) }
     }
+}
+
+enum FaultKind {
+    case write
+    case sync
 }

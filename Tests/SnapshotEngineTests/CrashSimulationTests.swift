@@ -50,21 +50,24 @@ import UmbraTestSupport
         let seeds = Self.seeds.enumerated().filter { $0.offset % Self.batches == batch }.map(\.element)
         // The simulation drives its executor on the calling thread; give it a thread of its own rather
         // than blocking one of Swift's few cooperative threads for the whole batch.
-        let (crashPoints, phases, failure) = await onOwnThread { () -> (Int, [SetPhase: Int], String?) in
+        let (crashPoints, faults, phases, failure) = await onOwnThread {
+            () -> (Int, Int, [SetPhase: Int], String?) in
             var crashPoints = 0
+            var faults = 0
             var phases: [SetPhase: Int] = [:]
             for seed in seeds {
                 var simulation = Simulation(seed: seed)
                 do {
                     crashPoints += try simulation.run()
+                    faults += simulation.faultsInWorkload
                     phases.merge(simulation.setPhasesAtCrashes, uniquingKeysWith: +)
                 } catch {
                     let message =
                         "simulation seed \(seed) failed: \(error) (replay: UMBRA_SIMULATION_SEED=\(seed) swift test --filter CrashSimulation)"
-                    return (crashPoints, phases, message)
+                    return (crashPoints, faults, phases, message)
                 }
             }
-            return (crashPoints, phases, nil)
+            return (crashPoints, faults, phases, nil)
         }
         if let failure { Issue.record(Comment(rawValue: failure)) }
         // Most cycles crash inside the workload (the crash point is drawn within the operations a
@@ -74,9 +77,10 @@ import UmbraTestSupport
         if seeds.count >= Self.defaultSeedCount / UInt64(Self.batches) {
             let missed = SetPhase.allCases.filter { phases[$0, default: 0] == 0 }
             #expect(missed.isEmpty, "no crash while a set was \(missed); crashes by phase: \(phases)")
+            #expect(faults > 0, "no injected I/O error happened in the workload")
         }
         print(
-            "crash simulation batch \(batch): \(seeds.count) seeds, \(crashPoints) crashes inside the workload; crashes while a set was \(SetPhase.allCases.map { "\($0) \(phases[$0, default: 0])" }.joined(separator: ", "))"
+            "crash simulation batch \(batch): \(seeds.count) seeds, \(crashPoints) crashes inside the workload, \(faults) of them after an injected I/O error; crashes while a set was \(SetPhase.allCases.map { "\($0) \(phases[$0, default: 0])" }.joined(separator: ", "))"
         )
     }
 }
@@ -108,15 +112,18 @@ extension CrashSimulationTests {
 
     /// Teeth: with one durability ordering broken, the simulation fails within the seeds a default
     /// run uses (the live write before its copy's record is durable; the record made durable without
-    /// syncing the diff store that holds the copy).
-    @Test(arguments: [BrokenOrdering.liveWriteBeforeCopyCommit, .noDiffStoreSync])
+    /// syncing the diff store that holds the copy; a failed fdatasync retried and its success believed).
+    @Test(arguments: [BrokenOrdering.liveWriteBeforeCopyCommit, .noDiffStoreSync, .retryFailedSync])
     func catchesBrokenOrderings(_ ordering: BrokenOrdering) async throws {
         let failure = await Self.firstFailure { $0.brokenOrdering = ordering }
         let caught = try #require(failure, "no seed noticed \(ordering)")
         print("broken ordering \(ordering) caught: \(caught.prefix(200))")
-        // Caught as wrong data, not as a deadlock or some unrelated failure.
+        // Caught as wrong data (or a catalog that recovery finds damaged), not as a deadlock or some
+        // unrelated failure.
         #expect(!caught.contains("deadlock"), "\(caught)")
-        #expect(caught.contains("snapshot") || caught.contains("live"), "\(caught)")
+        #expect(
+            caught.contains("snapshot") || caught.contains("live") || caught.contains("is corrupt at byte"),
+            "\(caught)")
     }
 
     /// Teeth: with directory syncs skipped from the first workload on (new files and renames stay
@@ -165,6 +172,8 @@ struct Simulation {
     let model: SimulationModel
     /// How often a crash found a set in each phase of its life.
     var setPhasesAtCrashes: [SetPhase: Int] = [:]
+    /// Cycles in which an injected I/O error happened before the crash.
+    var faultsInWorkload = 0
     /// Teeth: open stores without rolling back unfinished sets.
     var skipsRollback = false
     var brokenOrdering: BrokenOrdering?
@@ -221,6 +230,12 @@ struct Simulation {
         for cycle in 0..<Self.cycles {
             let crashAt = Int.random(in: 1...operationBudget, using: &random)
             disk.crash(afterOperations: crashAt)
+            // In one cycle of three, an I/O error first: a write or a sync fails without a crash.
+            if random.chance(1, in: 3) {
+                disk.injectFault(
+                    afterOperations: Int.random(in: 1...crashAt, using: &random),
+                    errno: random.chance(1, in: 2) ? .ioError : .noSpace, syncsOnly: random.chance(1, in: 2))
+            }
             let phasesAtCrash = Mutex<[SetPhase]>([])
             disk.observeCrash { [model] in phasesAtCrash.withLock { $0 = model.phasesOfSetsInFlight() } }
             let before = disk.operationCount
@@ -234,6 +249,7 @@ struct Simulation {
             }
             guard let outcome else { throw SimulationFailure("cycle \(cycle): deadlock (a task never finished)") }
             if case .failure(let error) = outcome { throw SimulationFailure("cycle \(cycle): \(error)") }
+            if disk.hasFaulted { faultsInWorkload += 1 }
             if disk.hasCrashed {
                 crashesInWorkload += 1
                 for phase in phasesAtCrash.withLock({ $0 }) { setPhasesAtCrashes[phase, default: 0] += 1 }
@@ -295,6 +311,16 @@ struct Simulation {
         if case .failure(let error) = outcome { throw SimulationFailure("cycle \(cycle) verification: \(error)") }
     }
 
+    /// An error an injected EIO or ENOSPC can cause: the error itself, or the refusal of a store or
+    /// volume whose durability it made unknown.
+    static func isInjectedFault(_ error: any Error) -> Bool {
+        switch error as? EngineError {
+        case .io(let error)?: error.errno == .ioError || error.errno == .noSpace
+        case .storageFailed?: true
+        default: false
+        }
+    }
+
     /// Opens the store (the disk may crash already here) and runs the workers.
     static func workload(disk: SimulatedDisk, configuration: StoreConfiguration, model: SimulationModel, seed: UInt64)
         async throws
@@ -303,7 +329,7 @@ struct Simulation {
         do {
             store = try await SnapshotStore.open(directory: disk.directory(), configuration: configuration)
         } catch {
-            if disk.hasCrashed { return }
+            if disk.hasCrashed || disk.hasFaulted { return }
             throw error
         }
         model.store = store
@@ -319,6 +345,9 @@ struct Simulation {
                             throw failure
                         } catch {
                             if disk.hasCrashed { return }
+                            // After an injected I/O error, an operation may fail with it (or with the
+                            // store's refusal to go on); the model keeps what it touched undecided.
+                            if disk.hasFaulted, Self.isInjectedFault(error) { continue }
                             throw SimulationFailure("unexpected error before any crash: \(error)")
                         }
                     }

@@ -41,7 +41,9 @@ final class CatalogLog: Sendable {
         var nextBatchSequence: UInt64
         var pendingPayload: [UInt8] = []
         var pendingWaiters: [CheckedContinuation<Role, any Error>] = []
-        var pendingSyncs: [ObjectIdentifier: any BlockStorage] = [:]
+        var pendingSyncs: [ObjectIdentifier: StorageSync] = [:]
+        /// Every append in the pending batch undoes itself if it fails (see `append`).
+        var pendingFailsCleanly = true
         var leaderActive = false
         var failure: EngineError?
         /// Bytes appended since the file was written whole (by creation or compaction).
@@ -60,6 +62,9 @@ final class CatalogLog: Sendable {
         self.state = Mutex(
             State(storage: storage, tail: tail, preallocatedEnd: tail, nextBatchSequence: nextBatchSequence))
     }
+
+    /// Tests only (`BrokenOrdering.retryFailedSync`): retry a failed sync and trust the retry.
+    let retriesFailedSyncForTesting = Atomic<Bool>(false)
 
     /// Bytes appended since the file was last written whole.
     var appendedBytes: UInt64 { state.withLock { $0.appendedBytes } }
@@ -245,13 +250,22 @@ final class CatalogLog: Sendable {
     private static func writeWhole(
         records: [CatalogRecord], in directory: any StorageDirectory, io: any IOExecutor
     ) async throws -> (any BlockStorage) {
+        let storage = try await writeNew(records: records, in: directory, io: io)
+        try await io.run { try directory.rename(newFileName, to: fileName) }
+        return storage
+    }
+
+    /// Writes `records` as a whole catalog to `catalog.new` and syncs it. A failure here leaves the
+    /// catalog in use untouched (the next open removes `catalog.new`).
+    private static func writeNew(
+        records: [CatalogRecord], in directory: any StorageDirectory, io: any IOExecutor
+    ) async throws -> (any BlockStorage) {
         let bytes = fileBytes(records: records)
         return try await io.run {
             if directory.fileExists(newFileName) { try directory.removeFile(newFileName) }
             let storage = try directory.openFile(newFileName, mode: .createNew)
             try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: .zero, $0) }
             try storage.synchronize()
-            try directory.rename(newFileName, to: fileName)
             return storage
         }
     }
@@ -261,9 +275,13 @@ final class CatalogLog: Sendable {
     /// Makes `records` durable, after making `dataFirst` durable (the diff stores holding the data the
     /// records point at). Concurrent calls share one write and one fdatasync. `whenQueued` runs once
     /// the records have their place in the log (every later append lands after them), before they are
-    /// durable; it does not run if the log has failed.
+    /// durable; it does not run if the log has failed. `failsCleanly` promises that the caller has
+    /// applied nothing of the records before they are durable and leaves no trace if the append
+    /// fails: only a batch made entirely of such appends may fail for want of space (ENOSPC) and
+    /// leave the log usable; any other failure stops the log.
     func append(
-        _ records: [CatalogRecord], syncingFirst dataFirst: [any BlockStorage] = [], whenQueued: (() -> Void)? = nil
+        _ records: [CatalogRecord], syncingFirst dataFirst: [StorageSync] = [], failsCleanly: Bool = false,
+        whenQueued: (() -> Void)? = nil
     ) async throws {
         var writer = BinaryWriter()
         for record in records { record.encode(into: &writer) }
@@ -277,6 +295,7 @@ final class CatalogLog: Sendable {
             let decision = state.withLock { state -> Decision in
                 if let failure = state.failure { return .fail(failure) }
                 state.pendingPayload.append(contentsOf: payload)
+                state.pendingFailsCleanly = state.pendingFailsCleanly && failsCleanly && whenQueued == nil
                 for storage in dataFirst { state.pendingSyncs[ObjectIdentifier(storage)] = storage }
                 if state.leaderActive {
                     state.pendingWaiters.append(continuation)
@@ -302,16 +321,18 @@ final class CatalogLog: Sendable {
                 state.pendingPayload = []
                 state.pendingWaiters = []
                 state.pendingSyncs = [:]
+                state.pendingFailsCleanly = true
             }
             return (
                 storage: state.storage, payload: state.pendingPayload, waiters: state.pendingWaiters,
                 syncs: Array(state.pendingSyncs.values), tail: state.tail, sequence: state.nextBatchSequence,
-                preallocatedEnd: state.preallocatedEnd
+                preallocatedEnd: state.preallocatedEnd, failsCleanly: state.pendingFailsCleanly
             )
         }
         do {
-            for storage in batch.syncs {
-                try await io.run { try storage.synchronize() }
+            let retrying = retriesFailedSyncForTesting.load(ordering: .relaxed)
+            for target in batch.syncs {
+                try await io.run { try target.synchronize() }
             }
             var written: UInt64 = 0
             var tail = batch.tail
@@ -330,7 +351,7 @@ final class CatalogLog: Sendable {
                         * Self.preallocationStep : nil
                 let storage = batch.storage
                 let allocatedEnd = preallocatedEnd
-                let first = written == 0
+                let first = written == 0 && batch.failsCleanly
                 try await io.run {
                     do {
                         if let growTo {
@@ -341,7 +362,7 @@ final class CatalogLog: Sendable {
                     } catch let error as BlockIOError where first && error.errno == .noSpace {
                         throw NoRoomForBatch(error: error)
                     }
-                    try storage.synchronize()
+                    try storage.synchronize(retryingForTesting: retrying)
                 }
                 if let growTo { preallocatedEnd = growTo }
                 tail += UInt64(bytes.count)
@@ -394,8 +415,20 @@ final class CatalogLog: Sendable {
     /// appending meanwhile.
     func rewrite(with records: [CatalogRecord], in directory: any StorageDirectory) async throws {
         if let failure { throw failure }
-        let storage = try await Self.writeWhole(records: records, in: directory, io: io)
-        let size = try await io.run { try storage.size().rawValue }
+        let storage = try await Self.writeNew(records: records, in: directory, io: io)
+        let size: UInt64
+        do {
+            // Once the rename may have happened, which file `catalog` names after a crash is unknown
+            // if it fails: the log stops rather than append to a file that may not be the catalog.
+            try await io.run { try directory.rename(Self.newFileName, to: Self.fileName) }
+            size = try await io.run { try storage.size().rawValue }
+        } catch {
+            let failure = EngineError.storageFailed(
+                (error as? BlockIOError) ?? BlockIOError(.system(.ioError), operation: "catalog rename", path: path))
+            state.withLock { $0.failure = failure }
+            failed.store(true, ordering: .releasing)
+            throw failure
+        }
         state.withLock { state in
             assert(
                 !state.leaderActive && state.pendingWaiters.isEmpty, "catalog rewritten while appends were in flight")
@@ -421,4 +454,16 @@ extension BinaryReader {
 /// A batch that could not be written for want of space, before anything of it was synced.
 private struct NoRoomForBatch: Error {
     let error: BlockIOError
+}
+
+extension BlockStorage {
+    /// fdatasync. With `retryingForTesting` (tests only, `BrokenOrdering.retryFailedSync`) a failure
+    /// is retried once and a success believed: the mistake the crash simulation must catch.
+    func synchronize(retryingForTesting: Bool) throws(BlockIOError) {
+        do {
+            try synchronize()
+        } catch  where retryingForTesting {
+            try synchronize()
+        }
+    }
 }

@@ -91,11 +91,10 @@ public final class PreparedSnapshotSet: Sendable {
     func hold(flushingFirst: Bool) async throws {
         let configuration = store.context.configuration
         let members = self.members
-        let io = store.context.io
         // Flush once while writes still flow, so the flush under the hold only has the writes of the
         // last moments to make durable: the hold stays short however much was dirty.
         do {
-            if flushingFirst { try await Self.flush(members, io: io) }
+            if flushingFirst { try await Self.flush(members) }
             try Task.checkCancellation()
         } catch {
             state.withLock { $0.phase = .finished }
@@ -160,11 +159,10 @@ public final class PreparedSnapshotSet: Sendable {
     }
 
     /// Makes the members' live data durable, all at once.
-    private static func flush(_ members: [Volume], io: any IOExecutor) async throws {
+    private static func flush(_ members: [Volume]) async throws {
         try await withThrowingTaskGroup(of: Void.self) { group in
             for volume in members {
-                let live = volume.live
-                group.addTask { try await io.run { try live.synchronize() } }
+                group.addTask { try await volume.synchronizeLive() }
             }
             try await group.waitForAll()
         }
@@ -267,7 +265,7 @@ public final class PreparedSnapshotSet: Sendable {
                 try await appendPending(definition, joinChainsAndRelease: joinChainsAndRelease)
             } else {
                 try await store.context.catalog.append(
-                    [.setCreated(definition)], syncingFirst: members.map(\.live), whenQueued: joinChainsAndRelease)
+                    [.setCreated(definition)], syncingFirst: members.map(\.liveSync), whenQueued: joinChainsAndRelease)
             }
         } catch {
             throw EngineError.wrap(error)
@@ -295,7 +293,7 @@ public final class PreparedSnapshotSet: Sendable {
         async throws
     {
         let store = self.store
-        let live = members.map(\.live)
+        let live = members.map(\.liveSync)
         let setID = definition.id
         // Tracked before the append can start, so that close and compaction (which wait for tracked
         // appends) can never slip in between its queueing and its tracking.

@@ -37,10 +37,18 @@ extension SnapshotStore {
     }
 
     /// Rewrites the catalog as the records of the current state when the appended log has grown well
-    /// past that.
-    func compactIfWorthIt(holdingOperations: Bool = false) async throws {
+    /// past that. A failure is logged, not thrown: the operation that asked is already durable, and a
+    /// rewrite that fails before its rename leaves the catalog in use as it was (one that fails at the
+    /// rename stops the log, and later changes report that).
+    func compactIfWorthIt(holdingOperations: Bool = false) async {
         guard context.catalog.appendedBytes > context.configuration.catalogCompactionThreshold.rawValue else { return }
-        try await compact(force: false, holdingOperations: holdingOperations)
+        do {
+            try await compact(force: false, holdingOperations: holdingOperations)
+        } catch {
+            context.logger.warning(
+                "could not compact the catalog; it keeps its current file and grows until a later try",
+                metadata: ["error": "\(error)"])
+        }
     }
 
     /// Rewrites the catalog as the records of the current state: always when `force` (a format

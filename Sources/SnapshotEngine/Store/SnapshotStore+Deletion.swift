@@ -93,7 +93,7 @@ extension SnapshotStore {
         for volume in held { volume.gate.releaseExclusive() }
         held = []
         context.configuration.eventHandler?(.snapshotsDeleted(ids: deletedIDs))
-        try await compactIfWorthIt(holdingOperations: true)
+        await compactIfWorthIt(holdingOperations: true)
         return deletedIDs
     }
 

@@ -43,6 +43,9 @@ extension SnapshotStore {
     func membersForNewSet(_ names: [String], id: UUID?) throws -> [Volume] {
         try checkOpen()
         let members = try names.map { try volume(named: $0) }
+        // A volume whose live data failed to sync cannot vouch for what a snapshot of it would hold.
+        for volume in members { try volume.checkWritable() }
+        if let failure = context.catalog.failure { throw failure }
         if let id, try snapshots().contains(where: { $0.id == id || $0.setID == id }) {
             throw EngineError.invalidSnapshotSet("a snapshot or set with GUID \(id.guidString) already exists")
         }

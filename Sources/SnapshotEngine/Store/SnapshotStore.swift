@@ -103,6 +103,8 @@ public final class SnapshotStore: Sendable {
                     "catalog replay skipped records about removed items",
                     metadata: ["count": "\(replay.ignoredRecords)"])
             }
+            catalog.retriesFailedSyncForTesting.store(
+                configuration.brokenOrderingForTesting == .retryFailedSync, ordering: .relaxed)
             let context = StoreContext(catalog: catalog, io: io, configuration: configuration)
             let volumes = try await openVolumes(replay, in: directory, context: context)
             let store = SnapshotStore(
@@ -115,7 +117,7 @@ public final class SnapshotStore: Sendable {
                     "upgraded the catalog's format",
                     metadata: ["from": "\(formatVersion)", "to": "\(CatalogLog.formatVersion)"])
             } else {
-                try await store.compactIfWorthIt()
+                await store.compactIfWorthIt()
             }
             configuration.logger.debug(
                 "opened data directory",

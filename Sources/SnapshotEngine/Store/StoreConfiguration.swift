@@ -71,4 +71,7 @@ enum BrokenOrdering: Sendable {
     case liveWriteBeforeCopyCommit
     /// The copy's record is made durable without syncing the diff store holding its data first.
     case noDiffStoreSync
+    /// A failed fdatasync is retried, and the retry's success taken to cover what the failed one was
+    /// writing (after a failed sync Linux drops those pages from the way to the disk, so it does not).
+    case retryFailedSync
 }

@@ -91,7 +91,7 @@ extension Volume {
                     !dataCopies.isEmpty && context.configuration.brokenOrderingForTesting != .noDiffStoreSync
                 try await context.catalog.append(
                     Self.records(for: placed.map(\.copy), volume: id, sequence: sequence),
-                    syncingFirst: syncsDiff ? [diff] : [])
+                    syncingFirst: syncsDiff ? [diffSync] : [], failsCleanly: true)
             }
         } catch {
             // Unless the catalog failed with durability unknown, no record names these slots: give

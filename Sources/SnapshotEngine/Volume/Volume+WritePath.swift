@@ -34,6 +34,7 @@ extension Volume {
             let outcome: CopyOutcome
             do {
                 try checkUsable()
+                try checkWritable()
                 if let failure = context.catalog.failure { throw failure }
                 outcome = try await preserve(touched, beforeCommit: beforeCommit)
             } catch {

@@ -36,6 +36,14 @@ public final class Volume: Sendable {
     let removed = Atomic<Bool>(false)
     /// Set while copies fail with ENOSPC, so that is logged once rather than per write.
     let outOfSpace = Atomic<Bool>(false)
+    /// Every sync of the live data goes through this latch (flushes, sets, the catalog's syncs before
+    /// a set's record). Once one fails, what was written since the last good sync may never reach
+    /// the disk and no later sync can vouch for it (the kernel drops the failed pages from
+    /// writeback): every later sync fails too, writes and flushes are refused, reads go on, and
+    /// reopening the store shows what is really there.
+    let liveSync: StorageSync
+    /// The same for the diff store (its syncs come before the records of copies).
+    let diffSync: StorageSync
 
     init(
         definition: VolumeDefinition, metadata: VolumeMetadata, live: any BlockStorage, diff: any BlockStorage,
@@ -51,6 +59,9 @@ public final class Volume: Sendable {
         self.chunkShift = UInt64(definition.chunkShift)
         self.live = live
         self.diff = diff
+        let retrying = context.configuration.brokenOrderingForTesting == .retryFailedSync
+        self.liveSync = StorageSync(live, retryingForTesting: retrying)
+        self.diffSync = StorageSync(diff, retryingForTesting: retrying)
         self.context = context
         self.metadata = Mutex(metadata)
     }
@@ -62,6 +73,11 @@ public final class Volume: Sendable {
     func checkUsable() throws(EngineError) {
         if context.closed.load(ordering: .relaxed) { throw .closed }
         if removed.load(ordering: .relaxed) { throw .volumeNotFound(name) }
+    }
+
+    /// Refuses changes once the live data's durability is unknown (see `liveSyncFailure`).
+    func checkWritable() throws(EngineError) {
+        if let failure = liveSync.failure { throw .storageFailed(failure) }
     }
 
     func checkRange(_ offset: ByteOffset, _ count: ByteCount) throws(EngineError) {
@@ -148,9 +164,24 @@ public final class Volume: Sendable {
     /// Makes every completed write to the live volume durable.
     public func flush() async throws {
         try checkUsable()
-        let live = self.live
+        try checkWritable()
+        // A store whose catalog failed is read-only: its syncs may have dropped this volume's pages too.
+        if let failure = context.catalog.failure { throw failure }
+        try await synchronizeLive()
+    }
+
+    /// Syncs the live data through its latch; the first failure is logged.
+    func synchronizeLive() async throws {
+        let liveSync = self.liveSync
         do {
-            try await context.io.run { try live.synchronize() }
+            try await context.io.run { try liveSync.synchronize() }
+        } catch let error as BlockIOError {
+            if liveSync.failedFirst(with: error) {
+                context.logger.error(
+                    "syncing the live volume failed: writes since the last good sync may be lost; the volume refuses writes and flushes until the data directory is reopened",
+                    metadata: ["volume": "\(name)", "error": "\(error)"])
+            }
+            throw EngineError.storageFailed(error)
         } catch {
             throw EngineError.wrap(error)
         }
@@ -215,5 +246,38 @@ public final class Volume: Sendable {
             position = hole
         }
         return extents
+    }
+}
+
+/// A file's syncs, latched: once one fails, every later one fails with the same error (see
+/// `Volume.liveSync`).
+final class StorageSync: Sendable {
+    let storage: any BlockStorage
+    private let retryingForTesting: Bool
+    private let state = Mutex<(failure: BlockIOError?, reported: Bool)>((nil, false))
+
+    init(_ storage: any BlockStorage, retryingForTesting: Bool) {
+        self.storage = storage
+        self.retryingForTesting = retryingForTesting
+    }
+
+    var failure: BlockIOError? { state.withLock { $0.failure } }
+
+    func synchronize() throws(BlockIOError) {
+        if let failure { throw failure }
+        do {
+            try storage.synchronize(retryingForTesting: retryingForTesting)
+        } catch {
+            state.withLock { $0.failure = $0.failure ?? error }
+            throw error
+        }
+    }
+
+    /// True once, for the first caller to report the failure.
+    func failedFirst(with error: BlockIOError) -> Bool {
+        state.withLock { state in
+            defer { state.reported = true }
+            return !state.reported
+        }
     }
 }
