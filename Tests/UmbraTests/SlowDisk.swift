@@ -73,13 +73,18 @@ final class SlowDisk: @unchecked Sendable {
     }
 
     func unmount() {
-        let unmount = Process()
-        unmount.executableURL = URL(fileURLWithPath: "/usr/bin/fusermount")
-        unmount.arguments = ["-u", mountpoint]
-        try? unmount.run()
-        unmount.waitUntilExit()
-        if !process.waitUntilExit(seconds: 30) { process.kill() }
+        unmountFUSE(mountpoint, served: process)
         reader.wait()
         directory.remove()
     }
+}
+
+/// Unmounts a FUSE file system and waits for the process serving it to exit (killing it after 30 s).
+func unmountFUSE(_ mountpoint: String, served process: ChildProcess) {
+    let unmount = Process()
+    unmount.executableURL = URL(fileURLWithPath: "/usr/bin/fusermount")
+    unmount.arguments = ["-u", mountpoint]
+    try? unmount.run()
+    unmount.waitUntilExit()
+    if !process.waitUntilExit(seconds: 30) { process.kill() }
 }
