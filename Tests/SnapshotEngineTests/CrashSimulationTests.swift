@@ -7,7 +7,8 @@
 //  - every byte of the live volume holds either its value as of the last completed flush or a value
 //    written after it (so every write completed before a flush survives),
 //  - snapshots only disappear when deleted (or by the deleteOldest policy of a diff-store limit; the
-//    failSnapshot policy fails them and they stay listed),
+//    failSnapshot policy fails them and they stay listed, and only the newest snapshot of a volume,
+//    the one a copy needs space for, is ever failed),
 //  - changed-block tracking reports every chunk where a snapshot and the live volume differ, and
 //    nothing that no write, trim or zeroing touched since the snapshot's set began,
 //  - an error while recovering fails the seed unless the disk crashed during recovery,
@@ -210,6 +211,9 @@ struct Simulation {
         }
         configuration.wallClock = { Date(timeIntervalSince1970: 1_800_000_000) }
         configuration.skipsRollbackForTesting = skipsRollback
+        configuration.eventHandler = { [model] event in
+            if case .snapshotFailed(let id, _) = event { model.noteFailure(of: id) }
+        }
         configuration.brokenOrderingForTesting = brokenOrdering
         if ProcessInfo.processInfo.environment["UMBRA_SIMULATION_DEBUG"] != nil {
             configuration.logger = Logger(label: "sim") { StreamLogHandler.standardOutput(label: $0) }

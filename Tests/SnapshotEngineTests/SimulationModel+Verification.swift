@@ -57,6 +57,7 @@ extension SimulationModel {
             let storage = try store.directory.openFile("catalog", mode: .existing)
             for record in try CatalogLog.read(storage).records { print("record: \(record)") }
         }
+        if let violation = policyViolations.first { throw SimulationFailure(violation) }
         let problems = store.consistencyProblems()
         if !problems.isEmpty { throw SimulationFailure("inconsistent metadata after recovery: \(problems)") }
         var liveContents: [String: [UInt8]] = [:]

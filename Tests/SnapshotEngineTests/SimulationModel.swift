@@ -114,6 +114,26 @@ final class SimulationModel: @unchecked Sendable {
         if Self.debugging { print("model[\(clock)]: \(message())") }
     }
 
+    /// Failures by the `failSnapshot` policy that were not of the snapshot needing the space.
+    var policyViolations: [String] = []
+
+    /// Told of every snapshot the `failSnapshot` policy failed (durably): it must have been the
+    /// volume's newest snapshot, the one a copy was for; no readable snapshot of the volume is newer.
+    func noteFailure(of id: UUID) {
+        guard let store else { return }
+        for volume in store.allVolumes() {
+            volume.metadata.withLock { metadata in
+                guard let failed = metadata.failed.first(where: { $0.id == id }) else { return }
+                let newer = metadata.chain.filter { $0.sequence > failed.sequence }.map(\.id.guidString)
+                if !newer.isEmpty {
+                    policyViolations.append(
+                        "snapshot \(id.guidString) of \(volume.name) failed for space while newer snapshots \(newer) were ready"
+                    )
+                }
+            }
+        }
+    }
+
     /// Only `deleteOldest` deletes snapshots by itself; `failSnapshot` fails them and keeps them listed.
     var snapshotsMayVanish: Bool { diffLimit != nil && policy == .deleteOldest }
     var snapshotsMayFail: Bool { diffLimit != nil && policy == .failSnapshot }
