@@ -220,6 +220,11 @@ public final class NBDServer: Sendable {
         }
     }
 
+    /// How many NBD connections are open.
+    public var openConnections: Int {
+        state.withLock { $0.admission.openConnections }
+    }
+
     /// The addresses listened on.
     public var localAddresses: [SocketAddress] {
         state.withLock { $0.listeners.compactMap(\.channel.localAddress) }

@@ -73,6 +73,8 @@ struct EngineProvider: SnapshotProvider {
 struct DaemonRequests: ControlRequestHandler {
     let store: SnapshotStore
     let exports: ExportReconciler
+    /// What `status` reports about the daemon beyond the store.
+    let daemon: DaemonFacts
 
     func createVolume(_ params: CreateVolumeParams) async throws -> ShadowCopy.VolumeInfo {
         guard params.whenFull == nil || params.diffLimit != nil else {
@@ -158,7 +160,35 @@ struct DaemonRequests: ControlRequestHandler {
     }
 }
 
+/// The daemon's side of `status`: when it started, where it listens, its connections and writers.
+struct DaemonFacts: Sendable {
+    var startedAt: ContinuousClock.Instant
+    var listeners: [String]
+    var connections: @Sendable () -> Int
+    var writers: @Sendable () async -> WriterList
+}
+
 extension DaemonRequests {
+    func status() async throws -> StatusResult {
+        let now = Date()
+        let writers = await daemon.writers().writers
+        let snapshots = try store.snapshots()
+        let uptime = ContinuousClock.now - daemon.startedAt
+        return StatusResult(
+            version: Umbra.version,
+            uptimeSeconds: Double(uptime.components.seconds) + Double(uptime.components.attoseconds) / 1e18,
+            listeners: daemon.listeners, connections: daemon.connections(), writers: writers.count,
+            writerStates: Dictionary(writers.map { ($0.state.rawValue, 1) }, uniquingKeysWith: +),
+            volumes: store.volumes().map { volume in
+                let oldest = snapshots.filter { $0.volume == volume.name }.map(\.createdAt).min()
+                return StatusResult.Volume(
+                    name: volume.name, size: volume.size.rawValue, backend: "local",
+                    diffBytes: volume.diffBytes.rawValue, diffLimit: volume.diffLimit?.rawValue,
+                    snapshots: volume.snapshotCount,
+                    oldestSnapshotAgeSeconds: oldest.map { max(0, now.timeIntervalSince($0)) })
+            })
+    }
+
     func verify(_ params: VerifyParams) async throws -> VerifyResult {
         do {
             let reports = try await store.verify(volumes: params.volumes)

@@ -191,6 +191,7 @@ struct Serve: AsyncParsableCommand {
     }
 
     private func serve(logger: Logger) async throws {
+        let startedAt = ContinuousClock.now
         // From here on SIGINT and SIGTERM stop the daemon cleanly, whenever they arrive.
         TerminationSignal.install()
         DaemonFiles.restrictNewFiles()
@@ -265,7 +266,12 @@ struct Serve: AsyncParsableCommand {
             do {
                 controlServer = try await ControlServer.bind(
                     socketPath: controlPath, coordinator: coordinator,
-                    handler: DaemonRequests(store: store, exports: exports), group: controlLoop,
+                    handler: DaemonRequests(
+                        store: store, exports: exports,
+                        daemon: DaemonFacts(
+                            startedAt: startedAt, listeners: addresses, connections: { nbd.openConnections },
+                            writers: { await coordinator.listWriters() })),
+                    group: controlLoop,
                     logger: Logger(label: "umbra.control"))
             } catch {
                 await nbd.shutdown()

@@ -3,11 +3,16 @@ import Foundation
 
 @main
 struct Umbra: AsyncParsableCommand {
+    /// The version `umbra --version` and `umbra status` report.
+    static let version = "0.2.0"
+
     static let configuration = CommandConfiguration(
         commandName: "umbra",
         abstract: "Copy-on-write snapshots of block volumes, served over NBD.",
+        version: version,
         subcommands: [
             Serve.self, VolumeCommand.self, SnapshotCommand.self, WriterCommand.self, VerifyCommand.self,
+            StatusCommand.self,
             EngineShell.self,
         ]
     )

@@ -198,6 +198,12 @@ struct CannedHandler: ControlRequestHandler {
         DeleteSnapshotsResult(deleted: ids)
     }
 
+    func status() async throws -> StatusResult {
+        StatusResult(
+            version: "test", uptimeSeconds: 1, listeners: [], connections: 0, writers: 0, writerStates: [:],
+            volumes: [])
+    }
+
     func verify(_ params: VerifyParams) async throws -> VerifyResult {
         VerifyResult(
             volumes: params.volumes.map {

@@ -163,6 +163,59 @@ import UmbraTestSupport
         }
     }
 
+    /// `umbra status`: the JSON keys of the contract (every one present, `null` where unknown) with
+    /// values that match what the test did, and the human table's warning for a volume past 80 % of
+    /// its diff limit.
+    @Test func statusShowsTheDaemonAtAGlance() async throws {
+        try await DaemonFixture.with(volumes: ["disk:1M"]) { daemon in
+            let umbra = builtProduct("umbra")
+            let control = ["--control", daemon.controlSocket]
+            let create = try ChildProcess(
+                umbra, ["volume", "create", "small", "--size", "1M", "--diff-limit", "128K"] + control)
+            #expect(create.finish() == 0)
+            let client = try daemon.connect("disk")
+            let small = try daemon.connect("small")
+            try small.pwrite([UInt8](repeating: 1, count: 128 << 10), offset: 0)
+            let requester = try await daemon.control()
+            _ = try await requester.createSnapshotSet(CreateSetParams(volumes: ["small"], writers: false))
+            try small.pwrite([UInt8](repeating: 2, count: 128 << 10), offset: 0)
+
+            let version = try ChildProcess(umbra, ["--version"])
+            let versionText = version.readAll()
+            #expect(version.finish() == 0)
+            let status = try ChildProcess(umbra, ["status", "--json"] + control)
+            let text = status.readAll()
+            #expect(status.finish() == 0)
+            let json = try JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any]
+            #expect(json?["version"] as? String == versionText)
+            #expect((json?["uptimeSeconds"] as? Double).map { $0 >= 0 } == true)
+            #expect(json?["connections"] as? Int == 2)
+            #expect(json?["writers"] as? Int == 0)
+            #expect((json?["listeners"] as? [String])?.first == "unix:" + daemon.nbdSocket)
+            let volumes = json?["volumes"] as? [[String: Any]]
+            #expect(volumes?.map { $0["name"] as? String } == ["disk", "small"])
+            let disk = volumes?.first
+            #expect(disk?["backend"] as? String == "local")
+            #expect(disk?["size"] as? Int == 1 << 20)
+            #expect(disk?.keys.contains("diffLimit") == true && disk?["diffLimit"] is NSNull)
+            #expect(disk?["snapshots"] as? Int == 0)
+            #expect(disk?["oldestSnapshotAgeSeconds"] is NSNull)
+            let limited = volumes?.last
+            #expect(limited?["diffLimit"] as? Int == 128 << 10)
+            #expect(limited?["diffBytes"] as? Int == 128 << 10)
+            #expect(limited?["snapshots"] as? Int == 1)
+            #expect((limited?["oldestSnapshotAgeSeconds"] as? Double).map { $0 >= 0 } == true)
+
+            let human = try ChildProcess(umbra, ["status"] + control)
+            let table = human.readAll()
+            #expect(human.finish() == 0)
+            #expect(table.contains("Warning: volume 'small' holds 100 % of its diff limit"), "\(table)")
+            #expect(!table.contains("volume 'disk' holds"), "\(table)")
+            _ = client
+            await requester.close()
+        }
+    }
+
     /// One byte flipped in a diff store while the daemon runs: NBD reads of the snapshot that meet it
     /// get EIO (never the wrong bytes), other ranges read exactly, and `umbra verify` names the
     /// snapshot and range and exits 1; a clean volume verifies with exit 0.

@@ -111,6 +111,11 @@ public final class ControlClient: Sendable {
         try await call("verify", params: VerifyParams(volumes: volumes), as: VerifyResult.self)
     }
 
+    /// The daemon at a glance.
+    public func status() async throws -> StatusResult {
+        try await call("status", params: EmptyResult(), as: StatusResult.self)
+    }
+
     public func listWriters() async throws -> WriterList {
         try await call("writer.list", params: EmptyResult(), as: WriterList.self)
     }

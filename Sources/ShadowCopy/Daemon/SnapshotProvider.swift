@@ -73,4 +73,6 @@ public protocol ControlRequestHandler: Sendable {
     func changes(_ params: ChangesParams) async throws -> ChangeList
     /// Reads everything the volumes preserved and compares it with its checksums.
     func verify(_ params: VerifyParams) async throws -> VerifyResult
+    /// The daemon at a glance: version, uptime, listeners, connections, writers, volumes.
+    func status() async throws -> StatusResult
 }

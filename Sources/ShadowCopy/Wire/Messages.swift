@@ -225,6 +225,75 @@ public struct ChangeList: Codable, Sendable, Hashable {
     }
 }
 
+// MARK: - Status
+
+public struct StatusResult: Codable, Sendable, Hashable {
+    public struct Volume: Codable, Sendable, Hashable {
+        public var name: String
+        public var size: UInt64
+        /// "local" (the engine's own files); "rbd" once that provider exists.
+        public var backend: String
+        /// Bytes the diff store holds for this volume's snapshots.
+        public var diffBytes: UInt64
+        /// The diff-store limit in bytes; null when unlimited.
+        public var diffLimit: UInt64?
+        /// How many snapshots (ready, pending or failed).
+        public var snapshots: Int
+        /// Seconds since the oldest snapshot was taken; null without snapshots.
+        public var oldestSnapshotAgeSeconds: Double?
+
+        public init(
+            name: String, size: UInt64, backend: String, diffBytes: UInt64, diffLimit: UInt64?, snapshots: Int,
+            oldestSnapshotAgeSeconds: Double?
+        ) {
+            self.name = name
+            self.size = size
+            self.backend = backend
+            self.diffBytes = diffBytes
+            self.diffLimit = diffLimit
+            self.snapshots = snapshots
+            self.oldestSnapshotAgeSeconds = oldestSnapshotAgeSeconds
+        }
+
+        // Unknown values are written as null, not left out: scripts see every key.
+        public func encode(to encoder: any Encoder) throws {
+            var container = encoder.container(keyedBy: CodingKeys.self)
+            try container.encode(name, forKey: .name)
+            try container.encode(size, forKey: .size)
+            try container.encode(backend, forKey: .backend)
+            try container.encode(diffBytes, forKey: .diffBytes)
+            try container.encode(diffLimit, forKey: .diffLimit)
+            try container.encode(snapshots, forKey: .snapshots)
+            try container.encode(oldestSnapshotAgeSeconds, forKey: .oldestSnapshotAgeSeconds)
+        }
+    }
+
+    public var version: String
+    public var uptimeSeconds: Double
+    /// The NBD addresses the daemon listens on.
+    public var listeners: [String]
+    /// Open NBD connections.
+    public var connections: Int
+    /// Connected writers.
+    public var writers: Int
+    /// Connected writers by state (`stable`, `frozen`, …).
+    public var writerStates: [String: Int]
+    public var volumes: [Volume]
+
+    public init(
+        version: String, uptimeSeconds: Double, listeners: [String], connections: Int, writers: Int,
+        writerStates: [String: Int], volumes: [Volume]
+    ) {
+        self.version = version
+        self.uptimeSeconds = uptimeSeconds
+        self.listeners = listeners
+        self.connections = connections
+        self.writers = writers
+        self.writerStates = writerStates
+        self.volumes = volumes
+    }
+}
+
 // MARK: - Verification
 
 public struct VerifyParams: Codable, Sendable, Hashable {
