@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -90,7 +91,7 @@ class Soak:
         self.counts = dict.fromkeys(
             ["writes", "flushes", "write errors (daemon away)", "sets", "sets with writers", "vetoed or timed out",
              "sets failed (daemon away)", "snapshots deleted", "restarts after SIGTERM", "restarts after kill -9",
-             "sets rolled back at restart", "snapshots checked", "blocks checked"], 0)
+             "sets rolled back at restart", "bytes verified", "snapshots checked", "blocks checked"], 0)
         self.problem = None
 
     def count(self, name, n=1):
@@ -274,17 +275,29 @@ class Soak:
 
     # MARK: - The run
 
+    def guarded(self, target, *arguments):
+        """Runs a load thread's body; any exception fails the run (a thread must not die unseen)."""
+        try:
+            target(*arguments)
+        except Exception as error:  # noqa: BLE001 (reported, and fails the run)
+            self.fail("%s stopped: %s: %s" % (target.__name__, type(error).__name__, error))
+
     def run(self):
         os.makedirs(self.work, exist_ok=True)
+        # A copy of its own: a rebuild of the repository's binary during the run must not touch it.
+        copy = os.path.join(self.work, "umbra")
+        shutil.copy2(self.umbra, copy)
+        self.umbra = copy
         self.start_daemon()
         writer = subprocess.Popen(
             [sys.executable, os.path.join(os.path.dirname(__file__), "..", "umbra_writer.py"), "--socket",
              self.control, "--name", "soak", "--volume", "a", "--reconnect", "0.2", "--on-freeze",
              "case $(( $(od -An -N1 -tu1 /dev/urandom) % 8 )) in 0) echo soak veto; exit 1;; 1) sleep 5;; esac"],
             stdout=subprocess.DEVNULL, stderr=open(os.path.join(self.work, "writer.log"), "ab"))
-        threads = [threading.Thread(target=self.client, args=(v, i), daemon=True)
+        threads = [threading.Thread(target=self.guarded, args=(self.client, v, i), daemon=True)
                    for v in VOLUMES for i in range(WRITERS_PER_VOLUME)]
-        threads += [threading.Thread(target=self.sets, daemon=True), threading.Thread(target=self.deleter, daemon=True)]
+        threads += [threading.Thread(target=self.guarded, args=(body,), daemon=True)
+                    for body in (self.sets, self.deleter)]
         for thread in threads:
             thread.start()
         try:
@@ -308,14 +321,22 @@ class Soak:
             raise Failure(self.problem)
         self.stop_daemon(kill=False)
         if os.environ.get("SOAK_DAMAGE") == "1":
-            # The check's own teeth: one flipped byte in a diff store must fail the run.
-            with open(os.path.join(self.data, "volumes", "1", "diff"), "r+b") as diff:
-                diff.seek(4096 * 3 + 17)
-                byte = diff.read(1)
-                diff.seek(4096 * 3 + 17)
-                diff.write(bytes([byte[0] ^ 1]))
+            # The check's own teeth: a flipped byte in every chunk of the diff stores must fail the run.
+            for number in ("1", "2"):
+                with open(os.path.join(self.data, "volumes", number, "diff"), "r+b") as diff:
+                    size = os.fstat(diff.fileno()).st_size
+                    for offset in range(17, size, 64 << 10):
+                        diff.seek(offset)
+                        byte = diff.read(1)
+                        diff.seek(offset)
+                        diff.write(bytes([byte[0] ^ 1]))
         self.start_daemon()
         self.check_listed()
+        # Every preserved chunk against its checksum, before the block-by-block check.
+        status, out, err = self.cli("verify", "--json", timeout=600)
+        if status != 0:
+            raise Failure("umbra verify failed (exit %d): %s %s" % (status, out.strip()[:400], err.strip()))
+        self.count("bytes verified", sum(v["bytesChecked"] for v in json.loads(out)["volumes"]))
         with self.lock:
             snapshots = dict(self.snapshots)
         # Deletions that got no answer: those that did not happen are checked like the others.

@@ -284,10 +284,15 @@ struct Serve: AsyncParsableCommand {
                     "volumes": "\(store.volumes().map(\.name).joined(separator: ","))",
                     "nbd": "\(addresses.joined(separator: ","))", "control": "\(controlPath)",
                 ])
-            // One line on stdout says the daemon is ready (scripts wait for it).
+            // One line on stdout says the daemon is ready (scripts wait for it), and so does a
+            // notification to systemd when it started the daemon (Type=notify).
             try? FileHandle.standardOutput.write(
                 contentsOf: Data("ready nbd=\(addresses.joined(separator: ",")) control=\(controlPath)\n".utf8))
+            SystemdNotify.send(
+                "READY=1\nSTATUS=serving \(store.volumes().count) volumes on \(addresses.joined(separator: ", "))",
+                logger: logger)
             let signal = await TerminationSignal.wait()
+            SystemdNotify.send("STOPPING=1", logger: logger)
             logger.info("stopping", metadata: ["signal": "\(signal.map { String($0) } ?? "none")"])
             // In order: accept nothing more; answer the requester of a set in progress and abort its
             // writers (the set is rolled back); answer what NBD clients have in flight; make it all

@@ -264,8 +264,14 @@ final class CatalogLog: Sendable {
         return try await io.run {
             if directory.fileExists(newFileName) { try directory.removeFile(newFileName) }
             let storage = try directory.openFile(newFileName, mode: .createNew)
-            try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: .zero, $0) }
-            try storage.synchronize()
+            do {
+                try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: .zero, $0) }
+                try storage.synchronize()
+            } catch {
+                // Give the space back at once (a full disk is the likely cause).
+                try? directory.removeFile(newFileName)
+                throw error
+            }
             return storage
         }
     }
@@ -352,19 +358,26 @@ final class CatalogLog: Sendable {
                 let storage = batch.storage
                 let allocatedEnd = preallocatedEnd
                 let first = written == 0 && batch.failsCleanly
-                try await io.run {
-                    do {
-                        if let growTo {
+                let grew = try await io.run {
+                    // Growing ahead is only an optimisation: on a full disk the batch itself may
+                    // still fit, so it goes out without it.
+                    var grown = false
+                    if let growTo {
+                        do {
                             try storage.preallocate(
                                 at: ByteOffset(allocatedEnd), count: ByteCount(growTo - allocatedEnd))
-                        }
+                            grown = true
+                        } catch let error as BlockIOError where error.errno == .noSpace {}
+                    }
+                    do {
                         try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: ByteOffset(offset), $0) }
                     } catch let error as BlockIOError where first && error.errno == .noSpace {
                         throw NoRoomForBatch(error: error)
                     }
                     try storage.synchronize(retryingForTesting: retrying)
+                    return grown
                 }
-                if let growTo { preallocatedEnd = growTo }
+                if grew, let growTo { preallocatedEnd = growTo }
                 tail += UInt64(bytes.count)
                 written += UInt64(bytes.count)
                 sequence += 1

@@ -67,7 +67,9 @@ extension SnapshotStore {
         }
         guard !references.isEmpty else { return deletedIDs }
         do {
-            try await context.catalog.append([.snapshotsDeleted(references)])
+            // Nothing changes in memory before the record is durable, and a failure undoes the
+            // marks (the gates are held, so no other deletion marked anything here): it fails cleanly.
+            try await context.catalog.append([.snapshotsDeleted(references)], failsCleanly: true)
         } catch {
             for volume in ordered {
                 volume.metadata.withLock { metadata in

@@ -187,8 +187,8 @@ public final class SnapshotStore: Sendable {
             // Drain the writers that already passed the gate; the ones behind it will see `closed`.
             try? await volume.gate.acquireExclusive()
             do {
-                let live = volume.live
-                try await context.io.run { try live.synchronize() }
+                let liveSync = volume.liveSync
+                try await context.io.run { try liveSync.synchronize() }
             } catch {
                 if firstError == nil { firstError = error }
             }

@@ -5,23 +5,34 @@
 // "unchecked", read as they are and reported as such by verification.
 
 struct SlotChecksums: Sendable {
+    /// Slots below this are kept in the array; a slot number above it (only a damaged or hostile
+    /// catalog could hold one: it would be a diff store of petabytes) goes to a dictionary, so no
+    /// record can make the array absurdly large.
+    static let arrayLimit: UInt64 = 1 << 32
+
     private var values: ContiguousArray<UInt32> = []
+    private var beyondArray: [UInt64: UInt32] = [:]
     private var unchecked: Set<UInt64> = []
 
     /// The checksum of the copy in `slot`; nil if it was recorded without one.
     func checksum(of slot: DiffSlot) -> UInt32? {
         if !unchecked.isEmpty, unchecked.contains(slot.rawValue) { return nil }
+        guard slot.rawValue < Self.arrayLimit else { return beyondArray[slot.rawValue] }
         return slot.rawValue < UInt64(values.count) ? values[Int(slot.rawValue)] : nil
     }
 
     mutating func set(_ checksum: UInt32?, of slot: DiffSlot) {
         guard !slot.isZero else { return }
-        let index = Int(slot.rawValue)
         guard let checksum else {
             unchecked.insert(slot.rawValue)
             return
         }
         if !unchecked.isEmpty { unchecked.remove(slot.rawValue) }
+        guard slot.rawValue < Self.arrayLimit else {
+            beyondArray[slot.rawValue] = checksum
+            return
+        }
+        let index = Int(slot.rawValue)
         if index >= values.count {
             values.append(contentsOf: repeatElement(0, count: max(index + 1 - values.count, values.count)))
         }

@@ -107,9 +107,11 @@ extension Volume {
                 let shift = chunkShift
                 let runs = Self.runs(of: slots.map(\.rawValue).sorted())
                 try? await context.io.run {
-                    for run in runs {
-                        try diff.discard(
-                            at: ByteOffset(run.first << shift), count: ByteCount(UInt64(run.count) << shift))
+                    // Only what the file holds: discarding past its end could write zeros there.
+                    let end = try diff.size().rawValue
+                    for run in runs where run.first << shift < end {
+                        let count = min(UInt64(run.count) << shift, end - (run.first << shift))
+                        try diff.discard(at: ByteOffset(run.first << shift), count: ByteCount(count))
                     }
                 }
             }

@@ -39,7 +39,8 @@ extension Volume {
         let reference = SnapshotReference(volume: id, sequence: snapshot.sequence)
         do {
             try await context.catalog.append(
-                [policy == .deleteOldest ? .snapshotsDeleted([reference]) : .snapshotFailed(reference, reason: reason)])
+                [policy == .deleteOldest ? .snapshotsDeleted([reference]) : .snapshotFailed(reference, reason: reason)],
+                failsCleanly: true)
         } catch {
             metadata.withLock { metadata in
                 if let position = metadata.position(of: snapshot.sequence) {

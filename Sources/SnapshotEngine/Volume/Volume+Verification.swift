@@ -42,13 +42,16 @@ extension Volume {
         -> VerificationReport
     {
         try checkUsable()
-        let (copies, snapshotsChecked) = metadata.withLock { metadata in
+        var (copies, snapshotsChecked) = metadata.withLock { metadata in
             var copies: [(slot: DiffSlot, chunk: UInt64)] = []
+            copies.reserveCapacity(metadata.index.count)
             metadata.index.forEach { chunk, preservation in
                 if !preservation.slot.isZero { copies.append((preservation.slot, chunk)) }
             }
-            return (copies.sorted { $0.slot < $1.slot }, metadata.chain.count)
+            return (copies, metadata.chain.count)
         }
+        // Sorted outside the lock: writes and reads of the volume need it meanwhile.
+        copies.sort { $0.slot < $1.slot }
         let chunkBytes = self.chunkBytes
         let total = UInt64(copies.count) * UInt64(chunkBytes)
         var report = VerificationReport(

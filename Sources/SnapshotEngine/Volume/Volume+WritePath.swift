@@ -29,6 +29,10 @@ extension Volume {
             context.configuration.brokenOrderingForTesting == .liveWriteBeforeCopyCommit ? EarlyLiveWrite(apply) : nil
         var beforeCommit: (@Sendable () throws -> Void)?
         if let early { beforeCommit = { try early.run() } }
+        // A full file system gives way to the volume's policy once per write: if that freed no
+        // room (another process holds the space, or holes cannot be punched), the write fails with
+        // ENOSPC rather than taking every snapshot of the volume with it.
+        var reclaimedForFullFileSystem = false
         while true {
             await gate.enter()
             let outcome: CopyOutcome
@@ -43,6 +47,13 @@ extension Volume {
             }
             if outcome != .done {
                 gate.leave()
+                if outcome == .fileSystemFull {
+                    guard !reclaimedForFullFileSystem else {
+                        throw EngineError.io(
+                            BlockIOError(.system(.noSpace), operation: "copy-on-write", path: diff.path))
+                    }
+                    reclaimedForFullFileSystem = true
+                }
                 try await reclaimSpace(fileSystemFull: outcome == .fileSystemFull)
                 continue
             }

@@ -249,35 +249,44 @@ public final class Volume: Sendable {
     }
 }
 
-/// A file's syncs, latched: once one fails, every later one fails with the same error (see
-/// `Volume.liveSync`).
+/// A file's syncs, serialized and latched: once one fails, every later one fails with the same error
+/// (see `Volume.liveSync`).
 final class StorageSync: Sendable {
     let storage: any BlockStorage
     private let retryingForTesting: Bool
-    private let state = Mutex<(failure: BlockIOError?, reported: Bool)>((nil, false))
+    /// Held across the fdatasync itself.
+    private let syncing = Mutex<Void>(())
+    /// The failure, readable at any time without waiting for a sync under way (every write checks it).
+    private let latched = Mutex<BlockIOError?>(nil)
+    /// Set with `latched`, so the write path's check costs one atomic load.
+    private let failed = Atomic<Bool>(false)
+    private let reported = Atomic<Bool>(false)
 
     init(_ storage: any BlockStorage, retryingForTesting: Bool) {
         self.storage = storage
         self.retryingForTesting = retryingForTesting
     }
 
-    var failure: BlockIOError? { state.withLock { $0.failure } }
+    var failure: BlockIOError? { failed.load(ordering: .acquiring) ? latched.withLock { $0 } : nil }
 
+    /// One sync at a time: Linux reports a writeback error to only one of two overlapping
+    /// fdatasyncs of a descriptor, so an overlapping one could succeed over dropped pages.
+    /// Serialized, the second starts after the first has latched the failure, and fails too.
     func synchronize() throws(BlockIOError) {
-        if let failure { throw failure }
-        do {
-            try storage.synchronize(retryingForTesting: retryingForTesting)
-        } catch {
-            state.withLock { $0.failure = $0.failure ?? error }
-            throw error
+        try syncing.withLock { (_: inout Void) throws(BlockIOError) in
+            if let failure { throw failure }
+            do throws(BlockIOError) {
+                try storage.synchronize(retryingForTesting: retryingForTesting)
+            } catch {
+                latched.withLock { $0 = $0 ?? error }
+                failed.store(true, ordering: .releasing)
+                throw error
+            }
         }
     }
 
     /// True once, for the first caller to report the failure.
     func failedFirst(with error: BlockIOError) -> Bool {
-        state.withLock { state in
-            defer { state.reported = true }
-            return !state.reported
-        }
+        !reported.exchange(true, ordering: .relaxed)
     }
 }

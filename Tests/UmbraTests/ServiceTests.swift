@@ -1,0 +1,69 @@
+// Running under systemd: the daemon says READY=1 once it serves and STOPPING=1 when SIGTERM comes,
+// to the datagram socket NOTIFY_SOCKET names (here a fake one the test binds); the unit files verify.
+
+import Foundation
+import Testing
+import UmbraTestSupport
+
+#if canImport(Glibc)
+    import Glibc
+#endif
+
+@Suite struct ServiceTests {
+    @Test func notifiesSystemdWhenReadyAndWhenStopping() async throws {
+        try await TemporaryDirectory.with("umbra-notify") { directory in
+            let listener = try NotifyListener(path: directory.path + "/notify.sock")
+            defer { listener.close() }
+            var environment = ProcessInfo.processInfo.environment
+            environment["NOTIFY_SOCKET"] = listener.path
+            let daemon = try ChildProcess(
+                builtProduct("umbra"),
+                [
+                    "serve", "--data", directory.path + "/data", "--listen", "unix:" + directory.path + "/nbd.sock",
+                    "--control", directory.path + "/control.sock", "--volume", "disk:1M", "--log-level", "warning",
+                ],
+                environment: environment)
+            let ready = await onOwnThread { listener.receive() }
+            #expect(ready?.hasPrefix("READY=1\n") == true, "\(ready ?? "nothing")")
+            #expect(ready?.contains("STATUS=serving 1 volumes") == true, "\(ready ?? "nothing")")
+            #expect(daemon.readLine()?.hasPrefix("ready ") == true)
+            kill(daemon.processIdentifier, SIGTERM)
+            let stopping = await onOwnThread { listener.receive() }
+            #expect(stopping == "STOPPING=1")
+            #expect(daemon.finish() == 0)
+        }
+    }
+}
+
+/// A bound Unix datagram socket, as systemd's notification socket is.
+final class NotifyListener: @unchecked Sendable {
+    let path: String
+    private let descriptor: Int32
+
+    init(path: String) throws {
+        self.path = path
+        descriptor = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard descriptor >= 0 else { throw FixtureError("socket: \(String(cString: strerror(errno)))") }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: Array(path.utf8) + [0]) }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(descriptor, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        guard bound == 0 else { throw FixtureError("bind \(path): \(String(cString: strerror(errno)))") }
+        // A daemon that never notifies fails the test after a minute rather than hanging it.
+        var timeout = timeval(tv_sec: 60, tv_usec: 0)
+        setsockopt(descriptor, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// The next datagram, or nil after a minute without one.
+    func receive() -> String? {
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        let count = buffer.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress, $0.count, 0) }
+        return count > 0 ? String(decoding: buffer[..<count], as: UTF8.self) : nil
+    }
+
+    func close() { Glibc.close(descriptor) }
+}
