@@ -17,6 +17,7 @@ packages=(
     e2fsprogs fuse3 util-linux                     # mkfs.ext4, fsck, fusermount3, losetup
     python3 python3-fusepy                         # the Python writer and nbdsh; Scripts/testing/faultfs.py
     openssl                                        # certificates made at test time (test-tls.sh)
+    man-db systemd                                 # man and systemd-analyze (test-install.sh, the unit test)
 )
 
 if [ "${1:-}" = "--build" ]; then

@@ -1,5 +1,7 @@
-// Running under systemd: the daemon says READY=1 once it serves and STOPPING=1 when SIGTERM comes,
-// to the datagram socket NOTIFY_SOCKET names (here a fake one the test binds); the unit files verify.
+// Running as a service: the daemon says READY=1 once it serves and STOPPING=1 when SIGTERM comes, to
+// the datagram socket NOTIFY_SOCKET names (here a fake one the test binds); the systemd unit
+// verifies; the completion scripts come out of the binary. (Scripts/interop/test-install.sh runs
+// Scripts/install.sh itself and checks the manual pages.)
 
 import Foundation
 import Testing
@@ -32,6 +34,47 @@ import UmbraTestSupport
             #expect(stopping == "STOPPING=1")
             #expect(daemon.finish() == 0)
         }
+    }
+
+    /// The unit file, with the binary this build made, passes `systemd-analyze verify` without a
+    /// word (it exits 0 even on a line it ignores, so any output counts as a failure). The manual
+    /// pages it names are checked where they are installed (test-install.sh), not here.
+    @Test func theUnitFileVerifies() async throws {
+        try await TemporaryDirectory.with("umbra-unit") { directory in
+            let template = try String(
+                contentsOfFile: Self.repository + "/Scripts/systemd/umbra.service.in", encoding: .utf8)
+            let binary = URL(fileURLWithPath: builtProduct("umbra")).deletingLastPathComponent().path
+            let unit = directory.path + "/umbra.service"
+            try template.replacingOccurrences(of: "@BINDIR@", with: binary).write(
+                toFile: unit, atomically: true, encoding: .utf8)
+            let verify = try ChildProcess(
+                "/usr/bin/systemd-analyze", ["verify", "--man=no", unit], captureStandardError: true)
+            let output = verify.readAll()
+            #expect(verify.finish() == 0)
+            #expect(output.isEmpty && verify.standardErrorText.isEmpty, "\(output)\(verify.standardErrorText)")
+        }
+    }
+
+    /// Completion scripts for bash, zsh and fish come from the binary; bash's parses.
+    @Test func completionScripts() async throws {
+        for shell in ["bash", "zsh", "fish"] {
+            let script = try ChildProcess(builtProduct("umbra"), ["--generate-completion-script", shell])
+            let text = script.readAll()
+            #expect(script.finish() == 0)
+            #expect(text.contains("verify") && text.contains("status") && text.contains("snapshot"), "\(shell)")
+            if shell == "bash" {
+                try await TemporaryDirectory.with("umbra-completion") { directory in
+                    try text.write(toFile: directory.path + "/umbra.bash", atomically: true, encoding: .utf8)
+                    let check = try ChildProcess("/bin/bash", ["-n", directory.path + "/umbra.bash"])
+                    #expect(check.finish() == 0)
+                }
+            }
+        }
+    }
+
+    static var repository: String {
+        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+            .deletingLastPathComponent().path
     }
 }
 

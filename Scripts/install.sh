@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs Umbra: the release binary, a manual page for every command (swift-argument-parser's
+# generate-manual), bash, zsh and fish completions, and the systemd unit.
+#   Scripts/install.sh                    into /usr/local (the unit into /etc/systemd/system)
+#   Scripts/install.sh --prefix DIR       into DIR (the unit into DIR/lib/systemd/system)
+# Then, as root: systemctl daemon-reload && systemctl enable --now umbra.
+# There is no umbra.socket: the daemon does not take its listening sockets from systemd (only
+# `umbra serve --stdio` accepts socket activation, for NBD clients that start their own server).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source Scripts/env.sh
+
+prefix=/usr/local
+units=/etc/systemd/system
+while [ $# -gt 0 ]; do
+    case $1 in
+    --prefix)
+        prefix=${2:?--prefix needs a directory}
+        units=$prefix/lib/systemd/system
+        shift 2
+        ;;
+    -h | --help)
+        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        exit 0
+        ;;
+    *)
+        echo "install: unknown argument '$1' (see --help)" >&2
+        exit 2
+        ;;
+    esac
+done
+prefix=$(mkdir -p "$prefix" && cd "$prefix" && pwd)
+
+Scripts/install-dependencies.sh --build
+echo "install: building umbra (release)" >&2
+swift build -c release --product umbra >&2
+staging=$(mktemp -d)
+trap 'rm -rf "$staging"' EXIT
+echo "install: generating manual pages" >&2
+mkdir -p "$staging/man"
+swift package --allow-writing-to-package-directory generate-manual --multi-page \
+    --output-directory "$staging/man" >&2
+binary=.build/release/umbra
+
+install -d "$prefix/bin" "$prefix/share/man/man1" "$prefix/share/bash-completion/completions" \
+    "$prefix/share/zsh/site-functions" "$prefix/share/fish/vendor_completions.d" "$units"
+install -m 0755 "$binary" "$prefix/bin/umbra"
+pages=$(find "$staging/man" -name '*.1' | wc -l)
+find "$staging/man" -name '*.1' -exec install -m 0644 {} "$prefix/share/man/man1/" \;
+"$binary" --generate-completion-script bash >"$prefix/share/bash-completion/completions/umbra"
+"$binary" --generate-completion-script zsh >"$prefix/share/zsh/site-functions/_umbra"
+"$binary" --generate-completion-script fish >"$prefix/share/fish/vendor_completions.d/umbra.fish"
+sed "s|@BINDIR@|$prefix/bin|g" Scripts/systemd/umbra.service.in >"$units/umbra.service"
+chmod 0644 "$units/umbra.service"
+echo "install: umbra in $prefix/bin, $pages manual pages, completions for bash, zsh and fish," \
+    "and $units/umbra.service" >&2
