@@ -36,7 +36,8 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "The data directory (created if missing).")
     var data: String = "./umbra-data"
 
-    @Option(help: "Where to serve NBD: tcp://HOST:PORT or unix:PATH. Repeat for several.")
+    @Option(
+        help: "Where to serve NBD: tcp://HOST:PORT or unix:PATH. Repeat for several. (default: tcp://127.0.0.1:10809)")
     var listen: [String] = []
 
     @Option(help: "The control socket (default: DATA/control.sock).")
@@ -104,6 +105,13 @@ struct Serve: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    enum LogFormat: String, ExpressibleByArgument, CaseIterable {
+        case text, json
+    }
+
+    @Option(help: "Log lines as text, or as one JSON object each (on stderr either way).")
+    var logFormat: LogFormat = .text
+
     func validate() throws {
         let names = try volumeSpecs().map(\.name) + volumeFiles().map(\.name)
         if Set(names).count != names.count { throw ValidationError("Each volume may be named once.") }
@@ -166,8 +174,10 @@ struct Serve: AsyncParsableCommand {
 
     func run() async throws {
         let level = Logger.Level(rawValue: logLevel) ?? .info
+        let format = logFormat
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            var handler: any LogHandler =
+                format == .json ? JSONLogHandler(label: label) : StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }

@@ -1,9 +1,10 @@
-// Running as a service: the daemon says READY=1 once it serves and STOPPING=1 when SIGTERM comes, to
+// Running as a service: structured logs, one line per set; the daemon says READY=1 once it serves and STOPPING=1 when SIGTERM comes, to
 // the datagram socket NOTIFY_SOCKET names (here a fake one the test binds); the systemd unit
 // verifies; the completion scripts come out of the binary. (Scripts/interop/test-install.sh runs
 // Scripts/install.sh itself and checks the manual pages.)
 
 import Foundation
+import ShadowCopy
 import Testing
 import UmbraTestSupport
 
@@ -33,6 +34,40 @@ import UmbraTestSupport
             let stopping = await onOwnThread { listener.receive() }
             #expect(stopping == "STOPPING=1")
             #expect(daemon.finish() == 0)
+        }
+    }
+
+    /// `--log-format json`: every line on stderr is one JSON object with time, level, label and
+    /// message; each set gets exactly one line with its duration, hold time and writers; a hundred
+    /// NBD writes add no line at all.
+    @Test func structuredLogsWithOneLinePerSet() async throws {
+        let daemon = try DaemonFixture.start(
+            volumes: ["disk:1M"], extraArguments: ["--log-format", "json"], capturingLog: true)
+        let client = try daemon.connect("disk")
+        for index in 0..<100 { try client.pwrite([UInt8](repeating: UInt8(index), count: 4096), offset: 0) }
+        let requester = try await daemon.control()
+        var sets: [UUID] = []
+        for _ in 0..<2 {
+            sets.append(try await requester.createSnapshotSet(CreateSetParams(volumes: ["disk"], writers: false)).set)
+        }
+        await requester.close()
+        #expect(daemon.stop() == 0)
+        let lines = daemon.log.split(separator: "\n").map(String.init)
+        #expect(!lines.isEmpty && lines.count < 30, "\(lines.count) lines: \(lines)")
+        var setLines: [[String: Any]] = []
+        for line in lines {
+            let object = try JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any]
+            #expect(object != nil, "not a JSON object: \(line)")
+            guard let object else { continue }
+            for key in ["time", "level", "label", "message"] { #expect(object[key] is String, "\(key) in \(line)") }
+            if object["message"] as? String == "shadow copy set created" { setLines.append(object) }
+        }
+        #expect(setLines.map { $0["shadow.set"] as? String } == sets.map { $0.uuidString.lowercased() })
+        for line in setLines {
+            #expect((line["shadow.duration_ms"] as? String).flatMap(Double.init) != nil, "\(line)")
+            #expect((line["shadow.hold_ms"] as? String).flatMap(Double.init) != nil, "\(line)")
+            #expect(line["shadow.volumes"] as? String == "disk")
+            #expect(line["shadow.writers"] as? String == "")
         }
     }
 

@@ -118,6 +118,7 @@ extension ShadowCopyCoordinator {
             Task { [provider] in
                 do {
                     let committed = try await provider.commitSnapshotSet(token, keep: keep)
+                    self.noteReleased(set: id)
                     self.drive(set: id) { machine, now in machine.providerCommitted(committed, now: now) }
                 } catch {
                     self.drive(set: id) { machine, now in
@@ -140,6 +141,7 @@ extension ShadowCopyCoordinator {
             guard let token = active.token else { preconditionFailure("release without a hold") }
             Task { [provider] in
                 await provider.abortSnapshotSet(token)
+                self.noteReleased(set: id)
                 self.drive(set: id) { machine, _ in machine.providerReleased() }
             }
         case .deleteSet:
@@ -166,7 +168,13 @@ extension ShadowCopyCoordinator {
     }
 
     func prepared(set id: UUID, token: Provider.HoldToken) {
-        update { if $0.machine.id == id { $0.token = token } }
+        let now = clock.now
+        update {
+            if $0.machine.id == id {
+                $0.token = token
+                $0.heldAt = now
+            }
+        }
         drive(set: id) { machine, now in machine.providerPrepared(now: now) }
     }
 
@@ -194,21 +202,49 @@ extension ShadowCopyCoordinator {
         record.sink(WriterEventDelivery(requestID: requestID, event: event, params: params))
     }
 
+    /// The provider released the set's hold (by committing or aborting).
+    func noteReleased(set id: UUID) {
+        let now = clock.now
+        update { if $0.machine.id == id, $0.releasedAt == nil { $0.releasedAt = now } }
+    }
+
+    /// The one log line per set: its outcome, how long it took, how long writes were held, and the
+    /// writers with the state each ended in.
+    func logFinished(_ active: ActiveSet, result: SnapshotSetResult?, error: ShadowCopyError?) {
+        func milliseconds(_ duration: Duration) -> String {
+            let (seconds, attoseconds) = duration.components
+            return String(format: "%.1f", Double(seconds) * 1000 + Double(attoseconds) / 1e15)
+        }
+        var metadata: Logger.Metadata = [
+            "shadow.set": "\(active.machine.id.guidString)",
+            "shadow.volumes": "\(active.machine.volumes.joined(separator: ","))",
+            "shadow.duration_ms": "\(milliseconds(active.startedAt.duration(to: clock.now)))",
+        ]
+        if let heldAt = active.heldAt {
+            metadata["shadow.hold_ms"] = "\(milliseconds(heldAt.duration(to: active.releasedAt ?? clock.now)))"
+        }
+        let writers = result?.writers ?? active.machine.writerInfos()
+        metadata["shadow.writers"] = "\(writers.map { "\($0.name):\($0.state.rawValue)" }.joined(separator: ","))"
+        if let error {
+            metadata["shadow.error"] = "\(error.message)"
+            logger.notice("shadow copy set aborted", metadata: metadata)
+        } else {
+            logger.info("shadow copy set created", metadata: metadata)
+        }
+    }
+
     func finish(_ active: ActiveSet, outcome: Machine.Outcome) {
         active.timer?.cancel()
         defer { for waiter in active.finishWaiters { waiter.resume() } }
         switch outcome {
         case .created:
             let result = active.machine.result()!
-            logger.debug("shadow copy set created", metadata: ["shadow.set": "\(result.set.guidString)"])
+            logFinished(active, result: result, error: nil)
             active.createWaiter?.resume(returning: result)
             active.completeWaiter?.resume(returning: result)
             active.abortWaiter?.resume()
         case .failed(let error):
-            logger.debug(
-                "shadow copy set aborted",
-                metadata: ["shadow.set": "\(active.machine.id.guidString)", "shadow.error": "\(error.message)"]
-            )
+            logFinished(active, result: nil, error: error)
             active.createWaiter?.resume(throwing: error)
             active.completeWaiter?.resume(throwing: error)
             active.abortWaiter?.resume()

@@ -43,6 +43,10 @@ where C.Duration == Duration {
         var prepareTask: Task<Void, Never>?
         /// Callers waiting for the set to be finished, clean-up included (shutdown).
         var finishWaiters: [CheckedContinuation<Void, Never>] = []
+        /// When the set began, when writes were held, and when they were released: its one log line.
+        var startedAt: C.Instant
+        var heldAt: C.Instant?
+        var releasedAt: C.Instant?
     }
 
     enum Slot {
@@ -224,7 +228,8 @@ where C.Duration == Duration {
             ]
         )
         return try await withCheckedThrowingContinuation { continuation in
-            slot = .running(ActiveSet(machine: machine, requester: requester, createWaiter: continuation))
+            slot = .running(
+                ActiveSet(machine: machine, requester: requester, createWaiter: continuation, startedAt: clock.now))
             drive(set: machine.id) { machine, now in machine.start(now: now) }
         }
     }
