@@ -41,13 +41,14 @@ public final class NBDServer: Sendable {
         var nextConnectionID: UInt64 = 0
         var isShuttingDown = false
         var admission: NBDConnectionAdmission
+        /// What new connections get: TLS and access rules can be replaced by `reload`.
+        var environment: NBDConnectionHandler.Environment
     }
 
     public let registry: NBDExportRegistry
     public let configuration: Configuration
     private let group: any EventLoopGroup
     private let logger: Logger
-    private let environment: NBDConnectionHandler.Environment
     private let executors: [ObjectIdentifier: EventLoopTaskExecutor]
     private let bufferPools: [ObjectIdentifier: NBDBufferPool]
     private let state: Mutex<State>
@@ -65,17 +66,19 @@ public final class NBDServer: Sendable {
         self.configuration = configuration
         self.group = group
         self.logger = logger
-        self.state = Mutex(State(admission: NBDConnectionAdmission(limits: configuration.limits)))
         var zeroes = ByteBufferAllocator().buffer(capacity: Self.zeroBytes)
         zeroes.writeRepeatingByte(0, count: Self.zeroBytes)
-        self.environment = .init(
-            registry: registry,
-            limits: configuration.limits,
-            tls: configuration.tls,
-            accessPolicy: configuration.accessPolicy,
-            zeroes: zeroes,
-            budget: NBDInFlightBudget(capacityBytes: configuration.limits.maximumServerInFlightBytes)
-        )
+        self.state = Mutex(
+            State(
+                admission: NBDConnectionAdmission(limits: configuration.limits),
+                environment: .init(
+                    registry: registry,
+                    limits: configuration.limits,
+                    tls: configuration.tls,
+                    accessPolicy: configuration.accessPolicy,
+                    zeroes: zeroes,
+                    budget: NBDInFlightBudget(capacityBytes: configuration.limits.maximumServerInFlightBytes)
+                )))
         var executors: [ObjectIdentifier: EventLoopTaskExecutor] = [:]
         var bufferPools: [ObjectIdentifier: NBDBufferPool] = [:]
         for loop in group.makeIterator() {
@@ -217,6 +220,22 @@ public final class NBDServer: Sendable {
             try await export.flush()
         } catch {
             throw NBDError(.eio, "flushing export \"\(export.name)\" failed: \(error)")
+        }
+    }
+
+    /// Replaces the TLS configuration (certificates, keys) and the access rules that connections
+    /// accepted from now on get; open connections keep what they negotiated with. TLS cannot be
+    /// switched on or off this way (that would change what a listener promises): it throws instead.
+    public func reload(tls: NBDTLSConfiguration?, accessPolicy: NBDAccessPolicy?) throws {
+        try state.withLock { state in
+            guard (tls == nil) == (state.environment.tls == nil) else {
+                throw NBDReloadError(
+                    description: tls == nil
+                        ? "TLS cannot be switched off by a reload (restart the daemon for that)"
+                        : "TLS cannot be switched on by a reload (restart the daemon for that)")
+            }
+            state.environment.tls = tls
+            state.environment.accessPolicy = accessPolicy
         }
     }
 
@@ -388,7 +407,7 @@ public final class NBDServer: Sendable {
             throw NBDError(.eio, "the channel's event loop is not in the server's group")
         }
         let handler = NBDConnectionHandler(
-            environment: environment,
+            environment: state.withLock { $0.environment },
             executor: executor,
             buffers: buffers,
             allocator: channel.allocator,
@@ -413,4 +432,9 @@ public final class NBDServer: Sendable {
             SocketFile.remove(path: path, ifStill: identity)
         }
     }
+}
+
+/// Why `NBDServer.reload` refused a new configuration (the old one stays).
+public struct NBDReloadError: Error, CustomStringConvertible {
+    public let description: String
 }

@@ -166,6 +166,10 @@ struct DaemonFacts: Sendable {
     var listeners: [String]
     var connections: @Sendable () -> Int
     var writers: @Sendable () async -> WriterList
+    /// Re-reads the reloadable configuration (see `Serve.reload`).
+    var reload: @Sendable () throws -> ReloadResult
+    /// Successful reloads so far.
+    var reloads: @Sendable () -> Int
 }
 
 extension DaemonRequests {
@@ -179,6 +183,7 @@ extension DaemonRequests {
             uptimeSeconds: Double(uptime.components.seconds) + Double(uptime.components.attoseconds) / 1e18,
             listeners: daemon.listeners, connections: daemon.connections(), writers: writers.count,
             writerStates: Dictionary(writers.map { ($0.state.rawValue, 1) }, uniquingKeysWith: +),
+            reloads: daemon.reloads(),
             volumes: store.volumes().map { volume in
                 let oldest = snapshots.filter { $0.volume == volume.name }.map(\.createdAt).min()
                 return StatusResult.Volume(
@@ -187,6 +192,10 @@ extension DaemonRequests {
                     snapshots: volume.snapshotCount,
                     oldestSnapshotAgeSeconds: oldest.map { max(0, now.timeIntervalSince($0)) })
             })
+    }
+
+    func reload() async throws -> ReloadResult {
+        try daemon.reload()
     }
 
     func verify(_ params: VerifyParams) async throws -> VerifyResult {

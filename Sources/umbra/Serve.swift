@@ -204,15 +204,14 @@ struct Serve: AsyncParsableCommand {
         let startedAt = ContinuousClock.now
         // From here on SIGINT and SIGTERM stop the daemon cleanly, whenever they arrive.
         TerminationSignal.install()
+        // SIGHUP reloads once the daemon serves; before that it must not kill it (its default).
+        signal(SIGHUP, SIG_IGN)
         DaemonFiles.restrictNewFiles()
         try DaemonFiles.checkDataDirectory(data, logger: logger)
         // Read before anything opens, so a bad file stops the daemon at once.
         var nbdConfiguration = NBDServer.Configuration()
-        nbdConfiguration.tls = try tlsOptions.configuration()
-        if let access {
-            let rules = try AccessRules.load(path: access)
-            nbdConfiguration.accessPolicy = { client, export in rules.access(for: client, toExport: export) }
-        }
+        let reloader = Reloader(tlsOptions: tlsOptions, accessFile: access, logger: logger)
+        (nbdConfiguration.tls, nbdConfiguration.accessPolicy) = try reloader.read()
         let only = stdio
         // The default export is the first volume, or with --stdio the one export there is.
         let registry = NBDExportRegistry { sortedNames in
@@ -280,7 +279,8 @@ struct Serve: AsyncParsableCommand {
                         store: store, exports: exports,
                         daemon: DaemonFacts(
                             startedAt: startedAt, listeners: addresses, connections: { nbd.openConnections },
-                            writers: { await coordinator.listWriters() })),
+                            writers: { await coordinator.listWriters() }, reload: { try reloader.reload(nbd) },
+                            reloads: { reloader.count })),
                     group: controlLoop,
                     logger: Logger(label: "umbra.control"))
             } catch {
@@ -298,6 +298,9 @@ struct Serve: AsyncParsableCommand {
             // notification to systemd when it started the daemon (Type=notify).
             try? FileHandle.standardOutput.write(
                 contentsOf: Data("ready nbd=\(addresses.joined(separator: ",")) control=\(controlPath)\n".utf8))
+            // SIGHUP re-reads the access rules and TLS files, as `umbra reload` does.
+            let hangups = HangupSignal.install { _ = try? reloader.reload(nbd) }
+            defer { hangups.cancel() }
             SystemdNotify.send(
                 "READY=1\nSTATUS=serving \(store.volumes().count) volumes on \(addresses.joined(separator: ", "))",
                 logger: logger)
@@ -380,5 +383,60 @@ enum TerminationSignal {
         } onCancel: {
             state.withLock { $0.waiters.removeValue(forKey: id) }?.resume(returning: nil)
         }
+    }
+}
+
+/// What a reload re-reads (the TLS certificates and keys, and the access rules, from the files the
+/// command line named) and how often it succeeded.
+final class Reloader: Sendable {
+    let tlsOptions: ServeTLSOptions
+    let accessFile: String?
+    let logger: Logger
+    private let reloads = Atomic<Int>(0)
+
+    init(tlsOptions: ServeTLSOptions, accessFile: String?, logger: Logger) {
+        self.tlsOptions = tlsOptions
+        self.accessFile = accessFile
+        self.logger = logger
+    }
+
+    var count: Int { reloads.load(ordering: .relaxed) }
+
+    /// Reads the files; throws one sentence naming the bad one.
+    func read() throws -> (NBDTLSConfiguration?, NBDAccessPolicy?) {
+        let tls = try tlsOptions.configuration()
+        guard let accessFile else { return (tls, nil) }
+        let rules = try AccessRules.load(path: accessFile)
+        return (tls, { client, export in rules.access(for: client, toExport: export) })
+    }
+
+    /// Reads the files again and hands them to `nbd` for new connections; on any problem the
+    /// configuration in use stays and the reason is thrown (and logged).
+    func reload(_ nbd: NBDServer) throws -> ReloadResult {
+        do {
+            let (tls, accessPolicy) = try read()
+            try nbd.reload(tls: tls, accessPolicy: accessPolicy)
+        } catch {
+            let reason = CLIError(error).description
+            logger.warning("reload refused; the configuration in use stays", metadata: ["reason": "\(reason)"])
+            throw ShadowCopyError(.invalidArgument, "Reload refused: \(reason) The configuration in use stays.")
+        }
+        reloads.add(1, ordering: .relaxed)
+        var reloaded: [String] = []
+        if accessFile != nil { reloaded.append("access") }
+        if tlsOptions.certificate != nil || tlsOptions.preSharedKeyFile != nil { reloaded.append("tls") }
+        logger.info("reloaded the configuration", metadata: ["reloaded": "\(reloaded.joined(separator: ","))"])
+        return ReloadResult(reloaded: reloaded)
+    }
+}
+
+/// SIGHUP, while the daemon serves: each one runs `handler` (on the signal queue).
+enum HangupSignal {
+    static func install(_ handler: @escaping @Sendable () -> Void) -> any DispatchSourceSignal {
+        signal(SIGHUP, SIG_IGN)
+        let source = DispatchSource.makeSignalSource(signal: SIGHUP, queue: DispatchQueue(label: "umbra.sighup"))
+        source.setEventHandler(handler: handler)
+        source.resume()
+        return source
     }
 }

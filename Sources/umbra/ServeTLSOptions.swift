@@ -16,7 +16,7 @@ enum TLSModeArgument: String, ExpressibleByArgument, CaseIterable {
 }
 
 /// The TLS flags of `umbra serve`, turned into the server's TLS configuration.
-struct ServeTLSOptions {
+struct ServeTLSOptions: Sendable {
     var certificate: String?
     var key: String?
     var certificateAuthority: String?

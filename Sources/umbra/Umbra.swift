@@ -12,8 +12,7 @@ struct Umbra: AsyncParsableCommand {
         version: version,
         subcommands: [
             Serve.self, VolumeCommand.self, SnapshotCommand.self, WriterCommand.self, VerifyCommand.self,
-            StatusCommand.self,
-            EngineShell.self,
+            StatusCommand.self, ReloadCommand.self, EngineShell.self,
         ]
     )
 

@@ -201,8 +201,10 @@ struct CannedHandler: ControlRequestHandler {
     func status() async throws -> StatusResult {
         StatusResult(
             version: "test", uptimeSeconds: 1, listeners: [], connections: 0, writers: 0, writerStates: [:],
-            volumes: [])
+            reloads: 0, volumes: [])
     }
+
+    func reload() async throws -> ReloadResult { ReloadResult(reloaded: []) }
 
     func verify(_ params: VerifyParams) async throws -> VerifyResult {
         VerifyResult(

@@ -71,6 +71,56 @@ import UmbraTestSupport
         }
     }
 
+    /// Live reconfiguration: `umbra reload` and SIGHUP re-read the access rules for new
+    /// connections while an open one keeps working; a bad file is refused with the reason and the
+    /// rules in use stay.
+    @Test func reloadAccessRulesWhileAClientStaysConnected() async throws {
+        let rulesDirectory = try TemporaryDirectory("umbra-reload")
+        defer { rulesDirectory.remove() }
+        let rules = rulesDirectory.path + "/access.json"
+        func grant(_ volumes: [String]) throws {
+            let list = volumes.map { "\"\($0)\"" }.joined(separator: ", ")
+            try #"{"rules": [{"unauthenticated": true, "volumes": [\#(list)], "access": "read-write"}]}"#.write(
+                toFile: rules, atomically: true, encoding: .utf8)
+        }
+        try grant(["disk", "other"])
+        try await DaemonFixture.with(volumes: ["disk:1M", "other:1M"], extraArguments: ["--access", rules]) { daemon in
+            let umbra = builtProduct("umbra")
+            let control = ["--control", daemon.controlSocket]
+            let staying = try daemon.connect("other")
+            try staying.pwrite([UInt8](repeating: 7, count: 4096), offset: 0)
+
+            try grant(["disk"])
+            let reload = try ChildProcess(umbra, ["reload", "--json"] + control)
+            let answer = reload.readAll()
+            #expect(reload.finish() == 0)
+            #expect(answer.contains(#""reloaded":["access"]"#), "\(answer)")
+            #expect(throws: NBDClientError.self) { _ = try daemon.connect("other") }
+            _ = try daemon.connect("disk")
+            // The open connection keeps what it negotiated.
+            #expect(try staying.pread(count: 4096, offset: 0) == [UInt8](repeating: 7, count: 4096))
+
+            try "{ not json".write(toFile: rules, atomically: true, encoding: .utf8)
+            let bad = try ChildProcess(umbra, ["reload"] + control, captureStandardError: true)
+            #expect(bad.finish() == 1)
+            #expect(bad.standardErrorText.hasPrefix("Reload refused:"), "\(bad.standardErrorText)")
+            #expect(bad.standardErrorText.contains("is not valid JSON"), "\(bad.standardErrorText)")
+            #expect(throws: NBDClientError.self) { _ = try daemon.connect("other") }
+            _ = try daemon.connect("disk")
+
+            // SIGHUP does the same; `status` counts the reloads that took.
+            try grant(["disk", "other"])
+            let requester = try await daemon.control()
+            #expect(try await requester.status().reloads == 1)
+            kill(daemon.process.processIdentifier, SIGHUP)
+            let giveUp = ContinuousClock.now + .seconds(60)
+            while try await requester.status().reloads < 2, ContinuousClock.now < giveUp { await Task.yield() }
+            #expect(try await requester.status().reloads == 2)
+            _ = try daemon.connect("other")
+            await requester.close()
+        }
+    }
+
     /// The unit file, with the binary this build made, passes `systemd-analyze verify` without a
     /// word (it exits 0 even on a line it ignores, so any output counts as a failure). The manual
     /// pages it names are checked where they are installed (test-install.sh), not here.

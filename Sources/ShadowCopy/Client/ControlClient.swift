@@ -111,6 +111,12 @@ public final class ControlClient: Sendable {
         try await call("verify", params: VerifyParams(volumes: volumes), as: VerifyResult.self)
     }
 
+    /// Re-reads the daemon's access rules and TLS files; throws the reason if they are bad (the
+    /// configuration in use then stays).
+    public func reload() async throws -> ReloadResult {
+        try await call("reload", params: EmptyResult(), as: ReloadResult.self)
+    }
+
     /// The daemon at a glance.
     public func status() async throws -> StatusResult {
         try await call("status", params: EmptyResult(), as: StatusResult.self)

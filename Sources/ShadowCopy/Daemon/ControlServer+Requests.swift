@@ -145,7 +145,7 @@ extension ControlServer {
 
     static let requesterMethods: Set<String> = [
         "volume.create", "volume.list", "volume.delete", "snapshot.create", "snapshot.list", "snapshot.delete",
-        "snapshot.changes", "set.complete", "set.abort", "writer.list", "verify", "status",
+        "snapshot.changes", "set.complete", "set.abort", "writer.list", "verify", "status", "reload",
     ]
 
     /// The one dispatch of requester methods: decode params, call the coordinator or the handler,
@@ -179,6 +179,8 @@ extension ControlServer {
             return ControlEncoding.result(id: id, try await handler.changes(params))
         case "status":
             return ControlEncoding.result(id: id, try await handler.status())
+        case "reload":
+            return ControlEncoding.result(id: id, try await handler.reload())
         case "verify":
             let params = try message.params(VerifyParams.self)
             return ControlEncoding.result(id: id, try await handler.verify(params))

@@ -75,4 +75,7 @@ public protocol ControlRequestHandler: Sendable {
     func verify(_ params: VerifyParams) async throws -> VerifyResult
     /// The daemon at a glance: version, uptime, listeners, connections, writers, volumes.
     func status() async throws -> StatusResult
+    /// Re-reads the access rules and TLS files for new connections; throws (the old configuration
+    /// staying) if they are bad.
+    func reload() async throws -> ReloadResult
 }

@@ -278,11 +278,13 @@ public struct StatusResult: Codable, Sendable, Hashable {
     public var writers: Int
     /// Connected writers by state (`stable`, `frozen`, …).
     public var writerStates: [String: Int]
+    /// Successful reloads of the configuration since the daemon started (SIGHUP or `reload`).
+    public var reloads: Int
     public var volumes: [Volume]
 
     public init(
         version: String, uptimeSeconds: Double, listeners: [String], connections: Int, writers: Int,
-        writerStates: [String: Int], volumes: [Volume]
+        writerStates: [String: Int], reloads: Int, volumes: [Volume]
     ) {
         self.version = version
         self.uptimeSeconds = uptimeSeconds
@@ -290,8 +292,17 @@ public struct StatusResult: Codable, Sendable, Hashable {
         self.connections = connections
         self.writers = writers
         self.writerStates = writerStates
+        self.reloads = reloads
         self.volumes = volumes
     }
+}
+
+// MARK: - Reload
+
+public struct ReloadResult: Codable, Sendable, Hashable {
+    /// What was read again: "access" (the access rules), "tls" (certificates and keys).
+    public var reloaded: [String]
+    public init(reloaded: [String]) { self.reloaded = reloaded }
 }
 
 // MARK: - Verification
