@@ -7,20 +7,18 @@
 # There is no umbra.socket: the daemon does not take its listening sockets from systemd (only
 # `umbra serve --stdio` accepts socket activation, for NBD clients that start their own server).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source Scripts/env.sh
+script=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 
 prefix=/usr/local
-units=/etc/systemd/system
+units=
 while [ $# -gt 0 ]; do
     case $1 in
     --prefix)
         prefix=${2:?--prefix needs a directory}
-        units=$prefix/lib/systemd/system
         shift 2
         ;;
     -h | --help)
-        sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,9p' "$script" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -29,7 +27,17 @@ while [ $# -gt 0 ]; do
         ;;
     esac
 done
+case $prefix in
+*[[:space:]]*)
+    echo "install: the prefix '$prefix' has white space, which a systemd ExecStart line cannot hold" >&2
+    exit 2
+    ;;
+esac
+# Relative to where the script was called from.
 prefix=$(mkdir -p "$prefix" && cd "$prefix" && pwd)
+[ "$prefix" = /usr/local ] && units=/etc/systemd/system || units=$prefix/lib/systemd/system
+cd "$(dirname "$script")/.."
+source Scripts/env.sh
 
 Scripts/install-dependencies.sh --build
 echo "install: building umbra (release)" >&2
@@ -50,7 +58,13 @@ find "$staging/man" -name '*.1' -exec install -m 0644 {} "$prefix/share/man/man1
 "$binary" --generate-completion-script bash >"$prefix/share/bash-completion/completions/umbra"
 "$binary" --generate-completion-script zsh >"$prefix/share/zsh/site-functions/_umbra"
 "$binary" --generate-completion-script fish >"$prefix/share/fish/vendor_completions.d/umbra.fish"
-sed "s|@BINDIR@|$prefix/bin|g" Scripts/systemd/umbra.service.in >"$units/umbra.service"
+template=$(<Scripts/systemd/umbra.service.in)
+printf '%s\n' "${template//@BINDIR@/$prefix/bin}" >"$units/umbra.service"
 chmod 0644 "$units/umbra.service"
 echo "install: umbra in $prefix/bin, $pages manual pages, completions for bash, zsh and fish," \
     "and $units/umbra.service" >&2
+case $units in
+/etc/systemd/system | /usr/lib/systemd/system | /lib/systemd/system) ;;
+*) echo "install: systemd does not look in $units: link the unit into /etc/systemd/system to use it" >&2 ;;
+esac
+echo "install: the binary uses the Swift runtime of the toolchain that built it ($(dirname "$(dirname "$(command -v swift)")"))" >&2

@@ -8,11 +8,14 @@ source "$(dirname "$0")/lib.sh"
 requires man systemd-analyze
 
 check "Scripts/install.sh --prefix installs the binary, manual pages, completions and the unit"
+# A relative prefix, as a user would type it: it is taken from where the script was called.
 prefix=$tmp/prefix
-"$repo_root/Scripts/install.sh" --prefix "$prefix" 2>"$tmp/install.log" ||
+(cd "$tmp" && "$repo_root/Scripts/install.sh" --prefix prefix) 2>"$tmp/install.log" ||
     { cat "$tmp/install.log" >&2; fail "Scripts/install.sh failed"; }
 installed=$prefix/bin/umbra
 "$installed" --version >/dev/null || fail "the installed umbra does not run"
+grep -q "^ExecStart=$prefix/bin/umbra serve" "$prefix/lib/systemd/system/umbra.service" ||
+    fail "the unit does not start $prefix/bin/umbra"
 for file in share/bash-completion/completions/umbra share/zsh/site-functions/_umbra \
     share/fish/vendor_completions.d/umbra.fish lib/systemd/system/umbra.service; do
     [ -s "$prefix/$file" ] || fail "$file is missing or empty"

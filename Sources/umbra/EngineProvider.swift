@@ -60,6 +60,10 @@ struct EngineProvider: SnapshotProvider {
         prepared.abort()
     }
 
+    func holdDuration(of prepared: PreparedSnapshotSet) -> Duration? {
+        prepared.holdDuration
+    }
+
     func deleteSnapshotSet(id: UUID) async throws {
         do {
             try await store.deleteSnapshots(ids: [id])

@@ -26,7 +26,8 @@ struct JSONLogHandler: LogHandler {
         let merged = metadata.merging(event.metadata ?? [:]) { $1 }
         for key in merged.keys.sorted() { fields.append((key, merged[key]!.description)) }
         let line = "{" + fields.map { "\(Self.quoted($0.0)):\(Self.quoted($0.1))" }.joined(separator: ",") + "}\n"
-        Self.output.write(Data(line.utf8))
+        // A log line that cannot be written (a full disk under stderr) is dropped, never fatal.
+        try? Self.output.write(contentsOf: Data(line.utf8))
     }
 
     /// A JSON string literal.

@@ -294,13 +294,14 @@ struct Serve: AsyncParsableCommand {
                     "volumes": "\(store.volumes().map(\.name).joined(separator: ","))",
                     "nbd": "\(addresses.joined(separator: ","))", "control": "\(controlPath)",
                 ])
+            // SIGHUP re-reads the access rules and TLS files, as `umbra reload` does (from before
+            // the daemon says it is ready, so a reload sent on seeing that is never lost).
+            let hangups = HangupSignal.install { _ = try? reloader.reload(nbd) }
+            defer { hangups.cancel() }
             // One line on stdout says the daemon is ready (scripts wait for it), and so does a
             // notification to systemd when it started the daemon (Type=notify).
             try? FileHandle.standardOutput.write(
                 contentsOf: Data("ready nbd=\(addresses.joined(separator: ",")) control=\(controlPath)\n".utf8))
-            // SIGHUP re-reads the access rules and TLS files, as `umbra reload` does.
-            let hangups = HangupSignal.install { _ = try? reloader.reload(nbd) }
-            defer { hangups.cancel() }
             SystemdNotify.send(
                 "READY=1\nSTATUS=serving \(store.volumes().count) volumes on \(addresses.joined(separator: ", "))",
                 logger: logger)
@@ -393,6 +394,8 @@ final class Reloader: Sendable {
     let accessFile: String?
     let logger: Logger
     private let reloads = Atomic<Int>(0)
+    /// One reload at a time, read and apply together: an older read can never be applied last.
+    private let reloading = Mutex<Void>(())
 
     init(tlsOptions: ServeTLSOptions, accessFile: String?, logger: Logger) {
         self.tlsOptions = tlsOptions
@@ -414,8 +417,10 @@ final class Reloader: Sendable {
     /// configuration in use stays and the reason is thrown (and logged).
     func reload(_ nbd: NBDServer) throws -> ReloadResult {
         do {
-            let (tls, accessPolicy) = try read()
-            try nbd.reload(tls: tls, accessPolicy: accessPolicy)
+            try reloading.withLock { _ in
+                let (tls, accessPolicy) = try read()
+                try nbd.reload(tls: tls, accessPolicy: accessPolicy)
+            }
         } catch {
             let reason = CLIError(error).description
             logger.warning("reload refused; the configuration in use stays", metadata: ["reason": "\(reason)"])

@@ -150,6 +150,8 @@ final class RecordingProvider: SnapshotProvider {
         }
     }
 
+    func holdDuration(of token: Int) -> Duration? { .milliseconds(1) }
+
     func deleteSnapshotSet(id: UUID) async throws {
         try state.withLock { state in
             state.calls.append(.delete(id))

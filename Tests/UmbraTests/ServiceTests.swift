@@ -64,8 +64,11 @@ import UmbraTestSupport
         }
         #expect(setLines.map { $0["shadow.set"] as? String } == sets.map { $0.uuidString.lowercased() })
         for line in setLines {
-            #expect((line["shadow.duration_ms"] as? String).flatMap(Double.init) != nil, "\(line)")
-            #expect((line["shadow.hold_ms"] as? String).flatMap(Double.init) != nil, "\(line)")
+            let duration = (line["shadow.duration_ms"] as? String).flatMap(Double.init)
+            let hold = (line["shadow.hold_ms"] as? String).flatMap(Double.init)
+            #expect(duration != nil && hold != nil, "\(line)")
+            // Writes are held for part of the set, never longer than it took.
+            if let duration, let hold { #expect(hold > 0 && hold <= duration, "\(line)") }
             #expect(line["shadow.volumes"] as? String == "disk")
             #expect(line["shadow.writers"] as? String == "")
         }

@@ -118,7 +118,6 @@ extension ShadowCopyCoordinator {
             Task { [provider] in
                 do {
                     let committed = try await provider.commitSnapshotSet(token, keep: keep)
-                    self.noteReleased(set: id)
                     self.drive(set: id) { machine, now in machine.providerCommitted(committed, now: now) }
                 } catch {
                     self.drive(set: id) { machine, now in
@@ -141,7 +140,6 @@ extension ShadowCopyCoordinator {
             guard let token = active.token else { preconditionFailure("release without a hold") }
             Task { [provider] in
                 await provider.abortSnapshotSet(token)
-                self.noteReleased(set: id)
                 self.drive(set: id) { machine, _ in machine.providerReleased() }
             }
         case .deleteSet:
@@ -168,13 +166,7 @@ extension ShadowCopyCoordinator {
     }
 
     func prepared(set id: UUID, token: Provider.HoldToken) {
-        let now = clock.now
-        update {
-            if $0.machine.id == id {
-                $0.token = token
-                $0.heldAt = now
-            }
-        }
+        update { if $0.machine.id == id { $0.token = token } }
         drive(set: id) { machine, now in machine.providerPrepared(now: now) }
     }
 
@@ -202,12 +194,6 @@ extension ShadowCopyCoordinator {
         record.sink(WriterEventDelivery(requestID: requestID, event: event, params: params))
     }
 
-    /// The provider released the set's hold (by committing or aborting).
-    func noteReleased(set id: UUID) {
-        let now = clock.now
-        update { if $0.machine.id == id, $0.releasedAt == nil { $0.releasedAt = now } }
-    }
-
     /// The one log line per set: its outcome, how long it took, how long writes were held, and the
     /// writers with the state each ended in.
     func logFinished(_ active: ActiveSet, result: SnapshotSetResult?, error: ShadowCopyError?) {
@@ -220,8 +206,9 @@ extension ShadowCopyCoordinator {
             "shadow.volumes": "\(active.machine.volumes.joined(separator: ","))",
             "shadow.duration_ms": "\(milliseconds(active.startedAt.duration(to: clock.now)))",
         ]
-        if let heldAt = active.heldAt {
-            metadata["shadow.hold_ms"] = "\(milliseconds(heldAt.duration(to: active.releasedAt ?? clock.now)))"
+        // As the provider measured it, draining included; absent if writes were never held.
+        if let hold = active.token.flatMap(provider.holdDuration(of:)) {
+            metadata["shadow.hold_ms"] = "\(milliseconds(hold))"
         }
         let writers = result?.writers ?? active.machine.writerInfos()
         metadata["shadow.writers"] = "\(writers.map { "\($0.name):\($0.state.rawValue)" }.joined(separator: ","))"

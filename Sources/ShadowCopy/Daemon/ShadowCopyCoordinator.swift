@@ -43,10 +43,8 @@ where C.Duration == Duration {
         var prepareTask: Task<Void, Never>?
         /// Callers waiting for the set to be finished, clean-up included (shutdown).
         var finishWaiters: [CheckedContinuation<Void, Never>] = []
-        /// When the set began, when writes were held, and when they were released: its one log line.
+        /// When the set began (for its one log line).
         var startedAt: C.Instant
-        var heldAt: C.Instant?
-        var releasedAt: C.Instant?
     }
 
     enum Slot {

@@ -59,6 +59,9 @@ public protocol SnapshotProvider: Sendable {
 
     /// Deletes every snapshot of a committed set.
     func deleteSnapshotSet(id: UUID) async throws
+
+    /// How long the prepared set held new writes, once it has let them go (for the set's log line).
+    func holdDuration(of token: HoldToken) -> Duration?
 }
 
 /// The requester operations that are not about sets or writers; the daemon implements them. Throw a

@@ -35,6 +35,18 @@ public final class PreparedSnapshotSet: Sendable {
         var watchdog: Task<Void, Never>?
         /// A commit released the gates and the operation lock once its record was queued.
         var releasedByCommit = false
+        /// When new writes began to be held (the gates requested) and when they were let go.
+        var holdStarted: ContinuousClock.Instant?
+        var holdEnded: ContinuousClock.Instant?
+    }
+
+    /// How long new writes were held (from the moment the gates were requested, draining included,
+    /// to their release); nil if they never were, or still are.
+    public var holdDuration: Duration? {
+        state.withLock { state in
+            guard let started = state.holdStarted, let ended = state.holdEnded else { return nil }
+            return started.duration(to: ended)
+        }
     }
 
     /// The volumes of the set, in the order the caller named them (the snapshots come in that order).
@@ -75,7 +87,10 @@ public final class PreparedSnapshotSet: Sendable {
 
     /// Releases the operation lock, and the gates if they are held: the one place either is let go.
     private func releaseHold(gatesHeld: Bool) {
-        if gatesHeld { for volume in members { volume.gate.releaseExclusive() } }
+        if gatesHeld {
+            for volume in members { volume.gate.releaseExclusive() }
+            state.withLock { $0.holdEnded = $0.holdEnded ?? .now }
+        }
         store.operations.unlock()
     }
 
@@ -104,6 +119,7 @@ public final class PreparedSnapshotSet: Sendable {
         // Gates are taken in volume number order, whatever the caller's order, so two holders never
         // wait for each other.
         let gateOrder = members.sorted { $0.id < $1.id }
+        state.withLock { $0.holdStarted = .now }
         let acquisition = Task(executorPreference: configuration.taskExecutor) {
             var acquired: [Volume] = []
             do {
