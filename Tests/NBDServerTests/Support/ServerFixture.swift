@@ -66,10 +66,18 @@ struct ServerFixture: Sendable {
     let registry: NBDExportRegistry
     let socketPath: String
 
+    /// The server's defaults, but no handshake timeout: a test paused between two options on a
+    /// loaded machine must not be cut off (tests of the timeout pass their own configuration).
+    static var defaultConfiguration: NBDServer.Configuration {
+        var configuration = NBDServer.Configuration()
+        configuration.limits.handshakeTimeoutMilliseconds = 0
+        return configuration
+    }
+
     /// Starts a server with `exports`, runs `body`, then shuts the server down and cleans up.
     static func with(
         _ exports: [MemoryExport],
-        configuration: NBDServer.Configuration = NBDServer.Configuration(),
+        configuration: NBDServer.Configuration = ServerFixture.defaultConfiguration,
         _ body: (ServerFixture) async throws -> Void
     ) async throws {
         let directory = TemporaryDirectory()
