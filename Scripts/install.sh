@@ -3,6 +3,7 @@
 # generate-manual), bash, zsh and fish completions, and the systemd unit.
 #   Scripts/install.sh                    into /usr/local (the unit into /etc/systemd/system)
 #   Scripts/install.sh --prefix DIR       into DIR (the unit into DIR/lib/systemd/system)
+#   Scripts/install.sh --debug ...        the debug build instead (quicker; what the tests install)
 # Then, as root: systemctl daemon-reload && systemctl enable --now umbra.
 # There is no umbra.socket: the daemon does not take its listening sockets from systemd (only
 # `umbra serve --stdio` accepts socket activation, for NBD clients that start their own server).
@@ -11,14 +12,19 @@ script=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 
 prefix=/usr/local
 units=
+configuration=release
 while [ $# -gt 0 ]; do
     case $1 in
+    --debug)
+        configuration=debug
+        shift
+        ;;
     --prefix)
         prefix=${2:?--prefix needs a directory}
         shift 2
         ;;
     -h | --help)
-        sed -n '2,9p' "$script" | sed 's/^# \{0,1\}//'
+        sed -n '2,10p' "$script" | sed 's/^# \{0,1\}//'
         exit 0
         ;;
     *)
@@ -40,15 +46,15 @@ cd "$(dirname "$script")/.."
 source Scripts/env.sh
 
 Scripts/install-dependencies.sh --build
-echo "install: building umbra (release)" >&2
-swift build -c release --product umbra >&2
+echo "install: building umbra ($configuration)" >&2
+swift build -c "$configuration" --product umbra >&2
 staging=$(mktemp -d)
 trap 'rm -rf "$staging"' EXIT
 echo "install: generating manual pages" >&2
 mkdir -p "$staging/man"
-swift package --allow-writing-to-package-directory generate-manual --multi-page \
+swift package --allow-writing-to-package-directory generate-manual --configuration "$configuration" --multi-page \
     --output-directory "$staging/man" >&2
-binary=.build/release/umbra
+binary=.build/$configuration/umbra
 
 install -d "$prefix/bin" "$prefix/share/man/man1" "$prefix/share/bash-completion/completions" \
     "$prefix/share/zsh/site-functions" "$prefix/share/fish/vendor_completions.d" "$units"
