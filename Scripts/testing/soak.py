@@ -21,6 +21,7 @@ At the end the daemon is stopped, started again, and every snapshot whose set wa
 deleted must be listed and check out. Prints the counts; exits 1 on the first problem.
 """
 
+import bisect
 import hashlib
 import json
 import os
@@ -79,6 +80,7 @@ class Soak:
         # Per volume and block: versions with (start, acknowledged) monotonic times.
         self.history = {v: [[] for _ in range(BLOCKS)] for v in VOLUMES}
         self.snapshots = {}  # id -> (volume, t_request, t_answer)
+        self.timelines = {}
         # Snapshots whose deletion got no answer (the daemon went away): it may or may not have happened.
         self.maybe_deleted = {}
         self.daemon = None
@@ -249,6 +251,18 @@ class Soak:
             if listed[sid]["state"] not in ("ready",):
                 raise Failure("snapshot %s is %s" % (sid, listed[sid]["state"]))
 
+    def timeline(self, volume, block):
+        """For the final check (the load has stopped): each version's start time, in order, and the
+        (acknowledged time, version) of every acknowledged one, in order; built once per block."""
+        key = (volume, block)
+        cached = self.timelines.get(key)
+        if cached is None:
+            versions = self.history[volume][block]
+            cached = ([start for start, _ in versions],
+                      [(ack, number) for number, (_, ack) in enumerate(versions, 1) if ack is not None])
+            self.timelines[key] = cached
+        return cached
+
     def check_snapshot(self, sid, volume, requested, answered):
         handle = nbd.NBD()
         handle.connect_uri("nbd+unix:///%s@%s?socket=%s" % (volume, sid, self.socket))
@@ -262,10 +276,11 @@ class Soak:
                 version = parse_block(volume, block, data[offset * BLOCK:(offset + 1) * BLOCK])
                 if version is None:
                     raise Failure("snapshot %s of %s: block %d is damaged" % (sid, volume, block))
-                versions = self.history[volume][block]
-                newest_acked = max((i + 1 for i, (_, ack) in enumerate(versions) if ack is not None and ack < requested),
-                                   default=0)
-                newest_started = max((i + 1 for i, (start_, _) in enumerate(versions) if start_ < answered), default=0)
+                starts, acked = self.timeline(volume, block)
+                # One writer per block writes its versions in turn, so both lists are sorted by time.
+                newest_started = bisect.bisect_left(starts, answered)
+                position = bisect.bisect_left(acked, (requested,))
+                newest_acked = acked[position - 1][1] if position > 0 else 0
                 if not newest_acked <= version <= newest_started:
                     raise Failure("snapshot %s of %s: block %d holds version %d, outside [%d, %d]"
                                   % (sid, volume, block, version, newest_acked, newest_started))
