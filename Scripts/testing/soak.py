@@ -212,6 +212,7 @@ class Soak:
     def deleter(self):
         while not self.stop.is_set():
             time.sleep(self.random.uniform(0.5, 3))
+            self.retry_unanswered_deletion()
             with self.lock:
                 ids = sorted(self.snapshots, key=lambda sid: self.snapshots[sid][1])
             if len(ids) <= 8:
@@ -232,6 +233,20 @@ class Soak:
                             self.maybe_deleted[victim] = entry
                 if status == 0:
                     self.count("snapshots deleted", len(victims))
+
+    def retry_unanswered_deletion(self):
+        """Deletes, alone, one snapshot whose earlier deletion got no answer: gone either way after."""
+        with self.lock:
+            if not self.maybe_deleted:
+                return
+            victim = next(iter(self.maybe_deleted))
+        with self.delete_lock:
+            status, _, err = self.cli("snapshot", "delete", victim)
+            if status == 0 or "no snapshot" in err.lower():
+                with self.lock:
+                    self.maybe_deleted.pop(victim, None)
+                if status == 0:
+                    self.count("snapshots deleted")
 
     # MARK: - Checks
 
