@@ -131,8 +131,7 @@ final class PowerCutDisk: @unchecked Sendable {
             try FileManager.default.createDirectory(
                 atPath: directory.path + "/" + name, withIntermediateDirectories: true)
         }
-        let script = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("Scripts/testing/powercutfs.py").path
+        let script = repositoryRoot + "/Scripts/testing/powercutfs.py"
         process = try ChildProcess(
             "/usr/bin/python3",
             [script, directory.path + "/platter", directory.path + "/mnt"] + (ignoringSyncs ? ["--ignore-fsync"] : []),

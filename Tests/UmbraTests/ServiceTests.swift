@@ -130,7 +130,7 @@ import UmbraTestSupport
     @Test func theUnitFileVerifies() async throws {
         try await TemporaryDirectory.with("umbra-unit") { directory in
             let template = try String(
-                contentsOfFile: Self.repository + "/Scripts/systemd/umbra.service.in", encoding: .utf8)
+                contentsOfFile: repositoryRoot + "/Scripts/systemd/umbra.service.in", encoding: .utf8)
             let binary = URL(fileURLWithPath: builtProduct("umbra")).deletingLastPathComponent().path
             let unit = directory.path + "/umbra.service"
             try template.replacingOccurrences(of: "@BINDIR@", with: binary).write(
@@ -160,10 +160,6 @@ import UmbraTestSupport
         }
     }
 
-    static var repository: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().path
-    }
 }
 
 /// A bound Unix datagram socket, as systemd's notification socket is.

@@ -16,8 +16,7 @@ final class SlowDisk: @unchecked Sendable {
     private let reader = DispatchSemaphore(value: 0)
 
     static var script: String {
-        URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-            .deletingLastPathComponent().appendingPathComponent("Scripts/testing/faultfs.py").path
+        repositoryRoot + "/Scripts/testing/faultfs.py"
     }
 
     init() throws {
@@ -78,6 +77,10 @@ final class SlowDisk: @unchecked Sendable {
         directory.remove()
     }
 }
+
+/// The repository's root directory (for its scripts).
+let repositoryRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent().path
 
 /// Unmounts a FUSE file system and waits for the process serving it to exit (killing it after 30 s).
 func unmountFUSE(_ mountpoint: String, served process: ChildProcess) {

@@ -102,22 +102,9 @@ extension Volume {
             } else {
                 recordsMayBeDurable = false
             }
-            if !recordsMayBeDurable {
-                let diff = self.diff
-                let shift = chunkShift
-                let runs = Self.runs(of: slots.map(\.rawValue).sorted())
-                try? await context.io.run {
-                    // Only what the file holds: discarding past its end could write zeros there.
-                    let end = try diff.size().rawValue
-                    for run in runs where run.first << shift < end {
-                        let count = min(UInt64(run.count) << shift, end - (run.first << shift))
-                        try diff.discard(at: ByteOffset(run.first << shift), count: ByteCount(count))
-                    }
-                }
-            }
+            if !recordsMayBeDurable { await releaseSlots(slots) }
             let waiters = metadata.withLock { metadata -> [CheckedContinuation<Void, Never>] in
-                if !recordsMayBeDurable { metadata.slots.release(slots) }
-                return chunks.flatMap { metadata.chunksInCopy.removeValue(forKey: $0) ?? [] }
+                chunks.flatMap { metadata.chunksInCopy.removeValue(forKey: $0) ?? [] }
             }
             for waiter in waiters { waiter.resume() }
             if EngineError.wrap(error).errno == .noSpace {

@@ -71,8 +71,9 @@ extension Volume {
             metadata: ["volume": "\(name)", "snapshot.id": "\(snapshot.id.guidString)", "diff.limit": "\(limit)"])
     }
 
-    /// Gives freed slots' space back to the file system, then to the allocator. Call only once the
-    /// deletion that freed them is durable, with the gate held (so no copy can be writing a slot).
+    /// Gives freed slots' space back to the file system, then to the allocator. Call only once no
+    /// durable record can name them (their deletion is durable, or the copy that took them failed
+    /// before its record), with no copy writing them.
     func releaseSlots(_ freed: [DiffSlot]) async {
         guard !freed.isEmpty else { return }
         context.logger.trace(
@@ -82,8 +83,11 @@ extension Volume {
         let runs = Self.runs(of: freed.map(\.rawValue).sorted())
         do {
             try await context.io.run {
-                for run in runs {
-                    try diff.discard(at: ByteOffset(run.first << shift), count: ByteCount(UInt64(run.count) << shift))
+                // Only what the file holds: discarding past its end could write zeros there.
+                let end = try diff.size().rawValue
+                for run in runs where run.first << shift < end {
+                    let count = min(UInt64(run.count) << shift, end - (run.first << shift))
+                    try diff.discard(at: ByteOffset(run.first << shift), count: ByteCount(count))
                 }
             }
         } catch {

@@ -176,7 +176,7 @@ public final class Volume: Sendable {
         do {
             try await context.io.run { try liveSync.synchronize() }
         } catch let error as BlockIOError {
-            if liveSync.failedFirst(with: error) {
+            if liveSync.claimsFailureReport() {
                 context.logger.error(
                     "syncing the live volume failed: writes since the last good sync may be lost; the volume refuses writes and flushes until the data directory is reopened",
                     metadata: ["volume": "\(name)", "error": "\(error)"])
@@ -286,7 +286,7 @@ final class StorageSync: Sendable {
     }
 
     /// True once, for the first caller to report the failure.
-    func failedFirst(with error: BlockIOError) -> Bool {
+    func claimsFailureReport() -> Bool {
         !reported.exchange(true, ordering: .relaxed)
     }
 }
