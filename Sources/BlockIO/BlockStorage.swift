@@ -47,6 +47,10 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// extending the size if it lies past the end. A hint: storage that cannot preallocate does nothing.
     func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
 
+    /// Allocates space for the range now, so that writes into it later cannot fail for want of space
+    /// (ENOSPC comes from here instead), extending the size if it lies past the end.
+    func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
+
     /// The start of the next allocated data at or after `offset`, or nil if only holes follow
     /// (SEEK_DATA). Storage that cannot tell reports everything as data.
     func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset?

@@ -160,6 +160,14 @@ public final class FileStorage: BlockStorage {
         try writeZeroesByWriting(at: offset, count: count)
     }
 
+    /// fallocate; where the file system has none, zeros written (which take the space as well).
+    public func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try checkOpen("fallocate")
+        guard count.rawValue > 0, !isBlockDevice else { return }
+        if try Syscall.allocate(descriptor, offset: offset.rawValue, length: count.rawValue, path: path) { return }
+        try writeZeroesByWriting(at: offset, count: count)
+    }
+
     public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {
         try checkOpen("lseek")
         if isBlockDevice { return offset }

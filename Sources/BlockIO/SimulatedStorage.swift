@@ -107,6 +107,12 @@ public final class SimulatedStorage: BlockStorage {
         try withFile("fallocate", faultKind: .write) { _ in }
     }
 
+    /// Counts as a write that can fail (with ENOSPC, as on a full disk); the simulated disk never runs
+    /// out of space by itself, so it reserves nothing.
+    public func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+        try withFile("fallocate", faultKind: .write) { _ in }
+    }
+
     public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {
         try withFile("lseek") { offset.rawValue < UInt64($0.current.count) ? offset : nil }
     }

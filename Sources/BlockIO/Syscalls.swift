@@ -143,6 +143,14 @@ enum Syscall {
         throw lastError("fallocate(PUNCH_HOLE)", path)
     }
 
+    /// fallocate(2) with mode 0 (allocate, extending the size). Returns false when the file system
+    /// cannot do it.
+    static func allocate(_ fd: Int32, offset: UInt64, length: UInt64, path: String) throws(BlockIOError) -> Bool {
+        if retryingInterrupts({ umbra_allocate(fd, Int64(offset), Int64(length)) }) == 0 { return true }
+        if Glibc.errno == EOPNOTSUPP || Glibc.errno == ENOSYS || Glibc.errno == ENODEV { return false }
+        throw lastError("fallocate", path)
+    }
+
     /// fallocate(2) with ZERO_RANGE | KEEP_SIZE. Returns false when the file system cannot do it.
     static func zeroRange(_ fd: Int32, offset: UInt64, length: UInt64, path: String) throws(BlockIOError) -> Bool {
         if retryingInterrupts({ umbra_zero_range(fd, Int64(offset), Int64(length)) }) == 0 { return true }

@@ -15,6 +15,10 @@ int umbra_punch_hole(int fd, int64_t offset, int64_t length) {
     return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
 }
 
+int umbra_allocate(int fd, int64_t offset, int64_t length) {
+    return fallocate(fd, 0, offset, length);
+}
+
 int umbra_zero_range(int fd, int64_t offset, int64_t length) {
     return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
 }

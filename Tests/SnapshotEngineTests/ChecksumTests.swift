@@ -49,6 +49,7 @@ import UmbraTestSupport
             // Chunk 3 is copied for `newest` (slot 2).
             try await store.volume(named: "v").write(
                 at: ByteOffset(UInt64(3 * chunk)), Fixture.pattern(3, count: chunk))
+            try await store.volume(named: "v").flush()
 
             let report = try await store.verify(volumes: [])
             #expect(report.map(\.damaged) == [[]])
@@ -125,6 +126,7 @@ import UmbraTestSupport
             #expect(try await store.snapshot(id: snapshot).read(at: 0, count: 4 * chunk) == original)
             try await store.volume(named: "v").write(
                 at: ByteOffset(UInt64(2 * chunk)), Fixture.pattern(3, count: chunk))
+            try await store.volume(named: "v").flush()
             let report = try await store.verify(volumes: ["v"])
             #expect(report.first?.bytesUnchecked == UInt64(2 * chunk))
             #expect(report.first?.bytesChecked == UInt64(chunk))

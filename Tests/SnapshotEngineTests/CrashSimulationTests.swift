@@ -113,8 +113,11 @@ extension CrashSimulationTests {
 
     /// Teeth: with one durability ordering broken, the simulation fails within the seeds a default
     /// run uses (the live write before its copy's record is durable; the record made durable without
-    /// syncing the diff store that holds the copy; a failed fdatasync retried and its success believed).
-    @Test(arguments: [BrokenOrdering.liveWriteBeforeCopyCommit, .noDiffStoreSync, .retryFailedSync])
+    /// syncing the diff store that holds the copy; a failed fdatasync retried and its success believed;
+    /// a flush that does not wait for writes answered before their copy was done).
+    @Test(arguments: [
+        BrokenOrdering.liveWriteBeforeCopyCommit, .noDiffStoreSync, .retryFailedSync, .flushIgnoresHeldWrites,
+    ])
     func catchesBrokenOrderings(_ ordering: BrokenOrdering) async throws {
         let failure = await Self.firstFailure { $0.brokenOrdering = ordering }
         let caught = try #require(failure, "no seed noticed \(ordering)")

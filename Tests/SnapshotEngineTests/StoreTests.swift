@@ -202,6 +202,8 @@ extension ByteCount: ExpressibleByIntegerLiteral {
             try await volume.write(at: 0, Fixture.pattern(7, count: 8192))
             for _ in 0..<5 { _ = try await store.createSnapshotSet(volumes: ["disk"]) }
             try await volume.write(at: 0, [1])
+            // The write may be answered before its copy is recorded; a flush waits for it.
+            try await volume.flush()
             let diff = try store.snapshots().map(\.diffBytes)
             #expect(diff == [0, 0, 0, 0, 4096])
             #expect(store.volumes()[0].diffBytes == 4096)
@@ -336,6 +338,7 @@ extension ByteCount: ExpressibleByIntegerLiteral {
             try await store.volume(named: "disk").write(at: 0, original)
             let set = try await store.createSnapshotSet(volumes: ["disk"])
             try await store.volume(named: "disk").write(at: 5000, Fixture.pattern(10, count: 50_000))
+            try await store.volume(named: "disk").flush()
             let snapshotsBefore = try store.snapshots()
             try await store.close()
 
@@ -428,6 +431,7 @@ extension ByteCount: ExpressibleByIntegerLiteral {
             let second = try await store.createSnapshotSet(volumes: ["disk"]).snapshots[0].id
             // Two more chunks for the second snapshot exceed 4 slots: the first snapshot goes.
             try await volume.write(at: ByteOffset(3 * 4096), Fixture.pattern(13, count: 2 * 4096))
+            try await volume.flush()
             #expect(try store.snapshots().map(\.id) == [second])
             #expect(try await store.snapshot(id: second).read(at: 0, count: 65536) == secondContents)
             #expect(throws: EngineError.snapshotNotFound(first.guidString)) { try store.snapshot(id: first) }

@@ -2,8 +2,10 @@
 // deletions on two volumes, fed in pipelined batches; the test reads a random number of answers and
 // kills the process, so the kill lands in the middle of whatever it was doing. The data directory is
 // then reopened in this process and checked: every snapshot reads back exactly what its volume held
-// when it was taken, every completed write is there (a killed process loses no page cache), an
-// interrupted write is in or out byte by byte, and snapshots vanish only by deletion.
+// when it was taken, every write completed before the volume's last flush or set is there (a killed
+// process loses no page cache), a write completed since may be missing (it was answered before its
+// copy-on-write was done, as NBD allows until a flush), an interrupted write is in or out byte by
+// byte, and snapshots vanish only by deletion.
 
 import BlockIO
 import Foundation
@@ -38,19 +40,38 @@ import UmbraTestSupport
     struct Model {
         var content: [String: [UInt8]]
         var snapshots: [UUID: (volume: String, bytes: [UInt8], setID: UUID)] = [:]
+        /// The contents as of the volume's last flush or set, which waited for every answered write.
+        var settled: [String: [UInt8]] = [:]
+        /// Writes answered since then: each may be missing after the kill.
+        var unsettled: [String: [(offset: Int, bytes: [UInt8])]] = [:]
+
+        init(content: [String: [UInt8]]) {
+            self.content = content
+            settled = content
+        }
+
+        mutating func settle(_ volume: String) {
+            settled[volume] = content[volume]
+            unsettled[volume] = []
+        }
 
         mutating func apply(_ operation: Operation, answer: [String]) throws {
             switch operation {
-            case .write(let volume, let offset, let bytes): overwrite(&content[volume]!, at: offset, with: bytes)
+            case .write(let volume, let offset, let bytes):
+                overwrite(&content[volume]!, at: offset, with: bytes)
+                unsettled[volume, default: []].append((offset, bytes))
             case .trim(let volume, let offset, let count):
-                overwrite(&content[volume]!, at: offset, with: [UInt8](repeating: 0, count: count))
-            case .flush: break
+                let zeros = [UInt8](repeating: 0, count: count)
+                overwrite(&content[volume]!, at: offset, with: zeros)
+                unsettled[volume, default: []].append((offset, zeros))
+            case .flush(let volume): settle(volume)
             case .set(let volumes):
                 guard answer.count == volumes.count + 1, let setID = UUID(uuidString: answer[0]) else {
                     throw SimulationError("bad answer to set: \(answer)")
                 }
                 for (index, volume) in volumes.enumerated() {
                     snapshots[UUID(uuidString: answer[index + 1])!] = (volume, content[volume]!, setID)
+                    settle(volume)
                 }
             case .delete(let id):
                 for (snapshot, entry) in snapshots where snapshot == id || entry.setID == id {
@@ -162,13 +183,22 @@ import UmbraTestSupport
             for block in stride(from: 0, to: Self.volumeSize, by: 4096) {
                 let range = block..<(block + 4096)
                 if states.contains(where: { bytesEqual($0[volume]![range], live[range]) }) { continue }
-                for offset in range where !states.contains(where: { $0[volume]![offset] == live[offset] }) {
+                func unsettledValue(_ offset: Int) -> Bool {
+                    model.settled[volume]![offset] == live[offset]
+                        || model.unsettled[volume, default: []].contains { write in
+                            (write.offset..<(write.offset + write.bytes.count)).contains(offset)
+                                && write.bytes[offset - write.offset] == live[offset]
+                        }
+                }
+                for offset in range
+                where !states.contains(where: { $0[volume]![offset] == live[offset] }) && !unsettledValue(offset) {
                     throw SimulationError(
                         "round \(round): live \(volume) byte \(offset) is \(live[offset]), which no prefix of the interrupted operations explains"
                     )
                 }
             }
             model.content[volume] = live
+            model.settle(volume)
         }
         var uncertainSets: [(volumes: [String], state: [String: [UInt8]])] = []
         var uncertainDeletions = Set<UUID>()

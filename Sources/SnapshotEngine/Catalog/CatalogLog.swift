@@ -69,6 +69,12 @@ final class CatalogLog: Sendable {
     /// Bytes appended since the file was last written whole.
     var appendedBytes: UInt64 { state.withLock { $0.appendedBytes } }
 
+    /// Whether `bytes` more fit in space the file has allocated ahead, so that appending them cannot
+    /// fail for want of space.
+    func hasRoom(for bytes: Int) -> Bool {
+        state.withLock { $0.preallocatedEnd >= $0.tail + UInt64($0.pendingPayload.count + bytes) }
+    }
+
     /// The error that stopped the log, if any.
     var failure: EngineError? {
         guard failed.load(ordering: .acquiring) else { return nil }

@@ -110,6 +110,9 @@ public final class PreparedSnapshotSet: Sendable {
         // last moments to make durable: the hold stays short however much was dirty.
         do {
             if flushingFirst { try await Self.flush(members) }
+            // Writes answered before the set began are in it, even one that left its gate to free
+            // diff space: wait for them to land (the gates would not).
+            for volume in members { try await volume.heldWrites.wait(for: nil) }
             try Task.checkCancellation()
         } catch {
             state.withLock { $0.phase = .finished }
@@ -171,6 +174,16 @@ public final class PreparedSnapshotSet: Sendable {
             // The watchdog fired between the last gate and here.
             releaseHold(gatesHeld: true)
             throw expiredError
+        }
+        // A write answered before its copy was done may have been lost while the gates drained: a
+        // set taken now would leave out a write its client was told had happened.
+        do {
+            for volume in members { try volume.checkWritable() }
+        } catch {
+            state.withLock { $0.phase = .finished }
+            watchdog.cancel()
+            releaseHold(gatesHeld: true)
+            throw error
         }
     }
 

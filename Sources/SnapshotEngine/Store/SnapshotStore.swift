@@ -184,6 +184,8 @@ public final class SnapshotStore: Sendable {
         await waitForPendingCommits()
         var firstError: (any Error)?
         for volume in allVolumes() {
+            // Writes answered early land first (their gate may be free while they free diff space).
+            try? await volume.heldWrites.wait(for: nil)
             // Drain the writers that already passed the gate; the ones behind it will see `closed`.
             try? await volume.gate.acquireExclusive()
             do {

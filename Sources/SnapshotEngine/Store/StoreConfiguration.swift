@@ -36,6 +36,10 @@ public struct StoreConfiguration: Sendable {
     /// cache, and the hop there and back costs more than the write. It can block when the kernel
     /// throttles dirty memory, so callers that must never block (an event loop) decide.
     public var writesLiveDataInline = false
+    /// The most bytes of writes per volume that may be answered before their copy-on-write is
+    /// durable (held in memory until their live write; see `Volume.write`). Zero answers every write
+    /// only once its copy is durable and its data written.
+    public var heldWriteBytes: ByteCount = .mebibytes(64)
     /// The most snapshots one volume may have.
     public var maximumSnapshotsPerVolume = 2048
     /// Compact the catalog when this many bytes were appended since it was last written whole, and
@@ -74,4 +78,6 @@ enum BrokenOrdering: Sendable {
     /// A failed fdatasync is retried, and the retry's success taken to cover what the failed one was
     /// writing (after a failed sync Linux drops those pages from the way to the disk, so it does not).
     case retryFailedSync
+    /// A flush does not wait for writes answered before their copy-on-write was done (HeldWrites).
+    case flushIgnoresHeldWrites
 }

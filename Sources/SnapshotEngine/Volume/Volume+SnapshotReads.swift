@@ -185,13 +185,21 @@ extension Volume {
         let limit = within.map { $0.offset.rawValue..<$0.end.rawValue } ?? 0..<size.rawValue
         guard !limit.isEmpty else { return [] }
         let chunkRange = (limit.lowerBound >> chunkShift)..<((limit.upperBound - 1) >> chunkShift + 1)
-        let union = metadata.withLock { metadata -> ChunkSet in
+        var union = metadata.withLock { metadata -> ChunkSet in
             var union = ChunkSet()
             for snapshot in metadata.chain
             where snapshot.sequence >= since && (until.map { snapshot.sequence < $0 } ?? true) {
                 union.formUnion(snapshot.preserved)
             }
             return union
+        }
+        if until == nil {
+            // Writes answered and still held change their chunks, though no copy records it yet.
+            for held in heldWrites.ranges() where !held.isEmpty {
+                for chunk in (held.lowerBound >> chunkShift)...((held.upperBound - 1) >> chunkShift) {
+                    _ = union.insert(chunk)
+                }
+            }
         }
         var ranges: [ByteRange] = []
         union.forEachRun(in: chunkRange) { run in

@@ -20,26 +20,174 @@ extension Volume {
     }
 
     /// Runs `apply` (the change to the live data) once every chunk of the range is preserved for the
-    /// newest snapshot.
-    func mutate(_ offset: ByteOffset, _ count: ByteCount, _ apply: @escaping @Sendable () throws -> Void)
-        async throws
-    {
+    /// newest snapshot. With `mayAnswerEarly` (a write without FUA), a write that has chunks to
+    /// preserve may return once they are claimed and the space for their copies is taken
+    /// (`answerEarly`): the copy and `apply` go on in the background, in order, and reads and later
+    /// writes of its bytes wait for it (HeldWrites.swift).
+    func mutate(
+        _ offset: ByteOffset, _ count: ByteCount, mayAnswerEarly: Bool = false,
+        _ apply: @escaping @Sendable () throws -> Void
+    ) async throws {
         let touched = chunks(offset, count)
+        let bytes = offset.rawValue..<(offset.rawValue + count.rawValue)
+        // Answered writes land in order: wait for held ones in these bytes (outside the gate, which
+        // they may have to leave and take again to reclaim space).
+        try await heldWrites.wait(for: bytes)
+        await gate.enter()
+        do {
+            try checkUsable()
+            try checkWritable()
+            if let failure = context.catalog.failure { throw failure }
+        } catch {
+            gate.leave()
+            throw EngineError.wrap(error)
+        }
         let early =
             context.configuration.brokenOrderingForTesting == .liveWriteBeforeCopyCommit ? EarlyLiveWrite(apply) : nil
+        if mayAnswerEarly, let answered = await answerEarly(touched, bytes: bytes) {
+            Task(executorPreference: context.configuration.taskExecutor) {
+                await self.finishAnsweredWrite(answered, touched, bytes, apply, early: early)
+            }
+            return
+        }
+        try await mutateHoldingGate(touched, apply, early: early)
+    }
+
+    /// The rest of a write answered early, in the background, holding the gate it entered with: its
+    /// copy, then the live write. A failure loses the write (see HeldWrites.swift).
+    private func finishAnsweredWrite(
+        _ answered: EarlyAnswer, _ touched: Range<UInt64>, _ bytes: Range<UInt64>,
+        _ apply: @escaping @Sendable () throws -> Void, early: EarlyLiveWrite?
+    ) async {
+        var beforeCommit: (@Sendable () throws -> Void)?
+        if let early { beforeCommit = { try early.run() } }
+        do {
+            do {
+                // Whatever this returns, the loop below preserves what is still missing.
+                _ = try await copy(
+                    answered.chunks, into: answered.slots, for: answered.sequence, beforeCommit: beforeCommit)
+            } catch {
+                gate.leave()
+                throw error
+            }
+            try await mutateHoldingGate(touched, apply, early: early)
+            heldWrites.release(answered.place)
+        } catch {
+            noteLostWrite(error, bytes: bytes)
+            heldWrites.release(answered.place, failure: EngineError.wrap(error))
+        }
+    }
+
+    /// What a write answered early took before its answer: its place among the held writes, and the
+    /// chunks it claimed for the newest snapshot with a diff slot each, whose space is allocated.
+    struct EarlyAnswer: Sendable {
+        var place: UInt64
+        var sequence: SnapshotSequence
+        var chunks: [UInt64]
+        var slots: [DiffSlot]
+    }
+
+    /// Prepares a write's early answer, or returns nil for a write that should be answered only once
+    /// it is done. After the answer nothing may fail for want of space, so it answers early only when
+    /// it can claim every chunk the newest snapshot lacks (none is being copied by another write,
+    /// whose copy could still fail), the diff-store limit leaves a slot for each, the space for those
+    /// slots is allocated, the live bytes are allocated (no hole for the write to fill), the catalog
+    /// has room ahead, copies are not already failing for want of space, and the held bytes stay
+    /// within `heldWriteBytes`. A write that needs no copy gains nothing from answering early.
+    private func answerEarly(_ touched: Range<UInt64>, bytes: Range<UInt64>) async -> EarlyAnswer? {
+        let limit = context.configuration.heldWriteBytes.rawValue
+        guard limit > 0, UInt64(bytes.count) <= limit, !outOfSpace.load(ordering: .relaxed),
+            context.catalog.hasRoom(for: Self.catalogRoomForEarlyAnswers)
+        else { return nil }
+        let maximumChunks = max(1, Self.maximumCopyBytes / chunkBytes)
+        let plan = metadata.withLock { metadata -> (sequence: SnapshotSequence, chunks: [UInt64], slots: [DiffSlot])? in
+            guard let newest = metadata.chain.last else { return nil }
+            var claim: [UInt64] = []
+            for chunk in touched where !metadata.index.hasCopy(of: chunk, heldBy: newest.sequence) {
+                guard metadata.chunksInCopy[chunk] == nil, claim.count < maximumChunks else { return nil }
+                claim.append(chunk)
+            }
+            guard !claim.isEmpty, metadata.slots.availableCount >= UInt64(claim.count) else { return nil }
+            for chunk in claim { metadata.chunksInCopy[chunk] = [] }
+            return (newest.sequence, claim, metadata.slots.reserve(upTo: claim.count))
+        }
+        guard let plan else { return nil }
+        guard let place = heldWrites.hold(bytes, bytes: bytes.count, limit: Int(limit)) else {
+            abandonClaim(plan.chunks, slots: plan.slots)
+            return nil
+        }
+        let (live, diff, shift) = (self.live, self.diff, chunkShift)
+        let runs = Self.runs(of: plan.slots.map(\.rawValue).sorted())
+        let ready: Bool
+        do {
+            ready = try await context.io.run {
+                for run in runs {
+                    try diff.reserve(at: ByteOffset(run.first << shift), count: ByteCount(UInt64(run.count) << shift))
+                }
+                return try live.nextHole(from: ByteOffset(bytes.lowerBound)).rawValue >= bytes.upperBound
+            }
+        } catch {
+            ready = false
+        }
+        guard ready else {
+            heldWrites.release(place)
+            abandonClaim(plan.chunks, slots: plan.slots)
+            return nil
+        }
+        return EarlyAnswer(place: place, sequence: plan.sequence, chunks: plan.chunks, slots: plan.slots)
+    }
+
+    /// Room the catalog must have allocated ahead for writes to be answered early: far more than the
+    /// records of every write that can be held at once.
+    static let catalogRoomForEarlyAnswers = 256 << 10
+
+    /// Gives back chunks claimed and slots reserved for a copy that will not be made.
+    private func abandonClaim(_ chunks: [UInt64], slots: [DiffSlot]) {
+        let waiters = metadata.withLock { metadata -> [CheckedContinuation<Void, Never>] in
+            metadata.slots.release(slots)
+            return chunks.flatMap { metadata.chunksInCopy.removeValue(forKey: $0) ?? [] }
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    /// Logs a write lost after its answer: loudly, since the client learns of it only from its next
+    /// flush or write.
+    private func noteLostWrite(_ error: any Error, bytes: Range<UInt64>) {
+        context.logger.error(
+            "a write was answered before its copy-on-write finished, and the copy failed: its data never reached the volume; the volume refuses writes and flushes (and reads of those bytes) until the data directory is reopened",
+            metadata: [
+                "volume": "\(name)", "offset": "\(bytes.lowerBound)", "length": "\(bytes.count)", "error": "\(error)",
+            ])
+    }
+
+    /// The copy-on-write and `apply`, entered with the gate held; leaves it. `early` (tests only) breaks
+    /// the ordering on purpose.
+    private func mutateHoldingGate(
+        _ touched: Range<UInt64>, _ apply: @escaping @Sendable () throws -> Void, early: EarlyLiveWrite?
+    ) async throws {
         var beforeCommit: (@Sendable () throws -> Void)?
         if let early { beforeCommit = { try early.run() } }
         // A full file system gives way to the volume's policy once per write: if that freed no
         // room (another process holds the space, or holes cannot be punched), the write fails with
         // ENOSPC rather than taking every snapshot of the volume with it.
         var reclaimedForFullFileSystem = false
+        var holding = true
+        var firstRound = true
         while true {
-            await gate.enter()
+            if !holding {
+                await gate.enter()
+                holding = true
+            }
             let outcome: CopyOutcome
             do {
-                try checkUsable()
-                try checkWritable()
-                if let failure = context.catalog.failure { throw failure }
+                // The first time round, the caller checked before answering (a held write must land
+                // even if the store began closing since: closing waits for it at the gate).
+                if !firstRound {
+                    try checkUsable()
+                    try checkWritable()
+                    if let failure = context.catalog.failure { throw failure }
+                }
+                firstRound = false
                 outcome = try await preserve(touched, beforeCommit: beforeCommit)
             } catch {
                 gate.leave()
@@ -47,6 +195,7 @@ extension Volume {
             }
             if outcome != .done {
                 gate.leave()
+                holding = false
                 if outcome == .fileSystemFull {
                     guard !reclaimedForFullFileSystem else {
                         throw EngineError.io(

@@ -44,6 +44,8 @@ public final class Volume: Sendable {
     let liveSync: StorageSync
     /// The same for the diff store (its syncs come before the records of copies).
     let diffSync: StorageSync
+    /// Writes answered before their copies are durable (HeldWrites.swift).
+    let heldWrites = HeldWrites()
 
     init(
         definition: VolumeDefinition, metadata: VolumeMetadata, live: any BlockStorage, diff: any BlockStorage,
@@ -75,9 +77,11 @@ public final class Volume: Sendable {
         if removed.load(ordering: .relaxed) { throw .volumeNotFound(name) }
     }
 
-    /// Refuses changes once the live data's durability is unknown (see `liveSyncFailure`).
+    /// Refuses changes once the live data's durability is unknown (see `liveSync`), or once a write
+    /// answered early was lost (see `heldWrites`).
     func checkWritable() throws(EngineError) {
         if let failure = liveSync.failure { throw .storageFailed(failure) }
+        if let failure = heldWrites.failure { throw failure }
     }
 
     func checkRange(_ offset: ByteOffset, _ count: ByteCount) throws(EngineError) {
@@ -99,6 +103,7 @@ public final class Volume: Sendable {
         try checkUsable()
         try checkRange(offset, ByteCount(buffer.count))
         guard buffer.count > 0 else { return buffer }
+        try await heldWrites.wait(for: offset.rawValue..<(offset.rawValue + UInt64(buffer.count)))
         let live = self.live
         if context.configuration.readsCachedDataInline,
             (try? buffer.withUnsafeMutableBytes { try live.readIfCached(fromAbsoluteOffset: offset, into: $0) }) == true
@@ -117,7 +122,9 @@ public final class Volume: Sendable {
     }
 
     /// Writes `bytes` to the live volume at `offset`, preserving what the newest snapshot still needs
-    /// first. With `fua`, the data is durable when this returns.
+    /// first. With `fua`, the data is durable when this returns. Without it the write may return
+    /// before its copy-on-write is done (reads and writes of its bytes wait for it; `flush` waits
+    /// for it and fails if it was lost), so `bytes` may be kept until then.
     public func write<Bytes: IOBytes>(at offset: ByteOffset, _ bytes: Bytes, fua: Bool = false) async throws {
         let live = self.live
         try await writeLive(at: offset, count: bytes.count, fua: fua) {
@@ -144,7 +151,7 @@ public final class Volume: Sendable {
     ) async throws {
         try checkRange(offset, ByteCount(count))
         guard count > 0 else { return }
-        try await mutate(offset, ByteCount(count), apply)
+        try await mutate(offset, ByteCount(count), mayAnswerEarly: !fua, apply)
         if fua { try await flush() }
     }
 
@@ -157,13 +164,19 @@ public final class Volume: Sendable {
     )? {
         try checkUsable()
         try checkRange(offset, count)
-        guard let descriptor = live.fileDescriptor else { return nil }
+        // Bytes a held write will change are read through `read`, which waits for it.
+        guard let descriptor = live.fileDescriptor,
+            !heldWrites.overlaps(offset.rawValue..<(offset.rawValue + count.rawValue))
+        else { return nil }
         return (descriptor, { withExtendedLifetime(self) {} })
     }
 
     /// Makes every completed write to the live volume durable.
     public func flush() async throws {
         try checkUsable()
+        if context.configuration.brokenOrderingForTesting != .flushIgnoresHeldWrites {
+            try await heldWrites.wait(for: nil)
+        }
         try checkWritable()
         // A store whose catalog failed is read-only: its syncs may have dropped this volume's pages too.
         if let failure = context.catalog.failure { throw failure }
