@@ -8,7 +8,11 @@ socket, deleting each after it. For every set it records the time from the reque
 and the longest write latency seen by the clients among writes that overlapped the set. Prints
 p50/p99/max of both, and the writes' latency outside sets for comparison.
 
-    Scripts/bench/set-latency.py [--umbra .build/release/umbra] [--sets 100] [--json]
+    Scripts/bench/set-latency.py [--umbra .build/release/umbra] [--sets 100] [--flush-every N] [--json]
+
+With --flush-every N each client sends a FLUSH after every N writes (0, the default: never), as a
+file system or database on the volume would; without flushes a set has to flush all the dirty data
+the clients left, and the writes after it must not wait for that.
 
 Needs Debian's python3 with the libnbd module (python3-libnbd), hence /usr/bin/python3.
 """
@@ -67,6 +71,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--umbra", default=".build/release/umbra")
     parser.add_argument("--sets", type=int, default=100)
+    parser.add_argument("--flush-every", type=int, default=0, help="FLUSH after every N writes (0: never)")
     parser.add_argument("--json", action="store_true")
     arguments = parser.parse_args()
 
@@ -96,6 +101,7 @@ def main():
             handle.connect_uri("nbd+unix:///%s?socket=%s" % (volume, nbd_socket))
             rng = random.Random(seed)
             block = bytes(rng.getrandbits(8) for _ in range(4096))
+            count = 0
             while not stop.is_set():
                 offset = rng.randrange(0, (256 << 20) // 4096) * 4096
                 start = time.perf_counter()
@@ -103,6 +109,9 @@ def main():
                 end = time.perf_counter()
                 with lock:
                     latencies.append((start, end))
+                count += 1
+                if arguments.flush_every and count % arguments.flush_every == 0:
+                    handle.flush()
             handle.shutdown()
 
         loaders = [threading.Thread(target=load, args=(volume, seed)) for seed, volume in enumerate(("a", "b"))]
@@ -143,6 +152,7 @@ def main():
 
         report = {
             "sets": arguments.sets,
+            "flushEvery": arguments.flush_every,
             "setMilliseconds": summary(set_seconds),
             "longestWriteDuringSetMilliseconds": summary(holds),
             "writeOutsideSetsMilliseconds": summary(outside),
@@ -151,7 +161,9 @@ def main():
         if arguments.json:
             print(json.dumps(report))
         else:
-            print("%d sets of 2 volumes with 2 writers, %d 4 KiB writes in the background" % (arguments.sets, len(writes)))
+            print("%d sets of 2 volumes with 2 writers, %d 4 KiB writes in the background, %s" % (
+                arguments.sets, len(writes),
+                "a FLUSH every %d" % arguments.flush_every if arguments.flush_every else "never flushed"))
             print("%-44s %8s %8s %8s" % ("", "p50 ms", "p99 ms", "max ms"))
             for label, key in (("snapshot create, request to answer", "setMilliseconds"),
                                ("longest 4 KiB write overlapping a set", "longestWriteDuringSetMilliseconds"),

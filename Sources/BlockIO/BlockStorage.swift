@@ -48,8 +48,9 @@ public protocol BlockStorage: AnyObject, Sendable {
     func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
 
     /// Allocates space for the range now, so that writes into it later cannot fail for want of space
-    /// (ENOSPC comes from here instead), extending the size if it lies past the end.
-    func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
+    /// (ENOSPC comes from here instead), extending the size if it lies past the end; the contents
+    /// stay as they are. Returns false if the storage cannot (a file system without fallocate).
+    func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) -> Bool
 
     /// The start of the next allocated data at or after `offset`, or nil if only holes follow
     /// (SEEK_DATA). Storage that cannot tell reports everything as data.

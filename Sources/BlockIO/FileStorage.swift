@@ -160,12 +160,11 @@ public final class FileStorage: BlockStorage {
         try writeZeroesByWriting(at: offset, count: count)
     }
 
-    /// fallocate; where the file system has none, zeros written (which take the space as well).
-    public func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+    /// fallocate (a block device has its space already).
+    public func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) -> Bool {
         try checkOpen("fallocate")
-        guard count.rawValue > 0, !isBlockDevice else { return }
-        if try Syscall.allocate(descriptor, offset: offset.rawValue, length: count.rawValue, path: path) { return }
-        try writeZeroesByWriting(at: offset, count: count)
+        guard count.rawValue > 0, !isBlockDevice else { return true }
+        return try Syscall.allocate(descriptor, offset: offset.rawValue, length: count.rawValue, path: path)
     }
 
     public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {

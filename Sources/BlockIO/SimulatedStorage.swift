@@ -109,8 +109,9 @@ public final class SimulatedStorage: BlockStorage {
 
     /// Counts as a write that can fail (with ENOSPC, as on a full disk); the simulated disk never runs
     /// out of space by itself, so it reserves nothing.
-    public func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
+    public func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) -> Bool {
         try withFile("fallocate", faultKind: .write) { _ in }
+        return true
     }
 
     public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {

@@ -48,6 +48,8 @@ final class CatalogLog: Sendable {
         var failure: EngineError?
         /// Bytes appended since the file was written whole (by creation or compaction).
         var appendedBytes: UInt64 = 0
+        /// Room in the allocated space ahead promised to appends still to come (`reserveRoom`).
+        var reservedRoom = 0
     }
 
     private let state: Mutex<State>
@@ -69,10 +71,20 @@ final class CatalogLog: Sendable {
     /// Bytes appended since the file was last written whole.
     var appendedBytes: UInt64 { state.withLock { $0.appendedBytes } }
 
-    /// Whether `bytes` more fit in space the file has allocated ahead, so that appending them cannot
-    /// fail for want of space.
-    func hasRoom(for bytes: Int) -> Bool {
-        state.withLock { $0.preallocatedEnd >= $0.tail + UInt64($0.pendingPayload.count + bytes) }
+    /// Promises `bytes` of the space the file has allocated ahead to appends still to come (the
+    /// records of writes answered before their copies), so that they cannot fail for want of space.
+    /// False if that much is not free; otherwise give it back with `releaseRoom` once appended.
+    func reserveRoom(_ bytes: Int) -> Bool {
+        state.withLock { state in
+            let promised = UInt64(state.pendingPayload.count + state.reservedRoom + bytes)
+            guard state.failure == nil, state.preallocatedEnd >= state.tail + promised else { return false }
+            state.reservedRoom += bytes
+            return true
+        }
+    }
+
+    func releaseRoom(_ bytes: Int) {
+        state.withLock { $0.reservedRoom -= bytes }
     }
 
     /// The error that stopped the log, if any.
@@ -357,8 +369,10 @@ final class CatalogLog: Sendable {
                 let bytes = Self.batchBytes(payload: Array(remaining.prefix(take)), sequence: sequence)
                 remaining = remaining.dropFirst(take)
                 let offset = tail
+                // Grown once less than half a step is left after this batch, so that room stays
+                // ahead for the records that `reserveRoom` promises.
                 let growTo: UInt64? =
-                    offset + UInt64(bytes.count) > preallocatedEnd
+                    offset + UInt64(bytes.count) + Self.preallocationStep / 2 > preallocatedEnd
                     ? (offset + UInt64(bytes.count) + Self.preallocationStep) / Self.preallocationStep
                         * Self.preallocationStep : nil
                 let storage = batch.storage

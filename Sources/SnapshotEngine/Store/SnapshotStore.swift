@@ -184,8 +184,13 @@ public final class SnapshotStore: Sendable {
         await waitForPendingCommits()
         var firstError: (any Error)?
         for volume in allVolumes() {
-            // Writes answered early land first (their gate may be free while they free diff space).
-            try? await volume.heldWrites.wait(for: nil)
+            // Writes answered early land first (their gate may be free while they free diff space);
+            // one that was lost is reported here too.
+            do {
+                try await volume.heldWrites.wait(for: nil)
+            } catch {
+                if firstError == nil { firstError = error }
+            }
             // Drain the writers that already passed the gate; the ones behind it will see `closed`.
             try? await volume.gate.acquireExclusive()
             do {

@@ -36,9 +36,9 @@ public struct StoreConfiguration: Sendable {
     /// cache, and the hop there and back costs more than the write. It can block when the kernel
     /// throttles dirty memory, so callers that must never block (an event loop) decide.
     public var writesLiveDataInline = false
-    /// The most bytes of writes per volume that may be answered before their copy-on-write is
-    /// durable (held in memory until their live write; see `Volume.write`). Zero answers every write
-    /// only once its copy is durable and its data written.
+    /// The most memory per volume that writes answered before their copy-on-write is durable may
+    /// keep until their live write (their payloads and the buffers for their copies; see
+    /// `Volume.write`). Zero answers every write only once its copy is durable and its data written.
     public var heldWriteBytes: ByteCount = .mebibytes(64)
     /// The most snapshots one volume may have.
     public var maximumSnapshotsPerVolume = 2048

@@ -185,6 +185,7 @@ extension Volume {
         let limit = within.map { $0.offset.rawValue..<$0.end.rawValue } ?? 0..<size.rawValue
         guard !limit.isEmpty else { return [] }
         let chunkRange = (limit.lowerBound >> chunkShift)..<((limit.upperBound - 1) >> chunkShift + 1)
+        let heldRanges = until == nil ? heldWrites.ranges() : []
         var union = metadata.withLock { metadata -> ChunkSet in
             var union = ChunkSet()
             for snapshot in metadata.chain
@@ -193,12 +194,12 @@ extension Volume {
             }
             return union
         }
-        if until == nil {
-            // Writes answered and still held change their chunks, though no copy records it yet.
-            for held in heldWrites.ranges() where !held.isEmpty {
-                for chunk in (held.lowerBound >> chunkShift)...((held.upperBound - 1) >> chunkShift) {
-                    _ = union.insert(chunk)
-                }
+        // Writes answered and still held change their chunks, though no copy records it yet. Read
+        // before the chain: a held write records its copy before it lets go of its place, so it is
+        // seen in one or the other.
+        for held in heldRanges where !held.isEmpty {
+            for chunk in (held.lowerBound >> chunkShift)...((held.upperBound - 1) >> chunkShift) {
+                _ = union.insert(chunk)
             }
         }
         var ranges: [ByteRange] = []

@@ -14,11 +14,12 @@ extension Volume {
 
     /// Frees diff space by the volume's policy: deletes the oldest snapshot, or fails the newest (the
     /// one that needs the space). Runs with the gate held, like any change to the chain. With
-    /// `fileSystemFull`, the file system ran out before the limit did.
-    func reclaimSpace(fileSystemFull: Bool = false) async throws {
+    /// `fileSystemFull`, the file system ran out before the limit did; `forAnsweredWrite`, it makes room
+    /// for a write already answered, which goes on while the store closes.
+    func reclaimSpace(fileSystemFull: Bool = false, forAnsweredWrite: Bool = false) async throws {
         try await gate.acquireExclusive()
         defer { gate.releaseExclusive() }
-        try checkUsable()
+        try checkUsable(whileClosing: forAnsweredWrite)
         let limit = diffLimit?.rawValue ?? 0
         let reason =
             fileSystemFull

@@ -50,7 +50,7 @@ extension Volume {
             }
             return
         }
-        try await mutateHoldingGate(touched, apply, early: early)
+        try await mutateHoldingGate(touched, apply, answered: false, early: early)
     }
 
     /// The rest of a write answered early, in the background, holding the gate it entered with: its
@@ -63,6 +63,7 @@ extension Volume {
         if let early { beforeCommit = { try early.run() } }
         do {
             do {
+                defer { context.catalog.releaseRoom(answered.recordBytes) }
                 // Whatever this returns, the loop below preserves what is still missing.
                 _ = try await copy(
                     answered.chunks, into: answered.slots, for: answered.sequence, beforeCommit: beforeCommit)
@@ -70,7 +71,7 @@ extension Volume {
                 gate.leave()
                 throw error
             }
-            try await mutateHoldingGate(touched, apply, early: early)
+            try await mutateHoldingGate(touched, apply, answered: true, early: early)
             heldWrites.release(answered.place)
         } catch {
             noteLostWrite(error, bytes: bytes)
@@ -85,20 +86,20 @@ extension Volume {
         var sequence: SnapshotSequence
         var chunks: [UInt64]
         var slots: [DiffSlot]
+        /// The catalog room promised to its records.
+        var recordBytes: Int
     }
 
     /// Prepares a write's early answer, or returns nil for a write that should be answered only once
     /// it is done. After the answer nothing may fail for want of space, so it answers early only when
     /// it can claim every chunk the newest snapshot lacks (none is being copied by another write,
     /// whose copy could still fail), the diff-store limit leaves a slot for each, the space for those
-    /// slots is allocated, the live bytes are allocated (no hole for the write to fill), the catalog
-    /// has room ahead, copies are not already failing for want of space, and the held bytes stay
+    /// slots and for the live bytes is allocated (`BlockStorage.reserve`), the catalog has room
+    /// ahead for their records (`CatalogLog.reserveRoom`), copies are not already failing for want of space, and the held bytes stay
     /// within `heldWriteBytes`. A write that needs no copy gains nothing from answering early.
     private func answerEarly(_ touched: Range<UInt64>, bytes: Range<UInt64>) async -> EarlyAnswer? {
         let limit = context.configuration.heldWriteBytes.rawValue
-        guard limit > 0, UInt64(bytes.count) <= limit, !outOfSpace.load(ordering: .relaxed),
-            context.catalog.hasRoom(for: Self.catalogRoomForEarlyAnswers)
-        else { return nil }
+        guard limit > 0, UInt64(bytes.count) <= limit, !outOfSpace.load(ordering: .relaxed) else { return nil }
         let maximumChunks = max(1, Self.maximumCopyBytes / chunkBytes)
         let plan = metadata.withLock { metadata -> (sequence: SnapshotSequence, chunks: [UInt64], slots: [DiffSlot])? in
             guard let newest = metadata.chain.last else { return nil }
@@ -112,7 +113,15 @@ extension Volume {
             return (newest.sequence, claim, metadata.slots.reserve(upTo: claim.count))
         }
         guard let plan else { return nil }
-        guard let place = heldWrites.hold(bytes, bytes: bytes.count, limit: Int(limit)) else {
+        // The memory a held write keeps: its payload and the buffer for its copies.
+        let cost = bytes.count + plan.chunks.count * chunkBytes
+        let recordBytes = Self.catalogRoom(forCopies: plan.chunks.count)
+        guard let place = heldWrites.hold(bytes, bytes: cost, limit: Int(limit)) else {
+            abandonClaim(plan.chunks, slots: plan.slots)
+            return nil
+        }
+        guard context.catalog.reserveRoom(recordBytes) else {
+            heldWrites.release(place)
             abandonClaim(plan.chunks, slots: plan.slots)
             return nil
         }
@@ -122,24 +131,31 @@ extension Volume {
         do {
             ready = try await context.io.run {
                 for run in runs {
-                    try diff.reserve(at: ByteOffset(run.first << shift), count: ByteCount(UInt64(run.count) << shift))
+                    let reserved = try diff.reserve(
+                        at: ByteOffset(run.first << shift), count: ByteCount(UInt64(run.count) << shift))
+                    if !reserved { return false }
                 }
-                return try live.nextHole(from: ByteOffset(bytes.lowerBound)).rawValue >= bytes.upperBound
+                // The live bytes too: the blocks a write into a hole would allocate.
+                return try live.reserve(at: ByteOffset(bytes.lowerBound), count: ByteCount(UInt64(bytes.count)))
             }
         } catch {
             ready = false
         }
         guard ready else {
+            context.catalog.releaseRoom(recordBytes)
             heldWrites.release(place)
             abandonClaim(plan.chunks, slots: plan.slots)
             return nil
         }
-        return EarlyAnswer(place: place, sequence: plan.sequence, chunks: plan.chunks, slots: plan.slots)
+        return EarlyAnswer(
+            place: place, sequence: plan.sequence, chunks: plan.chunks, slots: plan.slots, recordBytes: recordBytes)
     }
 
-    /// Room the catalog must have allocated ahead for writes to be answered early: far more than the
-    /// records of every write that can be held at once.
-    static let catalogRoomForEarlyAnswers = 256 << 10
+    /// More than the catalog takes for the records of `copies` copies: a record and a checksum per
+    /// copy at worst, and a batch's header and padding.
+    static func catalogRoom(forCopies copies: Int) -> Int {
+        copies * 64 + CatalogLog.batchAlignment + CatalogLog.batchHeaderSize
+    }
 
     /// Gives back chunks claimed and slots reserved for a copy that will not be made.
     private func abandonClaim(_ chunks: [UInt64], slots: [DiffSlot]) {
@@ -160,10 +176,13 @@ extension Volume {
             ])
     }
 
-    /// The copy-on-write and `apply`, entered with the gate held; leaves it. `early` (tests only) breaks
-    /// the ordering on purpose.
+    /// The copy-on-write and `apply`, entered with the gate held (the caller has checked the volume);
+    /// leaves it. A write already `answered` goes on while the store closes or after another answered
+    /// write was lost: landing it is all that is left to do for it. `early` (tests only) breaks the
+    /// ordering on purpose.
     private func mutateHoldingGate(
-        _ touched: Range<UInt64>, _ apply: @escaping @Sendable () throws -> Void, early: EarlyLiveWrite?
+        _ touched: Range<UInt64>, _ apply: @escaping @Sendable () throws -> Void, answered: Bool,
+        early: EarlyLiveWrite?
     ) async throws {
         var beforeCommit: (@Sendable () throws -> Void)?
         if let early { beforeCommit = { try early.run() } }
@@ -180,11 +199,10 @@ extension Volume {
             }
             let outcome: CopyOutcome
             do {
-                // The first time round, the caller checked before answering (a held write must land
-                // even if the store began closing since: closing waits for it at the gate).
+                // The first time round, the caller has checked.
                 if !firstRound {
-                    try checkUsable()
-                    try checkWritable()
+                    try checkUsable(whileClosing: answered)
+                    if !answered { try checkWritable() }
                     if let failure = context.catalog.failure { throw failure }
                 }
                 firstRound = false
@@ -203,7 +221,7 @@ extension Volume {
                     }
                     reclaimedForFullFileSystem = true
                 }
-                try await reclaimSpace(fileSystemFull: outcome == .fileSystemFull)
+                try await reclaimSpace(fileSystemFull: outcome == .fileSystemFull, forAnsweredWrite: answered)
                 continue
             }
             do {

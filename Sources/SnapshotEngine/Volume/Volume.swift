@@ -72,8 +72,9 @@ public final class Volume: Sendable {
 
     // MARK: - Checks
 
-    func checkUsable() throws(EngineError) {
-        if context.closed.load(ordering: .relaxed) { throw .closed }
+    /// `whileClosing`: a write already answered goes on while the store closes (closing waits for it).
+    func checkUsable(whileClosing: Bool = false) throws(EngineError) {
+        if !whileClosing && context.closed.load(ordering: .relaxed) { throw .closed }
         if removed.load(ordering: .relaxed) { throw .volumeNotFound(name) }
     }
 
