@@ -47,6 +47,11 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// extending the size if it lies past the end. A hint: storage that cannot preallocate does nothing.
     func preallocate(at offset: ByteOffset, count: ByteCount) throws(BlockIOError)
 
+    /// Makes the range read as zeros without writing them (a hole punched, with `mayDiscard`, or
+    /// fallocate's ZERO_RANGE; at most a block at either unaligned edge is written). Returns false,
+    /// having changed nothing, where the storage cannot (what NBD's FAST_ZERO asks to know).
+    func zeroQuickly(at offset: ByteOffset, count: ByteCount, mayDiscard: Bool) throws(BlockIOError) -> Bool
+
     /// Allocates space for the range now, so that writes into it later cannot fail for want of space
     /// (ENOSPC comes from here instead), extending the size if it lies past the end; the contents
     /// stay as they are. Returns false if the storage cannot (a file system without fallocate).

@@ -139,6 +139,36 @@ public final class FileStorage: BlockStorage {
         if alignedEnd < end { try writeZeroesByWriting(at: ByteOffset(alignedEnd), count: ByteCount(end - alignedEnd)) }
     }
 
+    public func zeroQuickly(at offset: ByteOffset, count: ByteCount, mayDiscard: Bool) throws(BlockIOError) -> Bool {
+        try checkOpen("write zeroes")
+        guard count.rawValue > 0 else { return true }
+        let block: UInt64 = 4096
+        let start = offset.rawValue
+        let end = start + count.rawValue
+        let alignedStart = (start + block - 1) / block * block
+        let alignedEnd = end / block * block
+        // Less than a block: writing it costs no more than any write.
+        guard alignedStart < alignedEnd else {
+            try writeZeroesByWriting(at: offset, count: count)
+            return true
+        }
+        let length = alignedEnd - alignedStart
+        var zeroed = false
+        if mayDiscard, !cannotPunchHoles.load(ordering: .relaxed) {
+            zeroed = try Syscall.punchHole(descriptor, offset: alignedStart, length: length, path: path)
+            if !zeroed { cannotPunchHoles.store(true, ordering: .relaxed) }
+        }
+        // On a block device ZERO_RANGE may write zeros in the kernel: only a punch (which never
+        // falls back to writing) counts there.
+        if !zeroed, !isBlockDevice, alignedEnd <= (try size()).rawValue {
+            zeroed = try Syscall.zeroRange(descriptor, offset: alignedStart, length: length, path: path)
+        }
+        guard zeroed else { return false }
+        if start < alignedStart { try writeZeroesByWriting(at: offset, count: ByteCount(alignedStart - start)) }
+        if alignedEnd < end { try writeZeroesByWriting(at: ByteOffset(alignedEnd), count: ByteCount(end - alignedEnd)) }
+        return true
+    }
+
     public func writeZeroes(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
         try checkOpen("write zeroes")
         guard count.rawValue > 0 else { return }

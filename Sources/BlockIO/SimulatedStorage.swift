@@ -107,6 +107,11 @@ public final class SimulatedStorage: BlockStorage {
         try withFile("fallocate", faultKind: .write) { _ in }
     }
 
+    public func zeroQuickly(at offset: ByteOffset, count: ByteCount, mayDiscard: Bool) throws(BlockIOError) -> Bool {
+        try writeZeroes(at: offset, count: count)
+        return true
+    }
+
     /// Counts as a write that can fail (with ENOSPC, as on a full disk); the simulated disk never runs
     /// out of space by itself, so it reserves nothing.
     public func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) -> Bool {

@@ -2,7 +2,8 @@
 // client-supplied length before it has been checked against one of these.
 
 /// The bounds a server connection enforces. The defaults follow the spec's guidance (strings of at
-/// most 4096 bytes, 32 MiB requests are never a denial of service) and leave room for deep queues.
+/// most 4096 bytes, 32 MiB requests are never a denial of service), take the 64 MiB requests that
+/// nbdkit and nbd-server take, and leave room for deep queues.
 public struct NBDLimits: Hashable, Sendable {
     /// Longest string (export name, query, description) a client may send or the server will send.
     public static let maximumStringBytes = 4096
@@ -13,12 +14,14 @@ public struct NBDLimits: Hashable, Sendable {
 
     /// Largest READ/WRITE/CACHE/WRITE_ZEROES length the server advertises and handles (the advertised
     /// maximum block size is the smaller of this and the export's own maximum).
-    public var maximumRequestBytes: Int = 32 * 1024 * 1024
+    public var maximumRequestBytes: Int = 64 * 1024 * 1024
 
     /// Largest payload (refused WRITE or oversized option) read and thrown away instead of ending the
     /// session. Longer payloads are treated as a denial of service and the connection is dropped,
-    /// as the spec allows; it must stay above 2^25, which the spec says is never one.
-    public var maximumDiscardedPayloadBytes: Int = 64 * 1024 * 1024
+    /// as the spec allows; it must stay above 2^25, which the spec says is never one, and at or
+    /// above `maximumRequestBytes`, so that a WRITE of the advertised size refused by the export
+    /// (a read-only snapshot) leaves the session going.
+    public var maximumDiscardedPayloadBytes: Int = 128 * 1024 * 1024
 
     /// Requests of one connection being served at once; when reached the connection stops reading.
     public var maximumInFlightRequests: Int = 128
@@ -26,10 +29,10 @@ public struct NBDLimits: Hashable, Sendable {
     /// Payload bytes of one connection at once: WRITE data held until written, READ data from the
     /// moment the request is accepted until its reply has gone to the socket. When reached the
     /// connection stops reading (a request is accepted while below it, so the bound can be passed by
-    /// at most one request). 64 MiB is two maximum-sized requests or 128 requests of 512 KiB, deeper
+    /// at most one request). 128 MiB is two maximum-sized requests or 256 requests of 512 KiB, deeper
     /// than qemu or the kernel client queue; it bounds what a client that stops reading replies
     /// makes the server hold.
-    public var maximumInFlightBytes: Int = 64 * 1024 * 1024
+    public var maximumInFlightBytes: Int = 128 * 1024 * 1024
 
     /// Payload bytes in flight over all connections of a server (counted as for
     /// `maximumInFlightBytes`). A connection that cannot get its request's bytes holds its reads until

@@ -18,7 +18,7 @@ extension EngineError {
             .invalidArgument
         case .closed: .shuttingDown
         case .outOfRange, .snapshotDeleted, .directoryLocked, .notADataDirectory, .unsupportedFormatVersion,
-            .corruptCatalog, .holdExpired, .holdNotActive, .storageFailed, .damagedCopy, .io:
+            .corruptCatalog, .holdExpired, .holdNotActive, .storageFailed, .damagedCopy, .io, .cannotZeroQuickly:
             nil
         }
     }

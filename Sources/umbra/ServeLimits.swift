@@ -38,6 +38,9 @@ struct ServeLimitOptions: ParsableArguments {
     @Option(help: "Requests in flight on one connection.")
     var maxInflightRequests: Int = defaults.maximumInFlightRequests
 
+    @Option(help: "The largest NBD read or write accepted (advertised to clients as the maximum block size).")
+    var maxRequest: Size = Size(bytes: UInt64(defaults.maximumRequestBytes))
+
     func validate() throws {
         guard (1...1_000_000).contains(maxConnections) else {
             throw ValidationError("--max-connections must be from 1 to 1000000.")
@@ -69,6 +72,9 @@ struct ServeLimitOptions: ParsableArguments {
         guard (1...65536).contains(maxInflightRequests) else {
             throw ValidationError("--max-inflight-requests must be from 1 to 65536.")
         }
+        guard (UInt64(64 << 10)...UInt64(1 << 30)).contains(maxRequest.bytes), maxRequest.bytes % 4096 == 0 else {
+            throw ValidationError("--max-request must be a multiple of 4K from 64K to 1G (got \(maxRequest)).")
+        }
     }
 
     /// The server's limits with these flags applied.
@@ -81,6 +87,9 @@ struct ServeLimitOptions: ParsableArguments {
         limits.maximumServerInFlightBytes = Int(maxInflightBytes.bytes)
         limits.maximumInFlightBytes = Int(maxInflightBytesPerConnection.bytes)
         limits.maximumInFlightRequests = maxInflightRequests
+        limits.maximumRequestBytes = Int(maxRequest.bytes)
+        // A refused WRITE of the largest size is read past, not a reason to drop the session.
+        limits.maximumDiscardedPayloadBytes = max(limits.maximumDiscardedPayloadBytes, Int(maxRequest.bytes))
     }
 
     /// Raises the soft descriptor limit to the hard one and warns if the connection limit still

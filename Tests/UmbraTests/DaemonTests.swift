@@ -55,6 +55,61 @@ import UmbraTestSupport
         }
     }
 
+    /// FAST_ZERO is honest. tmpfs can punch holes but has no fallocate ZERO_RANGE: there a fast zero
+    /// that may trim succeeds, one that must keep its space (NO_HOLE) answers ENOTSUP and changes
+    /// nothing, and the same zero without FAST_ZERO writes the zeros.
+    @Test func fastZeroIsHonest() async throws {
+        let mounts = (try? String(contentsOfFile: "/proc/mounts", encoding: .utf8)) ?? ""
+        try #require(
+            mounts.split(separator: "\n").contains {
+                $0.split(separator: " ").dropFirst().prefix(2) == ["/dev/shm", "tmpfs"]
+            },
+            "this check needs /dev/shm on tmpfs (a file system without ZERO_RANGE)")
+        let image = "/dev/shm/umbra-fast-zero-\(getpid()).img"
+        #expect(FileManager.default.createFile(atPath: image, contents: Data(repeating: 0xAA, count: 1 << 20)))
+        defer { try? FileManager.default.removeItem(atPath: image) }
+        try await DaemonFixture.with(volumes: [], extraArguments: ["--volume-file", "shm:" + image]) { daemon in
+            let client = try daemon.connect("shm")
+            try client.zero(count: 65536, offset: 0, flags: .fastZero)
+            #expect(try client.pread(count: 65536, offset: 0) == [UInt8](repeating: 0, count: 65536))
+            do {
+                try client.zero(count: 65536, offset: 65536, flags: [.fastZero, .noHole])
+                Issue.record("a fast zero that tmpfs can only do by writing zeros succeeded")
+            } catch let error as NBDClientError {
+                #expect(error.errno == ENOTSUP, "errno \(error.errno)")
+            }
+            #expect(try client.pread(count: 65536, offset: 65536) == [UInt8](repeating: 0xAA, count: 65536))
+            try client.zero(count: 65536, offset: 65536, flags: .noHole)
+            #expect(try client.pread(count: 65536, offset: 65536) == [UInt8](repeating: 0, count: 65536))
+        }
+    }
+
+    /// Reads and writes of up to 64 MiB by default, as nbdkit and nbd-server take them, advertised as
+    /// the maximum block size; `--max-request` lowers the bound, and a longer request gets EINVAL.
+    @Test func largeRequestsUpToTheAdvertisedMaximum() async throws {
+        try await DaemonFixture.with(volumes: ["disk:80M"]) { daemon in
+            let client = try daemon.connect("disk")
+            #expect(try client.blockSize().maximum == 64 << 20)
+            var random = SeededRandom(seed: 64)
+            var bytes = [UInt8](repeating: 0, count: 64 << 20)
+            bytes.withUnsafeMutableBytes { random.fill($0) }
+            try client.pwrite(bytes, offset: 4096)
+            #expect(try client.pread(count: 64 << 20, offset: 4096) == bytes)
+        }
+        try await DaemonFixture.with(volumes: ["disk:8M"], extraArguments: ["--max-request", "1M"]) { daemon in
+            let client = try daemon.connect("disk")
+            #expect(try client.blockSize().maximum == 1 << 20)
+            try client.setStrictMode(0)
+            do {
+                _ = try client.pread(count: 2 << 20, offset: 0)
+                Issue.record("a read longer than the advertised maximum was served")
+            } catch let error as NBDClientError {
+                #expect(error.errno == EINVAL, "errno \(error.errno)")
+            }
+            #expect(try client.pread(count: 1 << 20, offset: 0).count == 1 << 20)
+        }
+    }
+
     /// A second daemon on the same data directory refuses to start and says why.
     @Test func secondDaemonIsRefused() async throws {
         try await DaemonFixture.with(volumes: ["disk:1M"]) { daemon in

@@ -41,6 +41,9 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
     case damagedCopy(volume: String, snapshot: UUID, range: ByteRange)
     case io(BlockIOError)
     case closed
+    /// Zeros were asked for only if they cost less than writing them (NBD's FAST_ZERO), and the
+    /// storage cannot do that.
+    case cannotZeroQuickly
 
     public var description: String {
         switch self {
@@ -74,6 +77,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
             "snapshot \(snapshot.guidString) of volume '\(volume)' is damaged at bytes \(range.offset.rawValue)–\(range.end.rawValue - 1): the preserved data does not match its checksum"
         case .io(let error): error.description
         case .closed: "the data directory is closed"
+        case .cannotZeroQuickly: "the storage cannot make this range read as zeros faster than writing zeros"
         }
     }
 
@@ -87,6 +91,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
             .invalidArgument
         case .volumeNotFound, .snapshotDeleted, .closed: .socketShutdown
         case .tooManySnapshots: .noSpace
+        case .cannotZeroQuickly: .notSupported
         case .io(let error) where error.errno == .noSpace: .noSpace
         case .snapshotNotFound, .volumeExists, .snapshotFailed, .volumeHasSnapshots, .directoryLocked,
             .notADataDirectory, .unsupportedFormatVersion, .corruptCatalog, .holdExpired, .holdNotActive,

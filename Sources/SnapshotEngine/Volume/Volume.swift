@@ -207,15 +207,20 @@ public final class Volume: Sendable {
         try await writeZeroes(at: offset, count: count, mayDiscard: true, fua: fua)
     }
 
-    /// Makes a range read as zeros; with `mayDiscard` its space may be given back too.
-    public func writeZeroes(at offset: ByteOffset, count: ByteCount, mayDiscard: Bool = true, fua: Bool = false)
-        async throws
-    {
+    /// Makes a range read as zeros; with `mayDiscard` its space may be given back too. With `fast`,
+    /// fails with `cannotZeroQuickly` (ENOTSUP) where that would mean writing the zeros.
+    public func writeZeroes(
+        at offset: ByteOffset, count: ByteCount, mayDiscard: Bool = true, fast: Bool = false, fua: Bool = false
+    ) async throws {
         try checkRange(offset, count)
         guard count.rawValue > 0 else { return }
         let live = self.live
         try await mutate(offset, count) {
-            if mayDiscard {
+            if fast {
+                guard try live.zeroQuickly(at: offset, count: count, mayDiscard: mayDiscard) else {
+                    throw EngineError.cannotZeroQuickly
+                }
+            } else if mayDiscard {
                 try live.discard(at: offset, count: count)
             } else {
                 try live.writeZeroes(at: offset, count: count)

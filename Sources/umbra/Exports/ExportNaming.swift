@@ -25,9 +25,8 @@ enum ExportNaming {
 
     static func blockSize(chunkSize: ByteCount) -> NBDBlockSize {
         // Preferred: a chunk (capped at 64 KiB), so well-behaved clients copy on write whole chunks.
-        NBDBlockSize(
-            minimum: 1, preferred: UInt32(min(chunkSize.rawValue, 65536)),
-            maximum: NBDBlockSize.default.maximum)
+        // Maximum: whatever the server takes (`--max-request`); the engine has no bound of its own.
+        NBDBlockSize(minimum: 1, preferred: UInt32(min(chunkSize.rawValue, 65536)), maximum: .max)
     }
 
     /// `base:allocation` extents from engine allocation extents.

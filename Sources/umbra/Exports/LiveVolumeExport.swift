@@ -77,7 +77,7 @@ struct LiveVolumeExport: NBDExport {
     func writeZeroes(offset: UInt64, length: UInt32, mayTrim: Bool, fast: Bool, fua: Bool) async throws {
         try await ExportError.wrapping {
             try await volume.writeZeroes(
-                at: ByteOffset(offset), count: ByteCount(UInt64(length)), mayDiscard: mayTrim, fua: fua)
+                at: ByteOffset(offset), count: ByteCount(UInt64(length)), mayDiscard: mayTrim, fast: fast, fua: fua)
         }
     }
 
