@@ -55,7 +55,7 @@ import UmbraTestSupport
     /// With a bound of two requests in flight the export never sees more than two at once, and
     /// everything completes once the held reads are released.
     @Test func inFlightBoundAppliesBackpressure() async throws {
-        var configuration = NBDServer.Configuration()
+        var configuration = ServerFixture.defaultConfiguration
         configuration.limits.maximumInFlightRequests = 2
         let export = MemoryExport(name: "live")
         let gates = [export.gateReads(at: 0), export.gateReads(at: 4096)]

@@ -200,7 +200,7 @@ private struct StepClient: Sendable {
 
     /// With a wrong pre-shared key the TLS handshake fails and the server closes the connection.
     @Test func wrongPreSharedKeyIsRefused() async throws {
-        var configuration = NBDServer.Configuration()
+        var configuration = ServerFixture.defaultConfiguration
         configuration.tls = try NBDTLSConfiguration(
             mode: .required, certificateChain: [], privateKey: nil, preSharedKeys: [pskIdentity: [1, 2, 3]])
         try await ServerFixture.with([MemoryExport(name: "live")], configuration: configuration) { fixture in
@@ -220,7 +220,7 @@ private struct StepClient: Sendable {
     /// Access rules: an export the client may not use is neither listed nor openable, also as the
     /// default export; read-only access makes writes fail with EPERM at the server.
     @Test func accessPolicyHidesAndLimitsExports() async throws {
-        var configuration = NBDServer.Configuration()
+        var configuration = ServerFixture.defaultConfiguration
         configuration.accessPolicy = { client, export in
             #expect(client == .unauthenticated)
             return export == "other" ? .readOnly : .none

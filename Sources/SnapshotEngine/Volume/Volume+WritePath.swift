@@ -30,6 +30,8 @@ extension Volume {
     ) async throws {
         let touched = chunks(offset, count)
         let bytes = offset.rawValue..<(offset.rawValue + count.rawValue)
+        let inline =
+            context.configuration.writesLiveDataInline && count < context.configuration.inlineLiveWriteLimit
         // Answered writes land in order: wait for held ones in these bytes (outside the gate, which
         // they may have to leave and take again to reclaim space).
         try await heldWrites.wait(for: bytes)
@@ -46,18 +48,18 @@ extension Volume {
             context.configuration.brokenOrderingForTesting == .liveWriteBeforeCopyCommit ? EarlyLiveWrite(apply) : nil
         if mayAnswerEarly, let answered = await answerEarly(touched, bytes: bytes) {
             Task(executorPreference: context.configuration.taskExecutor) {
-                await self.finishAnsweredWrite(answered, touched, bytes, apply, early: early)
+                await self.finishAnsweredWrite(answered, touched, bytes, apply, inline: inline, early: early)
             }
             return
         }
-        try await mutateHoldingGate(touched, apply, answered: false, early: early)
+        try await mutateHoldingGate(touched, apply, inline: inline, answered: false, early: early)
     }
 
     /// The rest of a write answered early, in the background, holding the gate it entered with: its
     /// copy, then the live write. A failure loses the write (see HeldWrites.swift).
     private func finishAnsweredWrite(
         _ answered: EarlyAnswer, _ touched: Range<UInt64>, _ bytes: Range<UInt64>,
-        _ apply: @escaping @Sendable () throws -> Void, early: EarlyLiveWrite?
+        _ apply: @escaping @Sendable () throws -> Void, inline: Bool, early: EarlyLiveWrite?
     ) async {
         var beforeCommit: (@Sendable () throws -> Void)?
         if let early { beforeCommit = { try early.run() } }
@@ -71,7 +73,7 @@ extension Volume {
                 gate.leave()
                 throw error
             }
-            try await mutateHoldingGate(touched, apply, answered: true, early: early)
+            try await mutateHoldingGate(touched, apply, inline: inline, answered: true, early: early)
             heldWrites.release(answered.place)
         } catch {
             noteLostWrite(error, bytes: bytes)
@@ -177,11 +179,11 @@ extension Volume {
     }
 
     /// The copy-on-write and `apply`, entered with the gate held (the caller has checked the volume);
-    /// leaves it. A write already `answered` goes on while the store closes or after another answered
+    /// leaves it. `inline`: `apply` runs on the caller's thread. A write already `answered` goes on while the store closes or after another answered
     /// write was lost: landing it is all that is left to do for it. `early` (tests only) breaks the
     /// ordering on purpose.
     private func mutateHoldingGate(
-        _ touched: Range<UInt64>, _ apply: @escaping @Sendable () throws -> Void, answered: Bool,
+        _ touched: Range<UInt64>, _ apply: @escaping @Sendable () throws -> Void, inline: Bool, answered: Bool,
         early: EarlyLiveWrite?
     ) async throws {
         var beforeCommit: (@Sendable () throws -> Void)?
@@ -227,7 +229,7 @@ extension Volume {
             do {
                 if early?.done == true {
                     // Broken on purpose (tests only): the live data went out before the copy's record.
-                } else if context.configuration.writesLiveDataInline {
+                } else if inline {
                     try apply()
                 } else {
                     try await context.io.run(apply)
