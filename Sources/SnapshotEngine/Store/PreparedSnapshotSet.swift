@@ -112,7 +112,7 @@ public final class PreparedSnapshotSet: Sendable {
             if flushingFirst { try await Self.flush(members) }
             // Writes answered before the set began are in it, even one that left its gate to free
             // diff space: wait for them to land (the gates would not).
-            for volume in members { try await volume.heldWrites.wait(for: nil) }
+            for volume in members { try await volume.heldWrites.waitCancellably(for: nil) }
             try Task.checkCancellation()
         } catch {
             state.withLock { $0.phase = .finished }

@@ -23,6 +23,8 @@ final class HeldWrites: Sendable {
         /// Only writes held before the wait began count (a flush does not wait for later ones).
         var before: UInt64
         var continuation: CheckedContinuation<Void, Never>
+        /// Identifies a cancellable wait, to take it out when its task is cancelled.
+        var token: UInt64
     }
 
     private struct State {
@@ -30,6 +32,7 @@ final class HeldWrites: Sendable {
         var heldBytes = 0
         var nextID: UInt64 = 1
         var waiters: [Waiter] = []
+        var nextToken: UInt64 = 0
         var failure: EngineError?
         /// The byte ranges of writes answered and then lost.
         var lost: [Range<UInt64>] = []
@@ -113,15 +116,46 @@ final class HeldWrites: Sendable {
     /// for nil).
     func wait(for range: Range<UInt64>?) async throws(EngineError) {
         guard active.load(ordering: .acquiring) > 0 else { return }
+        await waitUntilLanded(range, token: nil)
+        try checkLost(range)
+    }
+
+    /// The same, but a cancellation of the calling task ends the wait at once with
+    /// `CancellationError` (a set that is aborted does not wait for the disk).
+    func waitCancellably(for range: Range<UInt64>?) async throws {
+        guard active.load(ordering: .acquiring) > 0 else { return }
+        let token = state.withLock { state -> UInt64 in
+            state.nextToken += 1
+            return state.nextToken
+        }
+        await withTaskCancellationHandler {
+            await waitUntilLanded(range, token: token)
+        } onCancel: {
+            let waiter = state.withLock { state -> CheckedContinuation<Void, Never>? in
+                guard let index = state.waiters.firstIndex(where: { $0.token == token }) else { return nil }
+                return state.waiters.remove(at: index).continuation
+            }
+            waiter?.resume()
+        }
+        try Task.checkCancellation()
+        try checkLost(range)
+    }
+
+    private func waitUntilLanded(_ range: Range<UInt64>?, token: UInt64?) async {
         await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
             let blocked = state.withLock { state -> Bool in
-                let waiter = Waiter(range: range, before: state.nextID, continuation: continuation)
+                // Checked under the lock: a cancellation handler that ran before this found nothing.
+                if token != nil && Task.isCancelled { return false }
+                let waiter = Waiter(range: range, before: state.nextID, continuation: continuation, token: token ?? 0)
                 guard state.blocks(waiter) else { return false }
                 state.waiters.append(waiter)
                 return true
             }
             if !blocked { continuation.resume() }
         }
+    }
+
+    private func checkLost(_ range: Range<UInt64>?) throws(EngineError) {
         let failure = state.withLock { state -> EngineError? in
             guard let failure = state.failure else { return nil }
             guard let range else { return failure }

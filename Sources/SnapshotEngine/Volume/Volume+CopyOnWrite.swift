@@ -21,61 +21,12 @@ extension Volume {
         var placed: [(copy: PlacedCopy, bufferIndex: Int)] = []
         var unplaced: [UInt64] = []
         do {
-            let live = self.live
-            let runs = Self.runs(of: chunks)
+            let (live, diff) = (self.live, self.diff)
             let shift = chunkShift
-            try await context.io.run {
-                for run in runs {
-                    try buffer.withUnsafeMutableBytes((run.index * chunkBytes)..<((run.index + run.count) * chunkBytes))
-                    {
-                        try live.read(fromAbsoluteOffset: ByteOffset(run.first << shift), into: $0)
-                    }
-                }
-            }
-            var freeSlots = slots[...]
-            for (index, chunk) in chunks.enumerated() {
-                let bytes = (index * chunkBytes)..<((index + 1) * chunkBytes)
-                if buffer.withUnsafeBytes(bytes, Self.isAllZero) {
-                    placed.append((PlacedCopy(chunk: chunk, slot: .zero, checksum: nil), index))
-                } else if let slot = freeSlots.popFirst() {
-                    let checksum = buffer.withUnsafeBytes(bytes) { CRC32C.checksum($0) }
-                    placed.append((PlacedCopy(chunk: chunk, slot: slot, checksum: checksum), index))
-                } else {
-                    unplaced.append(chunk)
-                }
-            }
-            let dataCopies = placed.filter { !$0.copy.slot.isZero }
-            if !dataCopies.isEmpty {
-                let diff = self.diff
-                // Copies whose slots are consecutive go out as one vectored write.
-                var groups: [(slot: UInt64, pieces: [Int])] = []
-                for (copy, bufferIndex) in dataCopies {
-                    if let last = groups.last, last.slot + UInt64(last.pieces.count) == copy.slot.rawValue {
-                        groups[groups.count - 1].pieces.append(bufferIndex)
-                    } else {
-                        groups.append((copy.slot.rawValue, [bufferIndex]))
-                    }
-                }
-                let runs = groups
-                try await context.io.run {
-                    for run in runs {
-                        // Consecutive pieces are consecutive in the buffer too, so one range covers them.
-                        let first = run.pieces[0]
-                        let last = run.pieces[run.pieces.count - 1]
-                        if last - first + 1 == run.pieces.count {
-                            try buffer.withUnsafeBytes((first * chunkBytes)..<((last + 1) * chunkBytes)) {
-                                try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), $0)
-                            }
-                        } else {
-                            let pieces = run.pieces.map {
-                                ChunkOfBuffer(buffer: buffer, index: $0, chunkBytes: chunkBytes)
-                            }
-                            try withUnsafeBytes(of: pieces) {
-                                try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), gathering: $0)
-                            }
-                        }
-                    }
-                }
+            // One trip to the I/O threads: read the chunks, place and checksum them, write the copies.
+            (placed, unplaced) = try await context.io.run {
+                try Self.readPlaceAndWrite(
+                    chunks, slots: slots, buffer: buffer, chunkBytes: chunkBytes, shift: shift, live: live, diff: diff)
             }
             if !placed.isEmpty {
                 context.logger.trace(
@@ -88,7 +39,8 @@ extension Volume {
                     ])
                 if let beforeCommit { try await context.io.run(beforeCommit) }
                 let syncsDiff =
-                    !dataCopies.isEmpty && context.configuration.brokenOrderingForTesting != .noDiffStoreSync
+                    placed.contains { !$0.copy.slot.isZero }
+                    && context.configuration.brokenOrderingForTesting != .noDiffStoreSync
                 try await context.catalog.append(
                     Self.records(for: placed.map(\.copy), volume: id, sequence: sequence),
                     syncingFirst: syncsDiff ? [diffSync] : [], failsCleanly: true)
@@ -128,6 +80,60 @@ extension Volume {
         }
         for waiter in waiters { waiter.resume() }
         return unplaced.isEmpty ? .done : .needSpace
+    }
+
+    /// The I/O of a copy: reads `chunks` (ascending) from the live data into `buffer`, gives each that
+    /// is not all zeros the next of `slots` and its CRC-32C, and writes those to the diff store
+    /// (copies whose slots are consecutive in one vectored write). Returns the placed copies with their
+    /// index in the buffer, and the chunks left without a slot.
+    static func readPlaceAndWrite(
+        _ chunks: [UInt64], slots: [DiffSlot], buffer: AlignedBuffer, chunkBytes: Int, shift: UInt64,
+        live: any BlockStorage, diff: any BlockStorage
+    ) throws -> (placed: [(copy: PlacedCopy, bufferIndex: Int)], unplaced: [UInt64]) {
+        for run in runs(of: chunks) {
+            try buffer.withUnsafeMutableBytes((run.index * chunkBytes)..<((run.index + run.count) * chunkBytes)) {
+                try live.read(fromAbsoluteOffset: ByteOffset(run.first << shift), into: $0)
+            }
+        }
+        var placed: [(copy: PlacedCopy, bufferIndex: Int)] = []
+        var unplaced: [UInt64] = []
+        var freeSlots = slots[...]
+        for (index, chunk) in chunks.enumerated() {
+            let bytes = (index * chunkBytes)..<((index + 1) * chunkBytes)
+            if buffer.withUnsafeBytes(bytes, isAllZero) {
+                placed.append((PlacedCopy(chunk: chunk, slot: .zero, checksum: nil), index))
+            } else if let slot = freeSlots.popFirst() {
+                let checksum = buffer.withUnsafeBytes(bytes) { CRC32C.checksum($0) }
+                placed.append((PlacedCopy(chunk: chunk, slot: slot, checksum: checksum), index))
+            } else {
+                unplaced.append(chunk)
+            }
+        }
+        // Copies whose slots are consecutive go out as one vectored write.
+        var groups: [(slot: UInt64, pieces: [Int])] = []
+        for (copy, bufferIndex) in placed where !copy.slot.isZero {
+            if let last = groups.last, last.slot + UInt64(last.pieces.count) == copy.slot.rawValue {
+                groups[groups.count - 1].pieces.append(bufferIndex)
+            } else {
+                groups.append((copy.slot.rawValue, [bufferIndex]))
+            }
+        }
+        for run in groups {
+            // Consecutive pieces are consecutive in the buffer too, so one range covers them.
+            let first = run.pieces[0]
+            let last = run.pieces[run.pieces.count - 1]
+            if last - first + 1 == run.pieces.count {
+                try buffer.withUnsafeBytes((first * chunkBytes)..<((last + 1) * chunkBytes)) {
+                    try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), $0)
+                }
+            } else {
+                let pieces = run.pieces.map { ChunkOfBuffer(buffer: buffer, index: $0, chunkBytes: chunkBytes) }
+                try withUnsafeBytes(of: pieces) {
+                    try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), gathering: $0)
+                }
+            }
+        }
+        return (placed, unplaced)
     }
 
     /// Logs once when copies start failing for want of space, not once per write.

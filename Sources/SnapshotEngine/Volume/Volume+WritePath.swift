@@ -103,7 +103,8 @@ extension Volume {
         let limit = context.configuration.heldWriteBytes.rawValue
         guard limit > 0, UInt64(bytes.count) <= limit, !outOfSpace.load(ordering: .relaxed) else { return nil }
         let maximumChunks = max(1, Self.maximumCopyBytes / chunkBytes)
-        let plan = metadata.withLock { metadata -> (sequence: SnapshotSequence, chunks: [UInt64], slots: [DiffSlot])? in
+        let plan = metadata.withLock {
+            metadata -> (sequence: SnapshotSequence, chunks: [UInt64], slots: [DiffSlot], highWater: UInt64)? in
             guard let newest = metadata.chain.last else { return nil }
             var claim: [UInt64] = []
             for chunk in touched where !metadata.index.hasCopy(of: chunk, heldBy: newest.sequence) {
@@ -112,7 +113,8 @@ extension Volume {
             }
             guard !claim.isEmpty, metadata.slots.availableCount >= UInt64(claim.count) else { return nil }
             for chunk in claim { metadata.chunksInCopy[chunk] = [] }
-            return (newest.sequence, claim, metadata.slots.reserve(upTo: claim.count))
+            let highWater = metadata.slots.highWater
+            return (newest.sequence, claim, metadata.slots.reserve(upTo: claim.count), highWater)
         }
         guard let plan else { return nil }
         // The memory a held write keeps: its payload and the buffer for its copies.
@@ -127,22 +129,7 @@ extension Volume {
             abandonClaim(plan.chunks, slots: plan.slots)
             return nil
         }
-        let (live, diff, shift) = (self.live, self.diff, chunkShift)
-        let runs = Self.runs(of: plan.slots.map(\.rawValue).sorted())
-        let ready: Bool
-        do {
-            ready = try await context.io.run {
-                for run in runs {
-                    let reserved = try diff.reserve(
-                        at: ByteOffset(run.first << shift), count: ByteCount(UInt64(run.count) << shift))
-                    if !reserved { return false }
-                }
-                // The live bytes too: the blocks a write into a hole would allocate.
-                return try live.reserve(at: ByteOffset(bytes.lowerBound), count: ByteCount(UInt64(bytes.count)))
-            }
-        } catch {
-            ready = false
-        }
+        let ready = await reserveSpace(for: plan.slots, highWater: plan.highWater, live: bytes)
         guard ready else {
             context.catalog.releaseRoom(recordBytes)
             heldWrites.release(place)
@@ -152,6 +139,54 @@ extension Volume {
         return EarlyAnswer(
             place: place, sequence: plan.sequence, chunks: plan.chunks, slots: plan.slots, recordBytes: recordBytes)
     }
+
+    /// Allocates the space a write answered early needs, returning false if it cannot: its slots,
+    /// and the live bytes if they have a hole. Slots taken from the free list (whose space was given
+    /// back) are allocated one by one; new ones, past the high-water mark, come from space allocated
+    /// ahead in steps of `diffReservationStep`, so most writes make no trip to the I/O threads here.
+    private func reserveSpace(for slots: [DiffSlot], highWater: UInt64, live range: Range<UInt64>) async -> Bool {
+        let (live, diff, shift) = (self.live, self.diff, chunkShift)
+        let reused = Self.runs(of: slots.map(\.rawValue).filter { $0 < highWater }.sorted())
+        let newEnd = (slots.map(\.rawValue).filter { $0 >= highWater }.max().map { $0 + 1 } ?? 0) << shift
+        let reservedEnd = diffReservedEnd.load(ordering: .relaxed)
+        let grow: Range<UInt64>? = {
+            guard newEnd > reservedEnd else { return nil }
+            let step = Self.diffReservationStep
+            var target = (newEnd + step - 1) / step * step
+            if let diffLimit { target = min(target, max(newEnd, (diffLimit.rawValue >> shift) << shift)) }
+            return max(reservedEnd, highWater << shift)..<target
+        }()
+        // A hole in the live bytes would take space when the write lands (lseek: cheap, no trip).
+        let liveHole =
+            ((try? live.nextHole(from: ByteOffset(range.lowerBound)).rawValue) ?? range.lowerBound) < range.upperBound
+        guard !reused.isEmpty || grow != nil || liveHole else { return true }
+        do {
+            let reserved = try await context.io.run {
+                for run in reused {
+                    guard
+                        try diff.reserve(
+                            at: ByteOffset(run.first << shift), count: ByteCount(UInt64(run.count) << shift))
+                    else { return false }
+                }
+                if let grow, !grow.isEmpty {
+                    guard try diff.reserve(at: ByteOffset(grow.lowerBound), count: ByteCount(UInt64(grow.count))) else {
+                        return false
+                    }
+                }
+                if liveHole {
+                    return try live.reserve(at: ByteOffset(range.lowerBound), count: ByteCount(UInt64(range.count)))
+                }
+                return true
+            }
+            if reserved, let grow { diffReservedEnd.max(grow.upperBound, ordering: .relaxed) }
+            return reserved
+        } catch {
+            return false
+        }
+    }
+
+    /// How far ahead of the copies the diff store's space is allocated, at most.
+    static let diffReservationStep: UInt64 = 64 << 20
 
     /// More than the catalog takes for the records of `copies` copies: a record and a checksum per
     /// copy at worst, and a batch's header and padding.

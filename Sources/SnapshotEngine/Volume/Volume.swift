@@ -44,6 +44,8 @@ public final class Volume: Sendable {
     let liveSync: StorageSync
     /// The same for the diff store (its syncs come before the records of copies).
     let diffSync: StorageSync
+    /// The end of the diff store's space allocated ahead for new slots (see `reserveSpace`).
+    let diffReservedEnd = Atomic<UInt64>(0)
     /// Writes answered before their copies are durable (HeldWrites.swift).
     let heldWrites = HeldWrites()
 
