@@ -48,12 +48,13 @@ def run_workload(workload, sock, export, scratch):
 
 
 def run_server(kind, binary, workload, base, scratch):
-    """Starts one server, runs the workload against it, stops it; returns fio's figures."""
+    """Starts one server, runs the workload against it, stops it; returns {workload: figures}: for
+    seq on a server, also "seq-rewrite", the same writes again (every chunk already copied)."""
     sock = os.path.join(scratch, "nbd.sock")
     if kind == "limit":
         target = os.path.join(scratch, "limit.img")
-        return benchlib.fio(["--ioengine=psync", "--rw=write", "--bs=1M", "--size=512M", "--fdatasync=8",
-                             "--end_fsync=1", f"--filename={target}"], scratch)
+        return {workload: benchlib.fio(["--ioengine=psync", "--rw=write", "--bs=1M", "--size=512M", "--fdatasync=8",
+                                        "--end_fsync=1", f"--filename={target}"], scratch)}
     if kind == "nbdkit-cow":
         server = benchlib.Server(["nbdkit", "-f", "-U", sock, "--filter=cow", "file", base], sock, scratch,
                                  dict(os.environ, TMPDIR=scratch))
@@ -66,7 +67,10 @@ def run_server(kind, binary, workload, base, scratch):
         if kind == "umbra":
             subprocess.run([binary, "snapshot", "create", "disk", "--no-writers", "--control",
                             os.path.join(scratch, "control.sock")], check=True, capture_output=True)
-        return run_workload(workload, sock, export, scratch)
+        figures = {workload: run_workload(workload, sock, export, scratch)}
+        if workload == "seq":
+            figures["seq-rewrite"] = run_workload(workload, sock, export, scratch)
+        return figures
     finally:
         server.stop()
 
@@ -99,26 +103,31 @@ def main():
                     kind, binary = "umbra", binaries[server]
                 scratch = tempfile.mkdtemp(prefix=f"{server}-", dir=benchlib.WORK)
                 try:
-                    figures = run_server(kind, binary, workload, base, scratch)
+                    measured = run_server(kind, binary, workload, base, scratch)
                 finally:
                     shutil.rmtree(scratch, ignore_errors=True)
-                results.append({"rep": rep, "workload": workload, "server": server, **figures})
-                benchlib.log(f"rep {rep} {workload} {server}: {figures['MiBps']:.0f} MiB/s {figures['iops']:.0f} IOPS")
+                for name, figures in measured.items():
+                    results.append({"rep": rep, "workload": name, "server": server, **figures})
+                    benchlib.log(f"rep {rep} {name} {server}: {figures['MiBps']:.0f} MiB/s {figures['iops']:.0f} IOPS")
 
     def median(workload, server, key):
         return benchlib.median([r[key] for r in results if r["workload"] == workload and r["server"] == server])
 
-    print(f"{'workload':8} {'server':18} {'MiB/s':>8} {'IOPS':>8} {'p99 ms':>8}   (medians of {options.reps})")
-    for workload in options.workloads.split():
-        for server in servers[workload]:
-            print(f"{workload:8} {server:18} {median(workload, server, 'MiBps'):8.0f} "
-                  f"{median(workload, server, 'iops'):8.0f} {median(workload, server, 'p99ms'):8.2f}")
+    print(f"{'workload':12} {'server':18} {'MiB/s':>8} {'IOPS':>8} {'p99 ms':>8}   (medians of {options.reps})")
+    shown = [(w, s) for w in options.workloads.split() for s in servers[w]]
+    if "seq" in options.workloads.split():
+        shown += [("seq-rewrite", s) for s in servers["seq"] if s != "limit"]
+    for workload, server in shown:
+        print(f"{workload:12} {server:18} {median(workload, server, 'MiBps'):8.0f} "
+              f"{median(workload, server, 'iops'):8.0f} {median(workload, server, 'p99ms'):8.2f}")
     print("ratios (medians):")
     for name, _ in umbras:
         if "seq" in options.workloads.split():
             ours = median("seq", name, "MiBps")
             print(f"  seq   {name} / nbdkit-cow = {ours / median('seq', 'nbdkit-cow', 'MiBps'):.2f}"
                   f"   {name} / limit = {ours / median('seq', 'limit', 'MiBps'):.2f}")
+            rewrite = median("seq-rewrite", name, "MiBps")
+            print(f"  seq-rewrite {name} / nbdkit-cow = {rewrite / median('seq-rewrite', 'nbdkit-cow', 'MiBps'):.2f}")
         if "rand" in options.workloads.split():
             ours = median("rand", name, "iops")
             print(f"  rand  {name} / nbdkit-cow = {ours / median('rand', 'nbdkit-cow', 'iops'):.2f}"

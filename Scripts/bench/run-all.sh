@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Regenerates every current figure in docs/performance.md in one run, on this machine, and keeps the
+# raw results (JSON, with the machine's description) and each script's table under
+# Benchmarks/results/RUN-TIME/. Each step is also a command of its own; the page names them.
+#
+#   Scripts/bench/run-all.sh [-r REPS] [--no-engine]
+#
+#   1. nbd-compare.py      Umbra against nbdkit: 1 MiB and 4 KiB, one and two connections, with
+#                          server CPU per GiB; also --offload-writes and --io-threads 16 (why the defaults)
+#   2. cow-first-write.py  first writes after a snapshot against nbdkit's cow filter and the durable limit
+#   3. set-latency.py      write latency around shadow copy sets, clients never flushing and flushing every 16
+#   4. snapshot-reads.sh   reads of a snapshot whose every chunk was copied
+#   5. server-cpu.sh       server CPU per 4 KiB request
+#   6. swift package benchmark (Benchmarks/): the engine without NBD (skipped with --no-engine)
+#
+# Takes about 30 minutes with 3 reps (the engine suite builds in release first). Run it on a quiet
+# machine; every figure is a ratio measured within the run. Needs what Scripts/install-dependencies.sh
+# installs (fio, nbdkit, libnbd, python3-libnbd).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+source Scripts/env.sh
+reps=3
+engine=1
+while [ $# -gt 0 ]; do
+    case $1 in
+    -r) reps=$2; shift 2 ;;
+    --no-engine) engine=0; shift ;;
+    *) echo "usage: Scripts/bench/run-all.sh [-r REPS] [--no-engine]" >&2; exit 2 ;;
+    esac
+done
+swift build -c release --product umbra >&2
+umbra=$PWD/.build/release/umbra
+out=Benchmarks/results/run-$(date +%Y%m%d-%H%M%S)
+mkdir -p "$out"
+step() { echo "=== $* ($(date +%H:%M:%S))" >&2; }
+
+/usr/bin/python3 -c 'import json, sys; sys.path.insert(0, "Scripts/bench"); import benchlib; print(json.dumps(benchlib.machine(), indent=1))' >"$out/machine.json"
+
+step "1/6 nbd-compare"
+/usr/bin/python3 Scripts/bench/nbd-compare.py -r "$reps" --umbra "umbra=$umbra" \
+    --umbra "offload-writes=$umbra --offload-writes" --umbra "io-threads-16=$umbra --io-threads 16" \
+    --json "$out/nbd-compare.json" | tee "$out/nbd-compare.txt"
+
+step "2/6 cow-first-write"
+/usr/bin/python3 Scripts/bench/cow-first-write.py -r "$reps" --umbra "umbra=$umbra" \
+    --json "$out/cow-first-write.json" | tee "$out/cow-first-write.txt"
+
+step "3/6 set-latency"
+for flush in 0 16; do
+    /usr/bin/python3 Scripts/bench/set-latency.py --umbra "$umbra" --sets 200 --flush-every $flush --json \
+        | tee "$out/set-latency-flush-$flush.json"
+done
+
+step "4/6 snapshot-reads"
+Scripts/bench/snapshot-reads.sh -r "$reps" "$umbra" | tee "$out/snapshot-reads.txt"
+
+step "5/6 server-cpu"
+Scripts/bench/server-cpu.sh -n 6 "$umbra" | tee "$out/server-cpu.txt"
+
+if [ $engine = 1 ]; then
+    step "6/6 engine (swift package benchmark)"
+    (cd Benchmarks && swift package benchmark) | tee "$out/engine.txt"
+else
+    step "6/6 engine: skipped (--no-engine)"
+fi
+echo "results: $out" >&2
