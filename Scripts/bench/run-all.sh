@@ -59,7 +59,7 @@ Scripts/bench/server-cpu.sh -n 6 "$umbra" | tee "$out/server-cpu.txt"
 
 if [ $engine = 1 ]; then
     step "6/6 engine (swift package benchmark)"
-    (cd Benchmarks && swift package benchmark) | tee "$out/engine.txt"
+    (cd Benchmarks && swift package benchmark --no-progress) | tee "$out/engine.txt"
 else
     step "6/6 engine: skipped (--no-engine)"
 fi

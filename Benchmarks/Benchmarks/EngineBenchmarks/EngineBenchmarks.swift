@@ -243,7 +243,11 @@ final class EngineFixture: @unchecked Sendable {
     func open(preservingRegion: Bool = false, olderSnapshots: Int = 0, history: Int = 0) async throws {
         guard store == nil else { return }
         directory = benchmarkDirectory("\(chunkSize.rawValue)-\(volumeSize.rawValue)-\(UUID().uuidString.prefix(6))")
-        let store = try await SnapshotStore.open(path: directory)
+        // Writes return once their copy is durable (nothing answered early), so that a sample of
+        // first writes includes the copies' syncs and compares with the durable write bandwidth.
+        var configuration = StoreConfiguration()
+        configuration.heldWriteBytes = .zero
+        let store = try await SnapshotStore.open(path: directory, configuration: configuration)
         try await store.createVolume(VolumeSpec(name: "bench", size: volumeSize, chunkSize: chunkSize))
         let volume = try store.volume(named: "bench")
         self.store = store

@@ -38,8 +38,9 @@ public struct StoreConfiguration: Sendable {
     public var writesLiveDataInline = false
     /// Live writes of at least this many bytes go to the I/O executor even with
     /// `writesLiveDataInline`: while one copies a big payload into the page cache, the caller's
-    /// thread goes on receiving the next, so one connection's big writes use two cores (measured on
-    /// 1 MiB sequential writes at queue depth 8: 0.89 to 0.98 of nbdkit's throughput).
+    /// thread goes on receiving the next, so one connection's big writes use two cores. Measured on
+    /// 1 MiB writes at queue depth 8 (docs/performance.md): one connection gains, two lose (both
+    /// cores are busy already) but stay ahead of nbdkit.
     public var inlineLiveWriteLimit: ByteCount = .kibibytes(256)
     /// The most memory per volume that writes answered before their copy-on-write is durable may
     /// keep until their live write (their payloads and the buffers for their copies; see
