@@ -52,6 +52,10 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// having changed nothing, where the storage cannot (what NBD's FAST_ZERO asks to know).
     func zeroQuickly(at offset: ByteOffset, count: ByteCount, mayDiscard: Bool) throws(BlockIOError) -> Bool
 
+    /// False once `zeroQuickly` found it cannot (so a caller can refuse before doing other work);
+    /// true while that is not known.
+    func mayZeroQuickly(mayDiscard: Bool) -> Bool
+
     /// Allocates space for the range now, so that writes into it later cannot fail for want of space
     /// (ENOSPC comes from here instead), extending the size if it lies past the end; the contents
     /// stay as they are. Returns false if the storage cannot (a file system without fallocate).

@@ -17,6 +17,7 @@ public final class FileStorage: BlockStorage {
     private let closed = Atomic<Bool>(false)
     /// Set once punching holes failed with EOPNOTSUPP, so later discards write zeros directly.
     private let cannotPunchHoles = Atomic<Bool>(false)
+    private let cannotZeroRanges = Atomic<Bool>(false)
 
     public init(path: String, mode: StorageOpenMode) throws(BlockIOError) {
         var flags = O_RDWR
@@ -162,11 +163,17 @@ public final class FileStorage: BlockStorage {
         // falls back to writing) counts there.
         if !zeroed, !isBlockDevice, alignedEnd <= (try size()).rawValue {
             zeroed = try Syscall.zeroRange(descriptor, offset: alignedStart, length: length, path: path)
+            if !zeroed { cannotZeroRanges.store(true, ordering: .relaxed) }
         }
         guard zeroed else { return false }
         if start < alignedStart { try writeZeroesByWriting(at: offset, count: ByteCount(alignedStart - start)) }
         if alignedEnd < end { try writeZeroesByWriting(at: ByteOffset(alignedEnd), count: ByteCount(end - alignedEnd)) }
         return true
+    }
+
+    public func mayZeroQuickly(mayDiscard: Bool) -> Bool {
+        let canPunch = mayDiscard && !cannotPunchHoles.load(ordering: .relaxed)
+        return canPunch || (!isBlockDevice && !cannotZeroRanges.load(ordering: .relaxed))
     }
 
     public func writeZeroes(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {

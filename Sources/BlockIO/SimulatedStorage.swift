@@ -112,6 +112,8 @@ public final class SimulatedStorage: BlockStorage {
         return true
     }
 
+    public func mayZeroQuickly(mayDiscard: Bool) -> Bool { true }
+
     /// Counts as a write that can fail (with ENOSPC, as on a full disk); the simulated disk never runs
     /// out of space by itself, so it reserves nothing.
     public func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) -> Bool {

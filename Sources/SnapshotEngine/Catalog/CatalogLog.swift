@@ -74,14 +74,18 @@ final class CatalogLog: Sendable {
     /// Promises `bytes` of the space the file has allocated ahead to appends still to come (the
     /// records of writes answered before their copies), so that they cannot fail for want of space.
     /// False if that much is not free; otherwise give it back with `releaseRoom` once appended.
+    /// Appends that promised nothing (records of copies answered only once done, policy records)
+    /// may take room meanwhile; `unpromisedMargin` is left for them.
     func reserveRoom(_ bytes: Int) -> Bool {
         state.withLock { state in
-            let promised = UInt64(state.pendingPayload.count + state.reservedRoom + bytes)
+            let promised = UInt64(state.pendingPayload.count + state.reservedRoom + bytes + Self.unpromisedMargin)
             guard state.failure == nil, state.preallocatedEnd >= state.tail + promised else { return false }
             state.reservedRoom += bytes
             return true
         }
     }
+
+    static let unpromisedMargin = 128 << 10
 
     func releaseRoom(_ bytes: Int) {
         state.withLock { $0.reservedRoom -= bytes }

@@ -154,7 +154,9 @@ extension Volume {
             let step = Self.diffReservationStep
             var target = (newEnd + step - 1) / step * step
             if let diffLimit { target = min(target, max(newEnd, (diffLimit.rawValue >> shift) << shift)) }
-            return max(reservedEnd, highWater << shift)..<target
+            // From the end already reserved, not from this write's own slots: a write that took a
+            // lower new slot may still be on its way here, and what is published must be whole.
+            return reservedEnd..<target
         }()
         // A hole in the live bytes would take space when the write lands (lseek: cheap, no trip).
         let liveHole =

@@ -44,8 +44,10 @@ public final class Volume: Sendable {
     let liveSync: StorageSync
     /// The same for the diff store (its syncs come before the records of copies).
     let diffSync: StorageSync
-    /// The end of the diff store's space allocated ahead for new slots (see `reserveSpace`).
-    let diffReservedEnd = Atomic<UInt64>(0)
+    /// The end of the diff store's space allocated ahead for new slots (see `reserveSpace`): every
+    /// slot from the high-water mark at open up to here has its space, unless it was freed since
+    /// (a freed slot comes back from the free list and is allocated again one by one).
+    let diffReservedEnd: Atomic<UInt64>
     /// Writes answered before their copies are durable (HeldWrites.swift).
     let heldWrites = HeldWrites()
 
@@ -68,6 +70,7 @@ public final class Volume: Sendable {
         self.diffSync = StorageSync(diff, retryingForTesting: retrying)
         self.context = context
         self.metadata = Mutex(metadata)
+        self.diffReservedEnd = Atomic(metadata.slots.highWater << UInt64(definition.chunkShift))
     }
 
     var chunkBytes: Int { Int(chunkSize.rawValue) }
@@ -217,6 +220,8 @@ public final class Volume: Sendable {
         try checkRange(offset, count)
         guard count.rawValue > 0 else { return }
         let live = self.live
+        // Known not to zero quickly: say so before any copy-on-write is done for nothing.
+        if fast && !live.mayZeroQuickly(mayDiscard: mayDiscard) { throw EngineError.cannotZeroQuickly }
         try await mutate(offset, count) {
             if fast {
                 guard try live.zeroQuickly(at: offset, count: count, mayDiscard: mayDiscard) else {
