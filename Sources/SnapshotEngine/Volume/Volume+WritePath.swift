@@ -93,12 +93,14 @@ extension Volume {
     }
 
     /// Prepares a write's early answer, or returns nil for a write that should be answered only once
-    /// it is done. After the answer nothing may fail for want of space, so it answers early only when
-    /// it can claim every chunk the newest snapshot lacks (none is being copied by another write,
-    /// whose copy could still fail), the diff-store limit leaves a slot for each, the space for those
-    /// slots and for the live bytes is allocated (`BlockStorage.reserve`), the catalog has room
-    /// ahead for their records (`CatalogLog.reserveRoom`), copies are not already failing for want of space, and the held bytes stay
-    /// within `heldWriteBytes`. A write that needs no copy gains nothing from answering early.
+    /// it is done. After the answer nothing may fail for want of space, so it answers early only when:
+    /// - it can claim every chunk the newest snapshot lacks (none is being copied by another write,
+    ///   whose copy could still fail), and the diff-store limit leaves a slot for each;
+    /// - the space for those slots and for the live bytes is allocated (`reserveSpace`), and the
+    ///   catalog has room ahead for their records (`CatalogLog.reserveRoom`);
+    /// - copies are not already failing for want of space, and the held bytes stay within
+    ///   `heldWriteBytes`.
+    /// A write that needs no copy gains nothing from answering early.
     private func answerEarly(_ touched: Range<UInt64>, bytes: Range<UInt64>) async -> EarlyAnswer? {
         let limit = context.configuration.heldWriteBytes.rawValue
         guard limit > 0, UInt64(bytes.count) <= limit, !outOfSpace.load(ordering: .relaxed) else { return nil }
