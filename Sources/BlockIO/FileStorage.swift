@@ -118,26 +118,10 @@ public final class FileStorage: BlockStorage {
         try Syscall.truncate(descriptor, size: size.rawValue, path: path)
     }
 
+    /// Punches a hole over the whole blocks (the unaligned edges are written with zeros); where the
+    /// file system cannot, writes zeros.
     public func discard(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {
-        try checkOpen("discard")
-        guard count.rawValue > 0 else { return }
-        // Punch only whole file-system blocks; zero the unaligned edges by writing.
-        let block: UInt64 = 4096
-        let start = offset.rawValue
-        let end = start + count.rawValue
-        let alignedStart = (start + block - 1) / block * block
-        let alignedEnd = end / block * block
-        guard alignedStart < alignedEnd, !cannotPunchHoles.load(ordering: .relaxed) else {
-            try writeZeroes(at: offset, count: count)
-            return
-        }
-        if !(try Syscall.punchHole(descriptor, offset: alignedStart, length: alignedEnd - alignedStart, path: path)) {
-            cannotPunchHoles.store(true, ordering: .relaxed)
-            try writeZeroes(at: offset, count: count)
-            return
-        }
-        if start < alignedStart { try writeZeroesByWriting(at: offset, count: ByteCount(alignedStart - start)) }
-        if alignedEnd < end { try writeZeroesByWriting(at: ByteOffset(alignedEnd), count: ByteCount(end - alignedEnd)) }
+        if try !zeroQuickly(at: offset, count: count, mayDiscard: true) { try writeZeroes(at: offset, count: count) }
     }
 
     public func zeroQuickly(at offset: ByteOffset, count: ByteCount, mayDiscard: Bool) throws(BlockIOError) -> Bool {

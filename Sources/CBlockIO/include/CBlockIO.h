@@ -9,9 +9,11 @@
 /// fallocate(2) with FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE. Returns 0 or -1 with errno set.
 int umbra_punch_hole(int fd, int64_t offset, int64_t length);
 
-/// fallocate(2) with FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE. Returns 0 or -1 with errno set.
-/// fallocate(2) with mode 0: allocates the range (extending the size past the end).
+/// fallocate(2) with mode 0: allocates the range (extending the size past the end). Returns 0 or -1
+/// with errno set.
 int umbra_allocate(int fd, int64_t offset, int64_t length);
+
+/// fallocate(2) with FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE. Returns 0 or -1 with errno set.
 int umbra_zero_range(int fd, int64_t offset, int64_t length);
 
 /// ioctl(BLKGETSIZE64). Returns 0 or -1 with errno set.

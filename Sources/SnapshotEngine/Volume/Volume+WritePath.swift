@@ -61,14 +61,12 @@ extension Volume {
         _ answered: EarlyAnswer, _ touched: Range<UInt64>, _ bytes: Range<UInt64>,
         _ apply: @escaping @Sendable () throws -> Void, inline: Bool, early: EarlyLiveWrite?
     ) async {
-        var beforeCommit: (@Sendable () throws -> Void)?
-        if let early { beforeCommit = { try early.run() } }
         do {
             do {
                 defer { context.catalog.releaseRoom(answered.recordBytes) }
                 // Whatever this returns, the loop below preserves what is still missing.
                 _ = try await copy(
-                    answered.chunks, into: answered.slots, for: answered.sequence, beforeCommit: beforeCommit)
+                    answered.chunks, into: answered.slots, for: answered.sequence, beforeCommit: early?.beforeCommit)
             } catch {
                 gate.leave()
                 throw error
@@ -218,15 +216,13 @@ extension Volume {
     }
 
     /// The copy-on-write and `apply`, entered with the gate held (the caller has checked the volume);
-    /// leaves it. `inline`: `apply` runs on the caller's thread. A write already `answered` goes on while the store closes or after another answered
-    /// write was lost: landing it is all that is left to do for it. `early` (tests only) breaks the
-    /// ordering on purpose.
+    /// leaves it. `inline`: `apply` runs on the caller's thread. A write already `answered` goes on
+    /// while the store closes or after another answered write was lost: landing it is all that is
+    /// left to do for it. `early` (tests only) breaks the ordering on purpose.
     private func mutateHoldingGate(
         _ touched: Range<UInt64>, _ apply: @escaping @Sendable () throws -> Void, inline: Bool, answered: Bool,
         early: EarlyLiveWrite?
     ) async throws {
-        var beforeCommit: (@Sendable () throws -> Void)?
-        if let early { beforeCommit = { try early.run() } }
         // A full file system gives way to the volume's policy once per write: if that freed no
         // room (another process holds the space, or holes cannot be punched), the write fails with
         // ENOSPC rather than taking every snapshot of the volume with it.
@@ -247,7 +243,7 @@ extension Volume {
                     if let failure = context.catalog.failure { throw failure }
                 }
                 firstRound = false
-                outcome = try await preserve(touched, beforeCommit: beforeCommit)
+                outcome = try await preserve(touched, beforeCommit: early?.beforeCommit)
             } catch {
                 gate.leave()
                 throw EngineError.wrap(error)
@@ -349,4 +345,7 @@ final class EarlyLiveWrite: @unchecked Sendable {
         try apply()
         done = true
     }
+
+    /// `run`, as the hook a copy calls between writing its data and its record.
+    var beforeCommit: @Sendable () throws -> Void { { try self.run() } }
 }
