@@ -14,6 +14,7 @@ packages=(
     libnbd-dev libnbd-bin python3-libnbd nbdfuse   # libnbd: the Swift test client, nbdinfo, nbdcopy, nbdsh, nbdfuse
     nbdkit nbd-server nbd-client                   # peer servers (benchmarks) and nbd-client -l
     qemu-utils fio gcc                             # qemu-img, qemu-io, fio --ioengine=nbd; Scripts/bench/chunk-writes.c
+    prometheus                                     # promtool: the metrics endpoint's text is checked with it
     e2fsprogs fuse3 util-linux                     # mkfs.ext4, fsck, fusermount3, losetup
     python3 python3-fusepy                         # the Python writer and nbdsh; Scripts/testing/faultfs.py
     openssl                                        # certificates made at test time (test-tls.sh)

@@ -12,8 +12,10 @@ Workloads (time-based, --runtime seconds each, no ramp so that CPU and bytes cov
 
 Usage:
   Scripts/bench/nbd-compare.py [-r REPS] [-w "sr1m sw1m rr4k rw4k"] [--peers "nbdkit qemu-nbd"]
-                               [--umbra NAME=PATH[ SERVE-ARGS...]]... [--json FILE]
-Several --umbra entries compare builds or settings, e.g. --umbra "offload=.build/release/umbra --offload-writes".
+                               [--umbra NAME=PATH[ SERVE-ARGS...]]... [--reference NAME] [--json FILE]
+Several --umbra entries compare builds or settings, e.g. --umbra "offload=.build/release/umbra --offload-writes";
+--reference NAME gives the ratios to one of them instead of nbdkit (e.g. the cost of --metrics:
+  --peers "" -w "rr4k rw4k" --umbra off=PATH --umbra "metrics=PATH --metrics tcp://127.0.0.1:0" --reference off).
 """
 
 import argparse
@@ -61,6 +63,8 @@ def main():
     parser.add_argument("--umbra", action="append", help="NAME=PATH[ SERVE-ARGS...] (default: the release build)")
     parser.add_argument("--runtime", type=int, default=4)
     parser.add_argument("--settle", type=float, default=2.0, help="idle seconds before each server (default 2)")
+    parser.add_argument("--reference", default="nbdkit",
+                        help="the server the ratios are to: a peer or an --umbra NAME (default nbdkit)")
     parser.add_argument("--json", help="raw results file (default Benchmarks/results/nbd-compare-TIME.json)")
     options = parser.parse_args()
     peers = options.peers.split()
@@ -111,12 +115,16 @@ def main():
         for server in servers:
             print(f"{workload:10} {server:16} {med(workload, server, 'MiBps'):8.0f} {med(workload, server, 'iops'):9.0f} "
                   f"{med(workload, server, 'cpuSecondsPerGiB') or 0:10.2f}")
-    if "nbdkit" in peers:
-        print("Umbra / nbdkit (throughput; server CPU per GiB):")
+    reference_name = options.reference
+    if reference_name in servers:
+        print(f"Each / {reference_name} (throughput; server CPU per GiB):")
+        others = [name for name, _, _ in umbras] if reference_name in peers else servers
         for workload in workloads:
-            reference = med(workload, "nbdkit", "MiBps")
-            reference_cpu = med(workload, "nbdkit", "cpuSecondsPerGiB")
-            for name, _, _ in umbras:
+            reference = med(workload, reference_name, "MiBps")
+            reference_cpu = med(workload, reference_name, "cpuSecondsPerGiB")
+            for name in others:
+                if name == reference_name:
+                    continue
                 ours, cpu = med(workload, name, "MiBps"), med(workload, name, "cpuSecondsPerGiB")
                 cpu_ratio = f"{cpu / reference_cpu:.2f}" if cpu and reference_cpu else "-"
                 print(f"  {workload:10} {name:16} {ours / reference:5.2f}   cpu {cpu_ratio}")

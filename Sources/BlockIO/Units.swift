@@ -49,3 +49,14 @@ public struct ByteCount: RawRepresentable, Hashable, Comparable, Sendable, Custo
     @inlinable public var int: Int { Int(rawValue) }
     public var description: String { "\(rawValue)" }
 }
+
+extension Duration {
+    /// The duration in whole nanoseconds (truncated), saturating at the bounds of `Int64`: for timers
+    /// such as swift-metrics' `recordNanoseconds`.
+    public var wholeNanoseconds: Int64 {
+        let (seconds, attoseconds) = components
+        let (scaled, overflowed) = seconds.multipliedReportingOverflow(by: 1_000_000_000)
+        let (total, overflowedAgain) = scaled.addingReportingOverflow(attoseconds / 1_000_000_000)
+        return overflowed || overflowedAgain ? (seconds < 0 ? .min : .max) : total
+    }
+}

@@ -34,6 +34,7 @@ extension NBDConnectionHandler {
             return closeNow(reason: "TLS handshake completed outside STARTTLS")
         }
         tlsEstablished = true
+        if environment.metrics != nil { NBDMetrics.tlsHandshake("ok") }
         clientIdentity = tls.identity(of: tlsSession.handler, record: tlsSession.pskRecord)
         logger[metadataKey: "nbd.client"] = "\(clientIdentity)"
         logger.debug("NBD connection upgraded to TLS")
@@ -53,7 +54,10 @@ extension NBDConnectionHandler {
         // The default export ("") is resolved first, so the rules judge the export it stands for.
         guard let resolved = environment.registry.export(named: name) else { return nil }
         let access = access(to: resolved.name)
-        guard access != .none else { return nil }
+        guard access != .none else {
+            if environment.metrics != nil { NBDMetrics.refused("access") }
+            return nil
+        }
         guard forTransmission else { return describe(resolved, access: access) }
         guard let connection, let (export, id) = environment.registry.bind(resolved.name, connection) else {
             return nil

@@ -32,6 +32,8 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         var zeroes: ByteBuffer
         /// Payload bytes in flight over all the server's connections.
         var budget = NBDInFlightBudget(capacityBytes: NBDLimits().maximumServerInFlightBytes)
+        /// Where requests are counted, if the server records metrics.
+        var metrics: NBDMetrics?
     }
 
     let environment: Environment
@@ -42,7 +44,11 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     }
     var machine: NBDConnectionStateMachine
     let replies: NBDReplyWriter
-    var export: (any NBDExport)?
+    var export: (any NBDExport)? {
+        didSet { exportMetrics = export.flatMap { export in environment.metrics?.export(export.metricsName) } }
+    }
+    /// The counters of `export`'s group, if the server records metrics.
+    private(set) var exportMetrics: NBDExportMetrics?
     var binding: (exportName: String, id: UInt64)?
     /// This connection as the registry and server see it; set right after creation.
     var connection: NBDConnection?
@@ -161,6 +167,9 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        if tlsSession != nil, !tlsEstablished, !channelClosing, environment.metrics != nil {
+            NBDMetrics.tlsHandshake("failed")
+        }
         logger.debug("NBD connection failed", metadata: ["nbd.error": "\(error)"])
         closeNow()
     }
@@ -298,9 +307,18 @@ final class NBDConnectionHandler: ChannelDuplexHandler, NBDExportCatalog {
         let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         let buffers = self.buffers
         let allowsFiles = replies.sendsFileRegions
+        let metrics = exportMetrics
+        let started = metrics == nil ? 0 : NIODeadline.now().uptimeNanoseconds
         Task.immediate(executorPreference: executor) {
             let outcome = await NBDExportCall.call(
                 request, payload: payload, contexts: contexts, on: export, buffers: buffers, allowsFiles: allowsFiles)
+            if let metrics {
+                let failed: Bool
+                if case .failed = outcome { failed = true } else { failed = false }
+                metrics.record(
+                    request.command, bytes: request.command == .flush ? 0 : request.length, failed: failed,
+                    nanoseconds: Int64(truncatingIfNeeded: NIODeadline.now().uptimeNanoseconds &- started))
+            }
             handler.value.requestCompleted(request, outcome)
         }
     }

@@ -29,6 +29,9 @@ public protocol NBDExport: Sendable {
     var supportsFastZero: Bool { get }
     /// Metadata contexts besides `base:allocation`, e.g. `qemu:dirty-bitmap:GUID`.
     var metaContexts: [String] { get }
+    /// The group its requests are counted under in metrics (the `volume` label): exports that come
+    /// and go in numbers (snapshots) should share their volume's, to keep the series bounded.
+    var metricsName: String { get }
 
     /// Reads `length` bytes at `offset`. Data buffers should come from `buffers` (which recycles
     /// big ones once they have been sent).
@@ -64,6 +67,7 @@ extension NBDExport {
     public var blockSize: NBDBlockSize { .default }
     public var supportsFastZero: Bool { false }
     public var metaContexts: [String] { [] }
+    public var metricsName: String { name }
 
     public func read(
         offset: UInt64, length: UInt32, buffers: NBDBufferPool, allowsFileSegments: Bool

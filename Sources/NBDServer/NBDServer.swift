@@ -25,6 +25,9 @@ public final class NBDServer: Sendable {
         public var maximumReadBytes = 1024 * 1024
         /// Idle big buffers kept for reuse, per event loop (see `NBDBufferPool`).
         public var maximumPooledBytesPerEventLoop = 64 * 1024 * 1024
+        /// Count requests, bytes, latency, refusals and TLS handshakes through swift-metrics
+        /// (`NBDMetrics`); off, requests cost nothing extra.
+        public var recordsMetrics = false
 
         public init() {}
     }
@@ -77,7 +80,8 @@ public final class NBDServer: Sendable {
                     tls: configuration.tls,
                     accessPolicy: configuration.accessPolicy,
                     zeroes: zeroes,
-                    budget: NBDInFlightBudget(capacityBytes: configuration.limits.maximumServerInFlightBytes)
+                    budget: NBDInFlightBudget(capacityBytes: configuration.limits.maximumServerInFlightBytes),
+                    metrics: configuration.recordsMetrics ? NBDMetrics() : nil
                 )))
         var executors: [ObjectIdentifier: EventLoopTaskExecutor] = [:]
         var bufferPools: [ObjectIdentifier: NBDBufferPool] = [:]
@@ -383,6 +387,7 @@ public final class NBDServer: Sendable {
         if let peer = channel.remoteAddress { logger[metadataKey: "nbd.peer"] = "\(peer)" }
         switch decision {
         case .refuse(let reason, let firstOfBurst):
+            if configuration.recordsMetrics { NBDMetrics.refused("connection-limit") }
             // Throwing makes the bootstrap close the channel before anything is sent.
             if firstOfBurst {
                 logger.warning("NBD connection refused: \(reason); more refusals are logged at debug level")

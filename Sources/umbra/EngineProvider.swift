@@ -117,6 +117,37 @@ struct DaemonRequests: ControlRequestHandler {
             whenFull: info.diffLimit == nil ? nil : DiffStoreFullPolicy(info.policy))
     }
 
+    func setVolume(_ params: SetVolumeParams) async throws -> ShadowCopy.VolumeInfo {
+        guard params.diffLimit != nil || params.whenFull != nil else {
+            throw ShadowCopyError(.invalidParams, "volume.set needs diffLimit or whenFull: there is nothing to change.")
+        }
+        do {
+            guard let volume = store.volumes().first(where: { $0.name == params.name }) else {
+                throw EngineError.volumeNotFound(params.name)
+            }
+            let chunkSize = volume.chunkSize.rawValue
+            let limit: UInt64? = params.diffLimit.map { $0 == 0 ? nil : $0 } ?? volume.diffLimit?.rawValue
+            guard params.whenFull == nil || limit != nil else {
+                throw ShadowCopyError(
+                    .invalidParams, "whenFull needs a diffLimit: without a limit the diff store is never full.")
+            }
+            if let limit, limit % chunkSize != 0 {
+                throw ShadowCopyError(
+                    .invalidArgument,
+                    "The diff limit (\(limit) bytes) must be a whole number of chunks (\(chunkSize) bytes each).")
+            }
+            let policy =
+                limit == nil
+                ? .deleteOldest
+                : params.whenFull.map(DiffStorePolicy.init) ?? volume.policy
+            let info = try await store.limitDiffStore(
+                ofVolume: params.name, to: limit.map(ByteCount.init(_:)), policy: policy)
+            return Self.describe(info)
+        } catch {
+            throw controlError(error)
+        }
+    }
+
     func deleteVolume(name: String) async throws {
         do {
             try await store.deleteVolume(named: name)

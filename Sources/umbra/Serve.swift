@@ -13,12 +13,14 @@
 
 import ArgumentParser
 import BlockIO
+import CoreMetrics
 import Dispatch
 import Foundation
 import Logging
 import NBDServer
 import NIOCore
 import NIOPosix
+import Prometheus
 import ShadowCopy
 import SnapshotEngine
 import Synchronization
@@ -99,6 +101,12 @@ struct Serve: AsyncParsableCommand {
 
     @Option(
         help: ArgumentHelp(
+            "Serve Prometheus metrics at http://HOST:PORT/metrics (default: none; port 0 picks a free one, shown in the ready line).",
+            valueName: "tcp://host:port"))
+    var metrics: String?
+
+    @Option(
+        help: ArgumentHelp(
             "Serve only EXPORT (a volume or NAME@SNAPSHOT) to one client on stdin and stdout, then exit when it disconnects; no listener, no control socket.",
             valueName: "export"))
     var stdio: String?
@@ -119,9 +127,17 @@ struct Serve: AsyncParsableCommand {
         for address in listen { _ = try NBDListenAddress(parsing: address) }
         if let stdio {
             guard !stdio.isEmpty else { throw ValidationError("--stdio needs an export name.") }
-            guard listen.isEmpty, control == nil else {
+            guard listen.isEmpty, control == nil, metrics == nil else {
                 throw ValidationError(
-                    "--stdio serves stdin and stdout only; it cannot be combined with --listen or --control.")
+                    "--stdio serves stdin and stdout only; it cannot be combined with --listen, --control or --metrics."
+                )
+            }
+        }
+        if let metrics {
+            do {
+                _ = try MetricsEndpoint.parse(metrics)
+            } catch {
+                throw ValidationError(CLIError(error).description)
             }
         }
         guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("Unknown log level '\(logLevel)'.") }
@@ -183,8 +199,11 @@ struct Serve: AsyncParsableCommand {
             return handler
         }
         let logger = Logger(label: "umbra")
+        // Before anything counts: swift-metrics handles made earlier would stay no-ops.
+        let registry = metrics == nil ? nil : PrometheusCollectorRegistry()
+        if let registry { MetricsEndpoint.bootstrap(registry) }
         do {
-            try await serve(logger: logger)
+            try await serve(logger: logger, metricsRegistry: registry)
         } catch {
             throw CLIError(error)
         }
@@ -201,7 +220,7 @@ struct Serve: AsyncParsableCommand {
         }
     }
 
-    private func serve(logger: Logger) async throws {
+    private func serve(logger: Logger, metricsRegistry: PrometheusCollectorRegistry?) async throws {
         let startedAt = ContinuousClock.now
         // From here on SIGINT and SIGTERM stop the daemon cleanly, whenever they arrive.
         TerminationSignal.install()
@@ -211,6 +230,7 @@ struct Serve: AsyncParsableCommand {
         try DaemonFiles.checkDataDirectory(data, logger: logger)
         // Read before anything opens, so a bad file stops the daemon at once.
         var nbdConfiguration = NBDServer.Configuration()
+        nbdConfiguration.recordsMetrics = metricsRegistry != nil
         let reloader = Reloader(tlsOptions: tlsOptions, accessFile: access, logger: logger)
         (nbdConfiguration.tls, nbdConfiguration.accessPolicy) = try reloader.read()
         let only = stdio
@@ -272,28 +292,41 @@ struct Serve: AsyncParsableCommand {
             // The control socket has an event loop of its own: an NBD loop can block in a buffered
             // write when the kernel throttles dirty memory, and Thaw or Abort must not wait for that.
             let controlLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+            let requests = DaemonRequests(
+                store: store, exports: exports,
+                daemon: DaemonFacts(
+                    startedAt: startedAt, listeners: addresses, connections: { nbd.openConnections },
+                    writers: { await coordinator.listWriters() }, reload: { try reloader.reload(nbd) },
+                    reloads: { reloader.count }))
             let controlServer: ControlServer
+            var metricsEndpoint: MetricsEndpoint?
             do {
                 controlServer = try await ControlServer.bind(
-                    socketPath: controlPath, coordinator: coordinator,
-                    handler: DaemonRequests(
-                        store: store, exports: exports,
-                        daemon: DaemonFacts(
-                            startedAt: startedAt, listeners: addresses, connections: { nbd.openConnections },
-                            writers: { await coordinator.listWriters() }, reload: { try reloader.reload(nbd) },
-                            reloads: { reloader.count })),
-                    group: controlLoop,
+                    socketPath: controlPath, coordinator: coordinator, handler: requests, group: controlLoop,
                     logger: Logger(label: "umbra.control"))
+                if let metrics, let metricsRegistry {
+                    do {
+                        metricsEndpoint = try await MetricsEndpoint.start(
+                            on: metrics, registry: metricsRegistry,
+                            gauges: DaemonGauges(requests: requests, dataPath: data, logger: logger),
+                            logger: Logger(label: "umbra.metrics"))
+                    } catch {
+                        await controlServer.shutdown()
+                        throw error
+                    }
+                }
             } catch {
                 await nbd.shutdown()
                 try? await controlLoop.shutdownGracefully()
                 throw error
             }
+            let metricsPart = metricsEndpoint.map { " metrics=\($0.address)" } ?? ""
             logger.info(
                 "serving",
                 metadata: [
                     "volumes": "\(store.volumes().map(\.name).joined(separator: ","))",
                     "nbd": "\(addresses.joined(separator: ","))", "control": "\(controlPath)",
+                    "metrics": "\(metricsEndpoint?.address ?? "off")",
                 ])
             // SIGHUP re-reads the access rules and TLS files, as `umbra reload` does (from before
             // the daemon says it is ready, so a reload sent on seeing that is never lost).
@@ -302,7 +335,8 @@ struct Serve: AsyncParsableCommand {
             // One line on stdout says the daemon is ready (scripts wait for it), and so does a
             // notification to systemd when it started the daemon (Type=notify).
             try? FileHandle.standardOutput.write(
-                contentsOf: Data("ready nbd=\(addresses.joined(separator: ",")) control=\(controlPath)\n".utf8))
+                contentsOf: Data(
+                    "ready nbd=\(addresses.joined(separator: ","))\(metricsPart) control=\(controlPath)\n".utf8))
             SystemdNotify.send(
                 "READY=1\nSTATUS=serving \(store.volumes().count) volumes on \(addresses.joined(separator: ", "))",
                 logger: logger)
@@ -313,6 +347,7 @@ struct Serve: AsyncParsableCommand {
             // writers (the set is rolled back); answer what NBD clients have in flight; make it all
             // durable.
             await nbd.stopAccepting()
+            await metricsEndpoint?.shutdown()
             await controlServer.shutdown()
             await nbd.shutdown()
             try await store.close()
@@ -423,11 +458,13 @@ final class Reloader: Sendable {
                 try nbd.reload(tls: tls, accessPolicy: accessPolicy)
             }
         } catch {
+            Counter(label: "umbra_reloads_total", dimensions: [("result", "refused")]).increment()
             let reason = CLIError(error).description
             logger.warning("reload refused; the configuration in use stays", metadata: ["reason": "\(reason)"])
             throw ShadowCopyError(.invalidArgument, "Reload refused: \(reason) The configuration in use stays.")
         }
         reloads.add(1, ordering: .relaxed)
+        Counter(label: "umbra_reloads_total", dimensions: [("result", "ok")]).increment()
         var reloaded: [String] = []
         if accessFile != nil { reloaded.append("access") }
         if tlsOptions.certificate != nil || tlsOptions.preSharedKeyFile != nil { reloaded.append("tls") }

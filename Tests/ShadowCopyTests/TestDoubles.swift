@@ -183,6 +183,11 @@ struct CannedHandler: ControlRequestHandler {
         throw ShadowCopyError(.notFound, "No volume named '\(name)'.")
     }
 
+    func setVolume(_ params: SetVolumeParams) async throws -> VolumeInfo {
+        VolumeInfo(
+            name: params.name, size: 1 << 30, chunkSize: 65536, diffLimit: params.diffLimit, whenFull: params.whenFull)
+    }
+
     func listSnapshots(volume: String?) async throws -> SnapshotList {
         SnapshotList(snapshots: [
             SnapshotInfo(

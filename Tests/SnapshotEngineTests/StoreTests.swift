@@ -373,7 +373,10 @@ extension ByteCount: ExpressibleByIntegerLiteral {
             var wrongVersion = pristine
             wrongVersion[8] = 99
             try wrongVersion.write(to: URL(fileURLWithPath: catalog))
-            await #expect(throws: EngineError.unsupportedFormatVersion(path: catalog, found: 99, supported: 1...3)) {
+            await #expect(
+                throws: EngineError.unsupportedFormatVersion(
+                    path: catalog, found: 99, supported: CatalogLog.readableFormatVersions)
+            ) {
                 _ = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
             }
 
@@ -463,6 +466,61 @@ extension ByteCount: ExpressibleByIntegerLiteral {
             try await store.deleteSnapshots(ids: [id])
             #expect(try store.snapshots().isEmpty)
             #expect(store.volumes()[0].diffBytes == 0)
+        }
+    }
+
+    /// A limit set later (`limitDiffStore`) works like one given at creation, survives reopening and
+    /// a compaction, and frees nothing until a copy needs space: then the policy gives way. Removing
+    /// it lets the diff store grow again.
+    @Test func limitChangedLater() async throws {
+        try await TemporaryDirectory.with { directory in
+            let path = directory.path + "/data"
+            var store = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
+            try await store.createVolume(VolumeSpec(name: "disk", size: .kibibytes(64), chunkSize: .kibibytes(4)))
+            var volume = try store.volume(named: "disk")
+            try await volume.write(at: 0, Fixture.pattern(17, count: 65536))
+            let first = try await store.createSnapshotSet(volumes: ["disk"]).snapshots[0].id
+            try await volume.write(at: 0, Fixture.pattern(18, count: 4 * 4096))
+            let second = try await store.createSnapshotSet(volumes: ["disk"]).snapshots[0].id
+            let secondContents = try await store.snapshot(id: second).read(at: 0, count: 65536)
+            // Four chunks held, and a limit of two: nothing goes until a copy needs a slot.
+            let info = try await store.limitDiffStore(ofVolume: "disk", to: .kibibytes(8), policy: .deleteOldest)
+            #expect(info.diffLimit == .kibibytes(8) && info.policy == .deleteOldest)
+            #expect(info.diffBytes == .kibibytes(16))
+            #expect(try store.snapshots().map(\.id) == [first, second])
+            await #expect(
+                throws: EngineError.invalidSize("the diff store limit must hold at least one chunk (4096 bytes)")
+            ) {
+                try await store.limitDiffStore(ofVolume: "disk", to: .kibibytes(2), policy: .deleteOldest)
+            }
+            await #expect(throws: EngineError.volumeNotFound("nope")) {
+                try await store.limitDiffStore(ofVolume: "nope", to: nil, policy: .deleteOldest)
+            }
+            try await store.close()
+
+            store = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
+            #expect(store.volumes()[0].diffLimit == .kibibytes(8))
+            volume = try store.volume(named: "disk")
+            // A copy for the second snapshot needs a slot: the first snapshot is deleted for it.
+            try await volume.write(at: ByteOffset(8 * 4096), Fixture.pattern(19, count: 4096))
+            try await volume.flush()
+            #expect(try store.snapshots().map(\.id) == [second])
+            #expect(try await store.snapshot(id: second).read(at: 0, count: 65536) == secondContents)
+            // Without a limit, the diff store grows past the old one.
+            try await store.limitDiffStore(ofVolume: "disk", to: nil, policy: .deleteOldest)
+            try await volume.write(at: ByteOffset(9 * 4096), Fixture.pattern(20, count: 4 * 4096))
+            try await volume.flush()
+            #expect(try store.snapshots().map(\.id) == [second])
+            #expect(store.volumes()[0].diffBytes > .kibibytes(8))
+            // Compaction writes the volume with the limit it has now (none), not the one it had.
+            try await store.limitDiffStore(ofVolume: "disk", to: .kibibytes(64), policy: .failSnapshot)
+            try await store.compact(force: true)
+            try await store.close()
+            store = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
+            #expect(store.volumes()[0].diffLimit == .kibibytes(64) && store.volumes()[0].policy == .failSnapshot)
+            #expect(try await store.snapshot(id: second).read(at: 0, count: 65536) == secondContents)
+            #expect(store.consistencyProblems().isEmpty)
+            try await store.close()
         }
     }
 

@@ -59,12 +59,12 @@ final class DaemonFixture: @unchecked Sendable {
     /// What the daemon wrote to stderr (when started `capturingLog`), once it has exited.
     var log: String { process.standardErrorText }
 
-    /// SIGTERM, then the exit status.
+    /// SIGTERM, then the exit status. With `keepingDirectory`, the directory stays for a restart.
     @discardableResult
-    func stop() -> Int32 {
+    func stop(keepingDirectory: Bool = false) -> Int32 {
         kill(process.processIdentifier, SIGTERM)
         let status = process.finish()
-        directory.remove()
+        if !keepingDirectory { directory.remove() }
         return status
     }
 

@@ -218,6 +218,63 @@ import UmbraTestSupport
         }
     }
 
+    /// `volume set` changes a live volume's limit and policy: shown back, kept across a restart,
+    /// enforced (a copy that does not fit fails the snapshot), removable with `none`; nonsense is
+    /// refused with a sentence and changes nothing.
+    @Test func diffLimitChangedFromTheCLI() async throws {
+        let directory = try TemporaryDirectory("umbra-volume-set")
+        defer { directory.remove() }
+        var daemon = try DaemonFixture.start(volumes: ["disk:1M"], in: directory)
+        let umbra = builtProduct("umbra")
+        let control = ["--control", daemon.controlSocket]
+        func run(_ arguments: [String]) throws -> (status: Int32, output: String, errors: String) {
+            let process = try ChildProcess(umbra, arguments + control, captureStandardError: true)
+            let output = process.readAll()
+            let status = process.finish()
+            return (status, output, process.standardErrorText)
+        }
+        let set = try run(["volume", "set", "disk", "--diff-limit", "128K", "--when-full", "fail-snapshot", "--json"])
+        #expect(set.status == 0, "\(set.errors)")
+        let shown = try JSONSerialization.jsonObject(with: Data(set.output.utf8)) as? [String: Any]
+        #expect(shown?["diffLimit"] as? Int == 128 << 10)
+        #expect(shown?["whenFull"] as? String == "fail-snapshot")
+        let human = try run(["volume", "set", "disk", "--when-full", "fail-snapshot"])
+        #expect(human.output == "Volume disk: diff store up to 128 KiB (when full: fail-snapshot).", "\(human)")
+
+        for (arguments, complaint) in [
+            (["volume", "set", "disk"], "nothing to change"),
+            (["volume", "set", "disk", "--diff-limit", "100K"], "whole number of chunks"),
+            (["volume", "set", "disk", "--diff-limit", "none", "--when-full", "delete-oldest"], "needs a limit"),
+            (["volume", "set", "nope", "--diff-limit", "1M"], "No volume named 'nope'."),
+        ] {
+            let refused = try run(arguments)
+            #expect(refused.status != 0 && refused.errors.contains(complaint), "\(arguments): \(refused)")
+        }
+
+        #expect(daemon.stop(keepingDirectory: true) == 0)
+        daemon = try DaemonFixture.start(volumes: ["disk:1M"], in: directory)
+        let requester = try await daemon.control()
+        let volume = try await requester.listVolumes().volumes.first
+        #expect(volume?.diffLimit == 128 << 10 && volume?.whenFull == .failSnapshot)
+        let live = try daemon.connect("disk")
+        try live.pwrite([UInt8](repeating: 1, count: 192 << 10), offset: 0)
+        let taken = try await requester.createSnapshotSet(CreateSetParams(volumes: ["disk"], writers: false))
+        // Three chunks to copy, room for two: the snapshot fails, the write goes through.
+        try live.pwrite([UInt8](repeating: 7, count: 192 << 10), offset: 0)
+        #expect(try await requester.listSnapshots(volume: "disk").snapshots.first?.state == "failed")
+        _ = try await requester.deleteSnapshots(ids: [taken.set])
+
+        let unlimited = try run(["volume", "set", "disk", "--diff-limit", "none"])
+        #expect(unlimited.output == "Volume disk: no diff limit.", "\(unlimited)")
+        _ = try await requester.createSnapshotSet(CreateSetParams(volumes: ["disk"], writers: false))
+        try live.pwrite([UInt8](repeating: 8, count: 192 << 10), offset: 0)
+        #expect(try await requester.listSnapshots(volume: "disk").snapshots.map(\.state) == ["ready"])
+        #expect(try await requester.status().volumes.first?.diffBytes == 192 << 10)
+        await requester.close()
+        try live.shutdown()
+        #expect(daemon.stop() == 0)
+    }
+
     /// `umbra status`: the JSON keys of the contract (every one present, `null` where unknown) with
     /// values that match what the test did, and the human table's warning for a volume past 80 % of
     /// its diff limit.

@@ -67,6 +67,15 @@ public final class ControlClient: Sendable {
         try await call("volume.list", params: EmptyResult(), as: VolumeList.self)
     }
 
+    /// Changes a volume's diff-store limit (0 removes it) or policy; nil leaves each as it is.
+    public func setVolume(
+        name: String, diffLimit: UInt64? = nil, whenFull: DiffStoreFullPolicy? = nil
+    ) async throws -> VolumeInfo {
+        try await call(
+            "volume.set", params: SetVolumeParams(name: name, diffLimit: diffLimit, whenFull: whenFull),
+            as: VolumeInfo.self)
+    }
+
     public func deleteVolume(name: String) async throws {
         _ = try await call("volume.delete", params: VolumeNameParams(name: name), as: EmptyResult.self)
     }

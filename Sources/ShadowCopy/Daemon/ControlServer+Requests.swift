@@ -144,7 +144,8 @@ extension ControlServer {
     }
 
     static let requesterMethods: Set<String> = [
-        "volume.create", "volume.list", "volume.delete", "snapshot.create", "snapshot.list", "snapshot.delete",
+        "volume.create", "volume.list", "volume.set", "volume.delete", "snapshot.create", "snapshot.list",
+        "snapshot.delete",
         "snapshot.changes", "set.complete", "set.abort", "writer.list", "verify", "status", "reload",
     ]
 
@@ -164,6 +165,9 @@ extension ControlServer {
             return ControlEncoding.result(id: id, try await handler.createVolume(params))
         case "volume.list":
             return ControlEncoding.result(id: id, try await handler.listVolumes())
+        case "volume.set":
+            let params = try message.params(SetVolumeParams.self)
+            return ControlEncoding.result(id: id, try await handler.setVolume(params))
         case "volume.delete":
             let params = try message.params(VolumeNameParams.self)
             try await handler.deleteVolume(name: params.name)

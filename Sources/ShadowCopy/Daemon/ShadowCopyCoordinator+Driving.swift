@@ -2,6 +2,8 @@
 // deadline timer, and carries out the actions it returns (events to writers, provider calls in tasks
 // of their own that report back tagged with the set's GUID, answers to the requester).
 
+import BlockIO
+import CoreMetrics
 import Foundation
 import Logging
 
@@ -220,17 +222,37 @@ extension ShadowCopyCoordinator {
         }
     }
 
+    /// Through swift-metrics (the application chooses the backend): sets by result, how long each
+    /// took and how long it held writes. `aborted` is a set its requester or the daemon's shutdown
+    /// ended; `failed` one a writer, a deadline or the provider ended.
+    func countFinished(_ active: ActiveSet, error: ShadowCopyError?) {
+        let result =
+            switch error?.code {
+            case nil: "committed"
+            case .aborted?, .shuttingDown?: "aborted"
+            default: "failed"
+            }
+        Counter(label: "umbra_sets_total", dimensions: [("result", result)]).increment()
+        CoreMetrics.Timer(label: "umbra_set_seconds").recordNanoseconds(
+            active.startedAt.duration(to: clock.now).wholeNanoseconds)
+        if let hold = active.token.flatMap(provider.holdDuration(of:)) {
+            CoreMetrics.Timer(label: "umbra_set_hold_seconds").recordNanoseconds(hold.wholeNanoseconds)
+        }
+    }
+
     func finish(_ active: ActiveSet, outcome: Machine.Outcome) {
         active.timer?.cancel()
         defer { for waiter in active.finishWaiters { waiter.resume() } }
         switch outcome {
         case .created:
             let result = active.machine.result()!
+            countFinished(active, error: nil)
             logFinished(active, result: result, error: nil)
             active.createWaiter?.resume(returning: result)
             active.completeWaiter?.resume(returning: result)
             active.abortWaiter?.resume()
         case .failed(let error):
+            countFinished(active, error: error)
             logFinished(active, result: nil, error: error)
             active.createWaiter?.resume(throwing: error)
             active.completeWaiter?.resume(throwing: error)

@@ -70,6 +70,8 @@ public protocol SnapshotProvider: Sendable {
 public protocol ControlRequestHandler: Sendable {
     func createVolume(_ params: CreateVolumeParams) async throws -> VolumeInfo
     func listVolumes() async throws -> VolumeList
+    /// Changes a volume's diff-store limit or policy, durably; returns the volume as it is now.
+    func setVolume(_ params: SetVolumeParams) async throws -> VolumeInfo
     func deleteVolume(name: String) async throws
     func listSnapshots(volume: String?) async throws -> SnapshotList
     func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult

@@ -133,6 +133,22 @@ public struct CreateVolumeParams: Codable, Sendable, Hashable {
     }
 }
 
+/// `volume.set`: what changes (an absent field stays as it is; at least one must be there).
+public struct SetVolumeParams: Codable, Sendable, Hashable {
+    public var name: String
+    /// Bytes the diff store may hold from now on, a whole number of chunks; 0 removes the limit
+    /// (and the policy goes back to `delete-oldest`).
+    public var diffLimit: UInt64?
+    /// What happens when the diff store is full. Needs a limit (given here or already set).
+    public var whenFull: DiffStoreFullPolicy?
+
+    public init(name: String, diffLimit: UInt64? = nil, whenFull: DiffStoreFullPolicy? = nil) {
+        self.name = name
+        self.diffLimit = diffLimit
+        self.whenFull = whenFull
+    }
+}
+
 public struct VolumeNameParams: Codable, Sendable, Hashable {
     public var name: String
     public init(name: String) { self.name = name }

@@ -5,6 +5,8 @@
 // "failed at <step>" with its failure and message until the next set it takes part in begins; a writer
 // told to Abort goes back to stable.
 
+import CoreMetrics
+
 /// The events the daemon sends a writer, in the order a set sends them (Abort: at any point).
 public enum WriterEvent: String, Codable, Sendable, Hashable, CaseIterable, CustomStringConvertible {
     case identify
@@ -33,7 +35,7 @@ public enum WriterFailure: String, Codable, Sendable, Hashable, CustomStringConv
     public var description: String { rawValue }
 }
 
-public enum WriterState: String, Codable, Sendable, Hashable, CustomStringConvertible {
+public enum WriterState: String, Codable, Sendable, Hashable, CaseIterable, CustomStringConvertible {
     case stable
     case waitingForFreeze = "waiting-for-freeze"
     case waitingForThaw = "waiting-for-thaw"
@@ -92,14 +94,22 @@ struct WriterStatus: Hashable, Sendable {
 
     mutating func succeeded(_ event: WriterEvent, metadata: JSONValue? = nil) {
         assert(!state.isFailed, "a failed writer is not sent further events")
+        Self.count(event, outcome: "ok")
         state = .after(event)
         if event == .identify { self.metadata = metadata }
     }
 
     mutating func failed(at event: WriterEvent, _ failure: WriterFailure, message: String) {
+        Self.count(event, outcome: failure.rawValue)
         state = .failed(at: event)
         self.failure = failure
         self.message = message
+    }
+
+    /// Writer events by outcome (`ok`, or the failure), through swift-metrics.
+    private static func count(_ event: WriterEvent, outcome: String) {
+        Counter(label: "umbra_writer_events_total", dimensions: [("event", event.rawValue), ("outcome", outcome)])
+            .increment()
     }
 
     /// The set was aborted because of someone else: back to stable. A failed writer keeps its failure.

@@ -19,6 +19,19 @@ public enum DiffStorePolicy: String, Sendable, Codable, CaseIterable {
     case failSnapshot
 }
 
+extension DiffStorePolicy {
+    /// Its byte in catalog records.
+    var code: UInt8 { self == .deleteOldest ? 0 : 1 }
+
+    init(code: UInt8) throws(BinaryReader.Malformed) {
+        switch code {
+        case 0: self = .deleteOldest
+        case 1: self = .failSnapshot
+        default: throw .init(reason: "unknown diff store policy \(code)")
+        }
+    }
+}
+
 /// Where a volume's live data lives.
 public enum VolumeBacking: Sendable, Equatable {
     /// A sparse file inside the data directory, created and deleted with the volume.
@@ -64,6 +77,8 @@ enum CatalogRecord: Sendable, Equatable {
     case counters(nextSequence: UInt64, nextVolumeID: UInt32)
     case volumeCreated(VolumeDefinition)
     case volumeDeleted(VolumeID)
+    /// A volume's diff-store limit (bytes, 0 for none) and policy changed (format 4).
+    case diffStoreLimited(VolumeID, diffLimit: UInt64, policy: DiffStorePolicy)
     /// A set was taken: kept at once, or pending until a `setKept` record names it.
     case setCreated(SetDefinition)
     /// A pending set reached the point where its snapshots are kept.
@@ -92,6 +107,7 @@ enum CatalogRecord: Sendable, Equatable {
         case setPending = 8
         case setKept = 9
         case checkedPreserved = 10
+        case diffStoreLimited = 11
     }
 
     func encode(into writer: inout BinaryWriter) {
@@ -117,10 +133,15 @@ enum CatalogRecord: Sendable, Equatable {
                 body.string(path)
             }
             body.u64(volume.diffLimit)
-            body.u8(volume.policy == .deleteOldest ? 0 : 1)
+            body.u8(volume.policy.code)
         case .volumeDeleted(let volume):
             kind = .volumeDeleted
             body.u32(volume.rawValue)
+        case .diffStoreLimited(let volume, let diffLimit, let policy):
+            kind = .diffStoreLimited
+            body.u32(volume.rawValue)
+            body.u64(diffLimit)
+            body.u8(policy.code)
         case .setCreated(let set):
             kind = set.isPending ? .setPending : .setCreated
             body.uuid(set.id)
@@ -183,18 +204,17 @@ enum CatalogRecord: Sendable, Equatable {
             case let other: throw .init(reason: "unknown volume backing \(other)")
             }
             let diffLimit = try body.u64()
-            let policy: DiffStorePolicy
-            switch try body.u8() {
-            case 0: policy = .deleteOldest
-            case 1: policy = .failSnapshot
-            case let other: throw .init(reason: "unknown diff store policy \(other)")
-            }
+            let policy = try DiffStorePolicy(code: try body.u8())
             record = .volumeCreated(
                 VolumeDefinition(
                     id: id, guid: guid, name: name, size: size, chunkShift: chunkShift, backing: backing,
                     diffLimit: diffLimit, policy: policy))
         case .volumeDeleted:
             record = .volumeDeleted(VolumeID(rawValue: try body.u32()))
+        case .diffStoreLimited:
+            record = .diffStoreLimited(
+                VolumeID(rawValue: try body.u32()), diffLimit: try body.u64(),
+                policy: try DiffStorePolicy(code: try body.u8()))
         case .setCreated, .setPending:
             let id = try body.uuid()
             let createdAt = try body.i64()

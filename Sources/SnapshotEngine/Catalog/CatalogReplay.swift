@@ -26,12 +26,25 @@ struct CatalogReplay {
             nextSequence = max(nextSequence, sequence)
             nextVolumeID = max(nextVolumeID, volumeID)
         case .volumeCreated(let definition):
-            let slotLimit = definition.diffLimit == 0 ? nil : definition.diffLimit >> definition.chunkShift
             volumes[definition.id] = VolumeEntry(
-                definition: definition, metadata: VolumeMetadata(diffLimitSlots: slotLimit, policy: definition.policy))
+                definition: definition,
+                metadata: VolumeMetadata(
+                    diffLimit: definition.diffLimit == 0 ? nil : definition.diffLimit,
+                    chunkShift: definition.chunkShift,
+                    policy: definition.policy))
             nextVolumeID = max(nextVolumeID, definition.id.rawValue + 1)
         case .volumeDeleted(let id):
             if volumes.removeValue(forKey: id) == nil { ignoredRecords += 1 }
+        case .diffStoreLimited(let id, let diffLimit, let policy):
+            guard var entry = volumes.removeValue(forKey: id) else {
+                ignoredRecords += 1
+                return
+            }
+            entry.definition.diffLimit = diffLimit
+            entry.definition.policy = policy
+            entry.metadata.limitDiffStore(
+                to: diffLimit == 0 ? nil : diffLimit, chunkShift: entry.definition.chunkShift, policy: policy)
+            volumes[id] = entry
         case .setCreated(let set):
             for member in set.members {
                 nextSequence = max(nextSequence, member.sequence.rawValue + 1)

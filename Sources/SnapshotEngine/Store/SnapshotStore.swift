@@ -224,6 +224,9 @@ public final class SnapshotStore: Sendable {
         return volume
     }
 
+    /// The length of the catalog file in use (it grows with records until compaction rewrites it).
+    public var catalogBytes: ByteCount { ByteCount(context.catalog.usedBytes) }
+
     /// Every volume, by name.
     public func volumes() -> [VolumeInfo] {
         allVolumes().map { info(for: $0) }
@@ -297,7 +300,7 @@ public final class SnapshotStore: Sendable {
                 diffLimit: spec.diffLimit?.rawValue ?? 0, policy: spec.policy)
             try await context.catalog.append([.volumeCreated(definition)])
             let metadata = VolumeMetadata(
-                diffLimitSlots: spec.diffLimit.map { $0.rawValue >> definition.chunkShift }, policy: spec.policy)
+                diffLimit: spec.diffLimit?.rawValue, chunkShift: definition.chunkShift, policy: spec.policy)
             let volume = Volume(definition: definition, metadata: metadata, live: live, diff: diff, context: context)
             state.withLock { $0.volumes[spec.name] = volume }
             context.configuration.eventHandler?(.volumeCreated(name: spec.name))
@@ -308,6 +311,37 @@ public final class SnapshotStore: Sendable {
             try? await context.io.run { try Self.removeFiles(of: base, in: directory) }
             throw EngineError.wrap(error)
         }
+    }
+
+    /// Gives a volume a new diff-store limit (nil: none) and policy, durably. A limit below what the
+    /// diff store holds frees nothing at once: the next copy that needs space makes the policy give
+    /// way, as when the limit is reached by writes.
+    @discardableResult
+    public func limitDiffStore(
+        ofVolume name: String, to diffLimit: ByteCount?, policy: DiffStorePolicy
+    ) async throws -> VolumeInfo {
+        try checkOpen()
+        // Compaction holds this lock too: it must not write the volume's old limit over the record.
+        await operations.lock()
+        defer { operations.unlock() }
+        let volume = try self.volume(named: name)
+        let chunk = volume.chunkSize.rawValue
+        if let limit = diffLimit, limit.rawValue < chunk {
+            throw EngineError.invalidSize("the diff store limit must hold at least one chunk (\(chunk) bytes)")
+        }
+        try await context.catalog.append([
+            .diffStoreLimited(volume.id, diffLimit: diffLimit?.rawValue ?? 0, policy: policy)
+        ])
+        volume.metadata.withLock {
+            $0.limitDiffStore(to: diffLimit?.rawValue, chunkShift: UInt8(volume.chunkShift), policy: policy)
+        }
+        context.logger.info(
+            "changed the diff-store limit",
+            metadata: [
+                "volume": "\(name)", "diff.limit": "\(diffLimit.map { "\($0.rawValue)" } ?? "none")",
+                "policy": "\(policy)",
+            ])
+        return info(for: volume)
     }
 
     static func validate(size: ByteCount) throws(EngineError) {

@@ -44,6 +44,8 @@ extension Volume {
                 try await context.catalog.append(
                     Self.records(for: placed.map(\.copy), volume: id, sequence: sequence),
                     syncingFirst: syncsDiff ? [diffSync] : [], failsCleanly: true)
+                copiesMade.increment(by: placed.count)
+                bytesCopied.increment(by: placed.count { !$0.copy.slot.isZero } * chunkBytes)
             }
         } catch {
             // Unless the catalog failed with durability unknown, no record names these slots: give

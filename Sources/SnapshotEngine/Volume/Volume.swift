@@ -4,6 +4,7 @@
 // This file holds the type, its checks, and the live volume's own I/O.
 
 import BlockIO
+import CoreMetrics
 import Logging
 import Synchronization
 
@@ -22,7 +23,8 @@ public final class Volume: Sendable {
     public let size: ByteCount
     public let chunkSize: ByteCount
     public let backing: VolumeBacking
-    public let diffLimit: ByteCount?
+    /// The diff store's limit; nil for none (it can change: `SnapshotStore.limitDiffStore`).
+    public var diffLimit: ByteCount? { metadata.withLock { $0.diffLimit }.map { ByteCount($0) } }
     let id: VolumeID
     let chunkShift: UInt64
     let live: any BlockStorage
@@ -50,6 +52,10 @@ public final class Volume: Sendable {
     let diffReservedEnd: Atomic<UInt64>
     /// Writes answered before their copies are durable (HeldWrites.swift).
     let heldWrites = HeldWrites()
+    /// Chunks preserved, and the bytes of those written to the diff store (all-zero chunks are
+    /// recorded without any), through swift-metrics: the application chooses the backend.
+    let copiesMade: Counter
+    let bytesCopied: Counter
 
     init(
         definition: VolumeDefinition, metadata: VolumeMetadata, live: any BlockStorage, diff: any BlockStorage,
@@ -60,7 +66,6 @@ public final class Volume: Sendable {
         self.size = ByteCount(definition.size)
         self.chunkSize = ByteCount(UInt64(1) << definition.chunkShift)
         self.backing = definition.backing
-        self.diffLimit = definition.diffLimit == 0 ? nil : ByteCount(definition.diffLimit)
         self.id = definition.id
         self.chunkShift = UInt64(definition.chunkShift)
         self.live = live
@@ -71,6 +76,8 @@ public final class Volume: Sendable {
         self.context = context
         self.metadata = Mutex(metadata)
         self.diffReservedEnd = Atomic(metadata.slots.highWater << UInt64(definition.chunkShift))
+        self.copiesMade = Counter(label: "umbra_cow_copies_total", dimensions: [("volume", definition.name)])
+        self.bytesCopied = Counter(label: "umbra_cow_copied_bytes_total", dimensions: [("volume", definition.name)])
     }
 
     var chunkBytes: Int { Int(chunkSize.rawValue) }

@@ -71,9 +71,20 @@ struct VolumeMetadata: Sendable {
     /// Chunks being copied right now, with the writers waiting for each copy to finish.
     var chunksInCopy: [UInt64: [CheckedContinuation<Void, Never>]] = [:]
     var policy: DiffStorePolicy
+    /// The diff store's limit in bytes, nil for none; `slots` holds it in whole chunks.
+    private(set) var diffLimit: UInt64?
 
-    init(diffLimitSlots: UInt64?, policy: DiffStorePolicy) {
-        self.slots = SlotAllocator(limit: diffLimitSlots)
+    init(diffLimit: UInt64?, chunkShift: UInt8, policy: DiffStorePolicy) {
+        self.slots = SlotAllocator(limit: diffLimit.map { $0 >> chunkShift })
+        self.policy = policy
+        self.diffLimit = diffLimit
+    }
+
+    /// A new limit (nil: none) and policy. Lowering the limit below what the diff store holds frees
+    /// nothing now: the next copy that needs a slot finds none and the policy gives way then.
+    mutating func limitDiffStore(to bytes: UInt64?, chunkShift: UInt8, policy: DiffStorePolicy) {
+        slots.limit = bytes.map { $0 >> chunkShift }
+        diffLimit = bytes
         self.policy = policy
     }
 

@@ -8,8 +8,8 @@ import ShadowCopy
 
 struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "volume", abstract: "Create, list and delete volumes.",
-        subcommands: [Create.self, List.self, Delete.self])
+        commandName: "volume", abstract: "Create, list, change and delete volumes.",
+        subcommands: [Create.self, List.self, Change.self, Delete.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a volume.")
@@ -20,12 +20,7 @@ struct VolumeCommand: AsyncParsableCommand {
         var diffLimit: Size?
         @Option(
             help: "When the diff store is full: delete-oldest (the default) or fail-snapshot. Needs --diff-limit.",
-            transform: { value in
-                guard let policy = DiffStoreFullPolicy(rawValue: value) else {
-                    throw ValidationError("use delete-oldest or fail-snapshot.")
-                }
-                return policy
-            })
+            transform: VolumeCommand.policy)
         var whenFull: DiffStoreFullPolicy?
         @OptionGroup var connection: ControlOptions
         @OptionGroup var output: OutputOptions
@@ -49,13 +44,69 @@ struct VolumeCommand: AsyncParsableCommand {
                 )
             }
             if output.json { return try printJSON(info) }
-            var line = "Created volume \(info.name): \(Size.format(info.size)), \(Size.format(info.chunkSize)) chunks"
-            if let limit = info.diffLimit {
-                line +=
-                    ", diff store up to \(Size.format(limit)) (when full: \(info.whenFull?.rawValue ?? "delete-oldest"))"
-            }
-            print(line + ".")
+            print(
+                "Created volume \(info.name): \(Size.format(info.size)), \(Size.format(info.chunkSize)) chunks"
+                    + (VolumeCommand.describeLimit(info).map { ", " + $0 } ?? "") + ".")
         }
+    }
+
+    struct Change: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "set",
+            abstract: "Change a volume's diff-store limit or what happens when it is full.",
+            discussion: """
+                Takes effect at once and survives restarts. A limit below what the diff store holds \
+                deletes nothing now: the next copy-on-write that needs space makes the policy give way.
+                """)
+        @Argument(help: "The volume's name.") var name: String
+        @Option(
+            help: ArgumentHelp(
+                "The most the diff store may hold from now on (whole chunks), or none to remove the limit (default: unchanged).",
+                valueName: "size|none"),
+            transform: { value in
+                if value == "none" { return Size(bytes: 0) }
+                guard let size = Size.parse(value), size.bytes > 0 else {
+                    throw ValidationError("use a size (bytes, or with K, M, G, T) or none.")
+                }
+                return size
+            })
+        var diffLimit: Size?
+        @Option(
+            help: "When the diff store is full: delete-oldest or fail-snapshot (default: unchanged). Needs a limit.",
+            transform: VolumeCommand.policy)
+        var whenFull: DiffStoreFullPolicy?
+        @OptionGroup var connection: ControlOptions
+        @OptionGroup var output: OutputOptions
+
+        func validate() throws {
+            if diffLimit == nil && whenFull == nil {
+                throw ValidationError("Give --diff-limit or --when-full: there is nothing to change.")
+            }
+            if whenFull != nil && diffLimit?.bytes == 0 {
+                throw ValidationError("--when-full needs a limit: without one the diff store is never full.")
+            }
+        }
+
+        func run() async throws {
+            let info = try await withClient(connection) {
+                try await $0.setVolume(name: name, diffLimit: diffLimit?.bytes, whenFull: whenFull)
+            }
+            if output.json { return try printJSON(info) }
+            print("Volume \(info.name): \(VolumeCommand.describeLimit(info) ?? "no diff limit").")
+        }
+    }
+
+    static func policy(_ value: String) throws -> DiffStoreFullPolicy {
+        guard let policy = DiffStoreFullPolicy(rawValue: value) else {
+            throw ValidationError("use delete-oldest or fail-snapshot.")
+        }
+        return policy
+    }
+
+    /// "diff store up to SIZE (when full: POLICY)", or nil without a limit.
+    static func describeLimit(_ info: VolumeInfo) -> String? {
+        guard let limit = info.diffLimit else { return nil }
+        return "diff store up to \(Size.format(limit)) (when full: \(info.whenFull?.rawValue ?? "delete-oldest"))"
     }
 
     struct List: AsyncParsableCommand {

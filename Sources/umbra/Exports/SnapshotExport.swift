@@ -21,6 +21,8 @@ struct SnapshotExport: NBDExport {
     let store: SnapshotStore
 
     var name: String { snapshot.exportName }
+    /// Counted with its volume (one series per volume, however many snapshots come and go).
+    var metricsName: String { snapshot.volumeName }
     var description: String {
         "Umbra snapshot of \(snapshot.volumeName) taken \(snapshot.createdAt.formatted(.iso8601))"
     }
