@@ -4,10 +4,12 @@
 # QD32 over a Unix socket. On a shared 2-core machine this is far steadier than throughput, so it is
 # the figure to compare two builds by (throughput moves with whatever else runs).
 #
-#   Scripts/bench/server-cpu.sh [-n ROUNDS] [-w "randread randwrite"] [BINARY …]
+#   Scripts/bench/server-cpu.sh [-n ROUNDS] [-w "randread randwrite"] ["BINARY [SERVE-ARGS…]" …]
 #
 # With no binary, builds and measures this checkout's release build. Several binaries are measured
 # in turn, round after round (interleaved, so drift hits them alike); each line names the binary.
+# An entry may carry arguments for `serve`, e.g. the cost of metrics:
+#   Scripts/bench/server-cpu.sh -n 8 .build/release/umbra ".build/release/umbra --metrics tcp://127.0.0.1:0"
 # Needs fio (Scripts/install-dependencies.sh installs it). Each round writes a 1 GiB sparse image
 # under ${TMPDIR:-/tmp}.
 set -euo pipefail
@@ -41,12 +43,13 @@ trap cleanup EXIT
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 measure() {
-    local binary=$1 workload=$2 dir="$work/run"
+    local binary=$1 workload=$2 dir="$work/run" command
+    read -ra command <<< "$binary"
     rm -rf "$dir"
     mkdir -p "$dir"
     truncate -s 1G "$dir/image"
-    "$binary" serve --data "$dir/data" --control "$dir/control.sock" --log-level warning \
-        --listen "unix:$dir/nbd.sock" --volume-file "disk:$dir/image" > "$dir/serve.log" 2>&1 &
+    "${command[0]}" serve --data "$dir/data" --control "$dir/control.sock" --log-level warning \
+        --listen "unix:$dir/nbd.sock" --volume-file "disk:$dir/image" "${command[@]:1}" > "$dir/serve.log" 2>&1 &
     server=$!
     for _ in $(seq 100); do [ -S "$dir/nbd.sock" ] && break; sleep 0.1; done
     local uri="nbd+unix:///disk?socket=$dir/nbd.sock"

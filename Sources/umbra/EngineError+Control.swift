@@ -14,11 +14,12 @@ extension EngineError {
         case .volumeNotFound, .snapshotNotFound: .notFound
         case .volumeExists: .alreadyExists
         case .invalidVolumeName, .invalidSize, .invalidChunkSize, .invalidSnapshotSet, .snapshotOrder,
-            .volumeHasSnapshots, .tooManySnapshots, .snapshotFailed:
+            .volumeHasSnapshots, .tooManySnapshots, .snapshotFailed, .volumeReverting:
             .invalidArgument
         case .closed: .shuttingDown
         case .outOfRange, .snapshotDeleted, .directoryLocked, .notADataDirectory, .unsupportedFormatVersion,
-            .corruptCatalog, .holdExpired, .holdNotActive, .storageFailed, .damagedCopy, .io, .cannotZeroQuickly:
+            .corruptCatalog, .holdExpired, .holdNotActive, .storageFailed, .damagedCopy, .io, .cannotZeroQuickly,
+            .revertIncomplete:
             nil
         }
     }

@@ -148,6 +148,25 @@ struct DaemonRequests: ControlRequestHandler {
         }
     }
 
+    func revertVolume(_ params: RevertParams) async throws -> RevertResultInfo {
+        let started = ContinuousClock.now
+        guard (try? store.volume(named: params.name)) != nil else {
+            throw controlError(EngineError.volumeNotFound(params.name))
+        }
+        // Its clients are ended (ESHUTDOWN) before the engine takes the volume offline itself.
+        await exports.takeOffline(params.name)
+        defer { exports.bringOnline(params.name) }
+        do {
+            let result = try await store.revert(volume: params.name, to: params.snapshot)
+            let elapsed = ContinuousClock.now - started
+            return RevertResultInfo(
+                volume: result.volume, snapshot: result.snapshot, changedBytes: result.changedBytes.rawValue,
+                seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+        } catch {
+            throw controlError(error)
+        }
+    }
+
     func deleteVolume(name: String) async throws {
         do {
             try await store.deleteVolume(named: name)

@@ -183,6 +183,10 @@ struct CannedHandler: ControlRequestHandler {
         throw ShadowCopyError(.notFound, "No volume named '\(name)'.")
     }
 
+    func revertVolume(_ params: RevertParams) async throws -> RevertResultInfo {
+        RevertResultInfo(volume: params.name, snapshot: params.snapshot, changedBytes: 0, seconds: 0)
+    }
+
     func setVolume(_ params: SetVolumeParams) async throws -> VolumeInfo {
         VolumeInfo(
             name: params.name, size: 1 << 30, chunkSize: 65536, diffLimit: params.diffLimit, whenFull: params.whenFull)

@@ -76,7 +76,7 @@ import UmbraTestSupport
 
     /// Live reconfiguration: `umbra reload` and SIGHUP re-read the access rules for new
     /// connections while an open one keeps working; a bad file is refused with the reason and the
-    /// rules in use stay.
+    /// rules in use stay. The metrics count the reloads by result and the refusals by the rules.
     @Test func reloadAccessRulesWhileAClientStaysConnected() async throws {
         let rulesDirectory = try TemporaryDirectory("umbra-reload")
         defer { rulesDirectory.remove() }
@@ -87,7 +87,9 @@ import UmbraTestSupport
                 toFile: rules, atomically: true, encoding: .utf8)
         }
         try grant(["disk", "other"])
-        try await DaemonFixture.with(volumes: ["disk:1M", "other:1M"], extraArguments: ["--access", rules]) { daemon in
+        try await DaemonFixture.with(
+            volumes: ["disk:1M", "other:1M"], extraArguments: ["--access", rules, "--metrics", "tcp://127.0.0.1:0"]
+        ) { daemon in
             let umbra = builtProduct("umbra")
             let control = ["--control", daemon.controlSocket]
             let staying = try daemon.connect("other")
@@ -121,6 +123,12 @@ import UmbraTestSupport
             #expect(try await requester.status().reloads == 2)
             _ = try daemon.connect("other")
             await requester.close()
+            let metrics = try MetricsTests.metrics(daemon)
+            #expect(metrics["umbra_reloads_total{result=\"ok\"}"] == 2)
+            #expect(metrics["umbra_reloads_total{result=\"refused\"}"] == 1)
+            // Two connections asked for a volume the rules hid (libnbd may ask more than once each).
+            #expect((metrics["umbra_nbd_refusals_total{reason=\"access\"}"] ?? 0) >= 2)
+            #expect(metrics["umbra_nbd_refusals_total{reason=\"connection-limit\"}"] == nil)
         }
     }
 

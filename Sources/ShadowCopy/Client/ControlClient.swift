@@ -76,6 +76,12 @@ public final class ControlClient: Sendable {
             as: VolumeInfo.self)
     }
 
+    /// Makes the live volume read as one of its snapshots (`volume.revert`).
+    public func revertVolume(name: String, to snapshot: UUID) async throws -> RevertResultInfo {
+        try await call(
+            "volume.revert", params: RevertParams(name: name, snapshot: snapshot), as: RevertResultInfo.self)
+    }
+
     public func deleteVolume(name: String) async throws {
         _ = try await call("volume.delete", params: VolumeNameParams(name: name), as: EmptyResult.self)
     }

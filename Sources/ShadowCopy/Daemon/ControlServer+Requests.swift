@@ -144,7 +144,8 @@ extension ControlServer {
     }
 
     static let requesterMethods: Set<String> = [
-        "volume.create", "volume.list", "volume.set", "volume.delete", "snapshot.create", "snapshot.list",
+        "volume.create", "volume.list", "volume.set", "volume.revert", "volume.delete", "snapshot.create",
+        "snapshot.list",
         "snapshot.delete",
         "snapshot.changes", "set.complete", "set.abort", "writer.list", "verify", "status", "reload",
     ]
@@ -168,6 +169,9 @@ extension ControlServer {
         case "volume.set":
             let params = try message.params(SetVolumeParams.self)
             return ControlEncoding.result(id: id, try await handler.setVolume(params))
+        case "volume.revert":
+            let params = try message.params(RevertParams.self)
+            return ControlEncoding.result(id: id, try await handler.revertVolume(params))
         case "volume.delete":
             let params = try message.params(VolumeNameParams.self)
             try await handler.deleteVolume(name: params.name)

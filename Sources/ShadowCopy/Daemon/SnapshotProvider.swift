@@ -72,6 +72,8 @@ public protocol ControlRequestHandler: Sendable {
     func listVolumes() async throws -> VolumeList
     /// Changes a volume's diff-store limit or policy, durably; returns the volume as it is now.
     func setVolume(_ params: SetVolumeParams) async throws -> VolumeInfo
+    /// Makes a live volume read as one of its snapshots, ending its NBD connections meanwhile.
+    func revertVolume(_ params: RevertParams) async throws -> RevertResultInfo
     func deleteVolume(name: String) async throws
     func listSnapshots(volume: String?) async throws -> SnapshotList
     func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult

@@ -149,6 +149,32 @@ public struct SetVolumeParams: Codable, Sendable, Hashable {
     }
 }
 
+/// `volume.revert`: make the live volume read as one of its snapshots.
+public struct RevertParams: Codable, Sendable, Hashable {
+    public var name: String
+    @GUIDCoding public var snapshot: UUID
+
+    public init(name: String, snapshot: UUID) {
+        self.name = name
+        self.snapshot = snapshot
+    }
+}
+
+public struct RevertResultInfo: Codable, Sendable, Hashable {
+    public var volume: String
+    @GUIDCoding public var snapshot: UUID
+    /// Bytes of the live volume rewritten: those that changed since the snapshot.
+    public var changedBytes: UInt64
+    public var seconds: Double
+
+    public init(volume: String, snapshot: UUID, changedBytes: UInt64, seconds: Double) {
+        self.volume = volume
+        self.snapshot = snapshot
+        self.changedBytes = changedBytes
+        self.seconds = seconds
+    }
+}
+
 public struct VolumeNameParams: Codable, Sendable, Hashable {
     public var name: String
     public init(name: String) { self.name = name }

@@ -18,7 +18,7 @@ final class CatalogLog: Sendable {
     static let newFileName = "catalog.new"
     static let magic: [UInt8] = Array("UMBRACAT".utf8)
     /// The version this code writes. Version 2 added the pending-set records (types 8 and 9), version
-    /// 3 the checksummed copies (type 10), version 4 changes of a volume's diff-store limit (type 11).
+    /// 3 the checksummed copies (type 10), version 4 changes of a volume's diff-store limit (type 11) and reverts (types 12 and 13).
     /// An older catalog is read as it is and rewritten whole in
     /// the current version when the store opens; its copies keep having no checksums.
     static let formatVersion: UInt32 = 4

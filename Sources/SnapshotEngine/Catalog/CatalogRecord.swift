@@ -79,6 +79,11 @@ enum CatalogRecord: Sendable, Equatable {
     case volumeDeleted(VolumeID)
     /// A volume's diff-store limit (bytes, 0 for none) and policy changed (format 4).
     case diffStoreLimited(VolumeID, diffLimit: UInt64, policy: DiffStorePolicy)
+    /// A revert of the volume's live data to the snapshot at `sequence` began: until `revertFinished`,
+    /// opening the store completes it (format 4).
+    case revertStarted(VolumeID, sequence: SnapshotSequence)
+    /// The revert's writes are durable (format 4).
+    case revertFinished(VolumeID)
     /// A set was taken: kept at once, or pending until a `setKept` record names it.
     case setCreated(SetDefinition)
     /// A pending set reached the point where its snapshots are kept.
@@ -108,6 +113,8 @@ enum CatalogRecord: Sendable, Equatable {
         case setKept = 9
         case checkedPreserved = 10
         case diffStoreLimited = 11
+        case revertStarted = 12
+        case revertFinished = 13
     }
 
     func encode(into writer: inout BinaryWriter) {
@@ -142,6 +149,13 @@ enum CatalogRecord: Sendable, Equatable {
             body.u32(volume.rawValue)
             body.u64(diffLimit)
             body.u8(policy.code)
+        case .revertStarted(let volume, let sequence):
+            kind = .revertStarted
+            body.u32(volume.rawValue)
+            body.u64(sequence.rawValue)
+        case .revertFinished(let volume):
+            kind = .revertFinished
+            body.u32(volume.rawValue)
         case .setCreated(let set):
             kind = set.isPending ? .setPending : .setCreated
             body.uuid(set.id)
@@ -215,6 +229,11 @@ enum CatalogRecord: Sendable, Equatable {
             record = .diffStoreLimited(
                 VolumeID(rawValue: try body.u32()), diffLimit: try body.u64(),
                 policy: try DiffStorePolicy(code: try body.u8()))
+        case .revertStarted:
+            record = .revertStarted(
+                VolumeID(rawValue: try body.u32()), sequence: SnapshotSequence(rawValue: try body.u64()))
+        case .revertFinished:
+            record = .revertFinished(VolumeID(rawValue: try body.u32()))
         case .setCreated, .setPending:
             let id = try body.uuid()
             let createdAt = try body.i64()

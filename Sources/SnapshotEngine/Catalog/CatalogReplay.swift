@@ -45,6 +45,18 @@ struct CatalogReplay {
             entry.metadata.limitDiffStore(
                 to: diffLimit == 0 ? nil : diffLimit, chunkShift: entry.definition.chunkShift, policy: policy)
             volumes[id] = entry
+        case .revertStarted(let id, let sequence):
+            guard volumes[id] != nil else {
+                ignoredRecords += 1
+                return
+            }
+            volumes[id]!.metadata.revertTarget = sequence
+        case .revertFinished(let id):
+            guard volumes[id] != nil else {
+                ignoredRecords += 1
+                return
+            }
+            volumes[id]!.metadata.revertTarget = nil
         case .setCreated(let set):
             for member in set.members {
                 nextSequence = max(nextSequence, member.sequence.rawValue + 1)
@@ -176,6 +188,8 @@ struct CatalogReplay {
                 records.append(
                     contentsOf: Volume.records(for: copies, volume: definition.id, sequence: snapshot.sequence))
             }
+            // A revert still to complete stays so, after the snapshot it reverts to.
+            if let target = metadata.revertTarget { records.append(.revertStarted(definition.id, sequence: target)) }
         }
         return records
     }

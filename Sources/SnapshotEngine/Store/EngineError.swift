@@ -44,6 +44,11 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
     /// Zeros were asked for only if they cost less than writing them (NBD's FAST_ZERO), and the
     /// storage cannot do that.
     case cannotZeroQuickly
+    /// The live volume is being reverted to a snapshot (or a revert was interrupted and waits to be
+    /// run again): it takes no I/O until the revert is done.
+    case volumeReverting(String)
+    /// A revert could not finish: the live volume stays unavailable until one succeeds.
+    case revertIncomplete(volume: String, reason: String)
 
     public var description: String {
         switch self {
@@ -78,6 +83,9 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
         case .io(let error): error.description
         case .closed: "the data directory is closed"
         case .cannotZeroQuickly: "the storage cannot make this range read as zeros faster than writing zeros"
+        case .volumeReverting(let name): "volume '\(name)' is being reverted to a snapshot"
+        case .revertIncomplete(let name, let reason):
+            "the revert of volume '\(name)' could not finish (\(reason)); the volume stays offline until a revert succeeds: fix the cause and run it again"
         }
     }
 
@@ -89,7 +97,7 @@ public enum EngineError: Error, CustomStringConvertible, Sendable, Equatable {
         switch self {
         case .invalidVolumeName, .invalidSize, .invalidChunkSize, .outOfRange, .invalidSnapshotSet, .snapshotOrder:
             .invalidArgument
-        case .volumeNotFound, .snapshotDeleted, .closed: .socketShutdown
+        case .volumeNotFound, .snapshotDeleted, .closed, .volumeReverting, .revertIncomplete: .socketShutdown
         case .tooManySnapshots: .noSpace
         case .cannotZeroQuickly: .notSupported
         case .io(let error) where error.errno == .noSpace: .noSpace

@@ -119,6 +119,7 @@ public final class SnapshotStore: Sendable {
             } else {
                 await store.compactIfWorthIt()
             }
+            await store.finishInterruptedReverts()
             configuration.logger.debug(
                 "opened data directory",
                 metadata: ["path": "\(directory.path)", "volumes": "\(volumes.count)", "records": "\(records.count)"])

@@ -72,6 +72,10 @@ public enum StoreEvent: Sendable, Equatable {
     case snapshotsDeleted(ids: [UUID])
     /// Failed by a full diff store's `failSnapshot` policy; still listed, no longer readable.
     case snapshotFailed(id: UUID, reason: String)
+    /// The live volume went offline for a revert (its exports should end their connections), and
+    /// came back once the revert was done.
+    case volumeReverting(name: String)
+    case volumeReverted(name: String)
 }
 
 /// The orderings the engine's durability rests on, each of which a test can break (ARCHITECTURE.md,
@@ -86,4 +90,8 @@ enum BrokenOrdering: Sendable {
     case retryFailedSync
     /// A flush does not wait for writes answered before their copy-on-write was done (HeldWrites).
     case flushIgnoresHeldWrites
+    /// A revert writes the live data before its start is recorded.
+    case revertWritesBeforeRecord
+    /// A revert records that it finished before its writes are durable.
+    case revertFinishedBeforeSync
 }

@@ -26,7 +26,9 @@ extension Volume {
             ? "the file system holding the diff store of volume '\(name)' is full"
             : "the diff store of volume '\(name)' reached its limit of \(limit) bytes"
         let victim = metadata.withLock { metadata -> (SnapshotState, DiffStorePolicy)? in
-            guard fileSystemFull || metadata.slots.availableCount == 0, !metadata.chain.isEmpty else { return nil }
+            guard fileSystemFull || metadata.slots.availableCount == 0, !metadata.chain.isEmpty,
+                metadata.revertTarget == nil
+            else { return nil }
             let position = metadata.policy == .deleteOldest ? 0 : metadata.chain.count - 1
             metadata.chain[position].deleting = true
             if metadata.policy == .failSnapshot { metadata.chain[position].failingReason = reason }

@@ -24,8 +24,9 @@ extension Volume {
     /// preserve may return once they are claimed and the space for their copies is taken
     /// (`answerEarly`): the copy and `apply` go on in the background, in order, and reads and later
     /// writes of its bytes wait for it (HeldWrites.swift).
+    /// `forRevert`: a write of the revert itself, the only kind let through while it runs.
     func mutate(
-        _ offset: ByteOffset, _ count: ByteCount, mayAnswerEarly: Bool = false,
+        _ offset: ByteOffset, _ count: ByteCount, mayAnswerEarly: Bool = false, forRevert: Bool = false,
         _ apply: @escaping @Sendable () throws -> Void
     ) async throws {
         let touched = chunks(offset, count)
@@ -38,6 +39,8 @@ extension Volume {
         await gate.enter()
         do {
             try checkUsable()
+            // Checked inside the gate: a revert, once it flags the volume, waits for every write in it.
+            if !forRevert { try checkNotReverting() }
             try checkWritable()
             if let failure = context.catalog.failure { throw failure }
         } catch {

@@ -36,6 +36,9 @@ public final class Volume: Sendable {
     let copyBuffers = AlignedBufferPool()
     /// Set once the volume is deleted: every later request is refused.
     let removed = Atomic<Bool>(false)
+    /// Set while the live data is reverted to a snapshot (SnapshotStore+Revert.swift), and after an
+    /// interrupted revert until one succeeds: live I/O is refused (ESHUTDOWN) meanwhile.
+    let reverting = Atomic<Bool>(false)
     /// Set while copies fail with ENOSPC, so that is logged once rather than per write.
     let outOfSpace = Atomic<Bool>(false)
     /// Every sync of the live data goes through this latch (flushes, sets, the catalog's syncs before
@@ -90,6 +93,14 @@ public final class Volume: Sendable {
         if removed.load(ordering: .relaxed) { throw .volumeNotFound(name) }
     }
 
+    /// Refuses live I/O while a revert runs or waits to be run again.
+    func checkNotReverting() throws(EngineError) {
+        if reverting.load(ordering: .acquiring) { throw .volumeReverting(name) }
+    }
+
+    /// Whether the live volume is offline for a revert (in progress, or interrupted and to be run again).
+    public var isReverting: Bool { reverting.load(ordering: .acquiring) }
+
     /// Refuses changes once the live data's durability is unknown (see `liveSync`), or once a write
     /// answered early was lost (see `heldWrites`).
     func checkWritable() throws(EngineError) {
@@ -114,6 +125,7 @@ public final class Volume: Sendable {
     /// Reads `buffer.count` bytes of the live volume at `offset` into `buffer`, and gives it back.
     public func read<Buffer: IOBuffer>(at offset: ByteOffset, into buffer: consuming Buffer) async throws -> Buffer {
         try checkUsable()
+        try checkNotReverting()
         try checkRange(offset, ByteCount(buffer.count))
         guard buffer.count > 0 else { return buffer }
         try await heldWrites.wait(for: offset.rawValue..<(offset.rawValue + UInt64(buffer.count)))
@@ -176,6 +188,7 @@ public final class Volume: Sendable {
         descriptor: Int32, release: @Sendable () -> Void
     )? {
         try checkUsable()
+        try checkNotReverting()
         try checkRange(offset, count)
         // Bytes a held write will change are read through `read`, which waits for it.
         guard let descriptor = live.fileDescriptor,
@@ -187,6 +200,7 @@ public final class Volume: Sendable {
     /// Makes every completed write to the live volume durable.
     public func flush() async throws {
         try checkUsable()
+        try checkNotReverting()
         if context.configuration.brokenOrderingForTesting != .flushIgnoresHeldWrites {
             try await heldWrites.wait(for: nil)
         }
@@ -246,6 +260,7 @@ public final class Volume: Sendable {
     /// Which parts of a range of the live volume hold data and which are holes.
     public func allocation(at offset: ByteOffset, count: ByteCount) async throws -> [AllocationExtent] {
         try checkUsable()
+        try checkNotReverting()
         try checkRange(offset, count)
         let live = self.live
         do {

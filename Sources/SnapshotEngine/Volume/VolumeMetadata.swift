@@ -73,6 +73,9 @@ struct VolumeMetadata: Sendable {
     var policy: DiffStorePolicy
     /// The diff store's limit in bytes, nil for none; `slots` holds it in whole chunks.
     private(set) var diffLimit: UInt64?
+    /// The snapshot a revert in progress (or interrupted) makes the live data read as. No snapshot
+    /// gives way to the diff-store policy meanwhile: a revert keeps every one.
+    var revertTarget: SnapshotSequence?
 
     init(diffLimit: UInt64?, chunkShift: UInt8, policy: DiffStorePolicy) {
         self.slots = SlotAllocator(limit: diffLimit.map { $0 >> chunkShift })

@@ -9,7 +9,7 @@ import ShadowCopy
 struct VolumeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "volume", abstract: "Create, list, change and delete volumes.",
-        subcommands: [Create.self, List.self, Change.self, Delete.self])
+        subcommands: [Create.self, List.self, Change.self, Revert.self, Delete.self])
 
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a volume.")
@@ -93,6 +93,37 @@ struct VolumeCommand: AsyncParsableCommand {
             }
             if output.json { return try printJSON(info) }
             print("Volume \(info.name): \(VolumeCommand.describeLimit(info) ?? "no diff limit").")
+        }
+    }
+
+    struct Revert: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Make a live volume read exactly as one of its snapshots.",
+            discussion: """
+                Only what changed since the snapshot is rewritten, through copy-on-write, so every \
+                snapshot, older and newer, stays as it was. The volume's NBD connections are ended \
+                (ESHUTDOWN) while it runs. It is atomic across crashes: after one, the daemon completes \
+                it when it starts again.
+                """)
+        @Argument(help: "The volume's name.") var name: String
+        @Option(help: ArgumentHelp("The snapshot to revert to (its GUID).", valueName: "snapshot-id"))
+        var to: String
+        @OptionGroup var connection: ControlOptions
+        @OptionGroup var output: OutputOptions
+
+        func validate() throws {
+            guard UUID(uuidString: to) != nil else {
+                throw ValidationError("--to takes a snapshot GUID (got '\(to)').")
+            }
+        }
+
+        func run() async throws {
+            let snapshot = UUID(uuidString: to)!
+            let result = try await withClient(connection) { try await $0.revertVolume(name: name, to: snapshot) }
+            if output.json { return try printJSON(result) }
+            print(
+                "Reverted volume \(result.volume) to snapshot \(result.snapshot.guidString): "
+                    + "\(Size.format(result.changedBytes)) rewritten in \(String(format: "%.1f", result.seconds)) s.")
         }
     }
 

@@ -22,6 +22,13 @@ final class ExportReconciler: Sendable {
     private let logger: Logger
     /// The one export to keep (`umbra serve --stdio`), or nil for all of them.
     private let only: String?
+    /// Volumes whose live export is kept away (a revert runs on them).
+    private let offline = Mutex<Set<String>>([])
+    /// The last removal started: removals run one after another, each deciding what is stale when
+    /// it runs, so a removal that was due when a volume went offline does not take away the export
+    /// it got back meanwhile.
+    private let lastRemoval = Mutex<Task<Void, Never>?>(nil)
+    private let updating = Mutex<Void>(())
 
     init(registry: NBDExportRegistry, logger: Logger, only: String? = nil) {
         self.registry = registry
@@ -43,27 +50,54 @@ final class ExportReconciler: Sendable {
     /// Adds an export for every volume and readable snapshot that lacks one, and starts removing the
     /// exports whose volume or snapshot is gone (their connections are ended with ESHUTDOWN).
     func reconcile() {
-        let stale = update()
-        if !stale.isEmpty {
-            let registry = self.registry
-            Task {
-                for name in stale { await registry.remove(named: name) }
-            }
-        }
+        if !update().isEmpty { removeStale() }
     }
 
     /// Reconciles and waits until the exports that went away are removed and their connections
     /// closed: a request that deletes something answers only once its exports are gone.
     func settle() async {
-        for name in update() { await registry.remove(named: name) }
+        _ = update()
+        await removeStale().value
     }
 
-    /// Adds the missing exports; returns the names of those to remove.
+    /// Takes a volume's live export away (ending its connections with ESHUTDOWN) until `bringOnline`.
+    func takeOffline(_ volume: String) async {
+        offline.withLock { _ = $0.insert(volume) }
+        await settle()
+    }
+
+    func bringOnline(_ volume: String) {
+        offline.withLock { _ = $0.remove(volume) }
+        reconcile()
+    }
+
+    /// Queues a removal of whatever is stale when it runs, after the removals queued before it.
+    @discardableResult
+    private func removeStale() -> Task<Void, Never> {
+        lastRemoval.withLock { last in
+            let previous = last
+            let task = Task { [self] in
+                await previous?.value
+                for name in update() { await registry.remove(named: name) }
+            }
+            last = task
+            return task
+        }
+    }
+
+    /// Adds the missing exports; returns the names of those to remove. One update at a time, so two
+    /// never both add the same export.
     private func update() -> Set<String> {
+        updating.withLock { _ in updateHoldingLock() }
+    }
+
+    private func updateHoldingLock() -> Set<String> {
         guard let store = store.withLock({ $0 }) else { return [] }
         var wanted: [String: any NBDExport] = [:]
-        for info in store.volumes() {
-            guard let volume = try? store.volume(named: info.name) else { continue }
+        let offline = self.offline.withLock { $0 }
+        for info in store.volumes() where !offline.contains(info.name) {
+            // A volume being reverted is offline: its export goes, ending connections with ESHUTDOWN.
+            guard let volume = try? store.volume(named: info.name), !volume.isReverting else { continue }
             wanted[info.name] = LiveVolumeExport(volume: volume, store: store)
         }
         for info in (try? store.snapshots()) ?? [] where info.state == .ready {
