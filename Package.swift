@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
         .library(name: "NBDServer", targets: ["NBDServer"]),
         .library(name: "ShadowCopy", targets: ["ShadowCopy"]),
+        .library(name: "QCOW2", targets: ["QCOW2"]),
         .library(name: "UmbraTestSupport", targets: ["UmbraTestSupport"]),
         .library(name: "NBDFuzzing", targets: ["NBDFuzzing"]),
     ],
@@ -44,6 +45,8 @@ let package = Package(
             // Debug and test builds check the engine's data structures after every change.
             swiftSettings: [.define("UMBRA_CHECK_INVARIANTS", .when(configuration: .debug))]
         ),
+        // qcow2 images: backups are written as ones QEMU's tools read, and restored from them.
+        .target(name: "QCOW2", dependencies: ["BlockIO"]),
         .target(
             name: "NBDProtocol",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")]
@@ -87,7 +90,7 @@ let package = Package(
         .executableTarget(
             name: "umbra",
             dependencies: [
-                "BlockIO", "SnapshotEngine", "NBDProtocol", "NBDServer", "ShadowCopy",
+                "BlockIO", "SnapshotEngine", "NBDProtocol", "NBDServer", "ShadowCopy", "QCOW2",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),
@@ -99,6 +102,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "BlockIOTests", dependencies: ["BlockIO", "UmbraTestSupport"]),
+        .testTarget(name: "QCOW2Tests", dependencies: ["QCOW2", "BlockIO", "UmbraTestSupport"]),
         .testTarget(
             name: "SnapshotEngineTests",
             dependencies: ["SnapshotEngine", "UmbraTestSupport", .product(name: "Logging", package: "swift-log")]

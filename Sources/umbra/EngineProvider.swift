@@ -4,6 +4,7 @@
 
 import BlockIO
 import Foundation
+import QCOW2
 import ShadowCopy
 import SnapshotEngine
 
@@ -143,6 +144,56 @@ struct DaemonRequests: ControlRequestHandler {
             let info = try await store.limitDiffStore(
                 ofVolume: params.name, to: limit.map(ByteCount.init(_:)), policy: policy)
             return Self.describe(info)
+        } catch {
+            throw controlError(error)
+        }
+    }
+
+    func backupSnapshot(_ params: BackupImageParams) async throws -> BackupImageResult {
+        guard params.file.hasPrefix("/"), !params.file.hasSuffix("/") else {
+            throw ShadowCopyError(.invalidParams, "The image's file must be an absolute path (got '\(params.file)').")
+        }
+        guard (params.backingFile == nil) == (params.base == nil) else {
+            throw ShadowCopyError(.invalidParams, "An incremental image needs both base and backingFile.")
+        }
+        do {
+            let view = try store.snapshot(id: params.snapshot)
+            let ranges: [ByteRange]
+            if let base = params.base {
+                ranges = try store.changes(volume: view.volumeName, since: base, until: params.snapshot).extents
+            } else {
+                ranges = try await view.allocation(at: .zero, count: view.size).filter { !$0.isHole }.map(\.range)
+            }
+            return try await ImageTransfer.writeImage(
+                of: view, ranges: ranges, to: params.file, backingFile: params.backingFile)
+        } catch let error as QCOW2Error {
+            throw ShadowCopyError(.invalidArgument, Self.sentence(error.description))
+        } catch {
+            throw controlError(error)
+        }
+    }
+
+    /// A qcow2 problem as the control protocol's one sentence.
+    static func sentence(_ text: String) -> String {
+        text.prefix(1).uppercased() + text.dropFirst() + (text.hasSuffix(".") ? "" : ".")
+    }
+
+    func restoreVolume(_ params: RestoreParams) async throws -> RestoreResult {
+        guard params.file.hasPrefix("/") else {
+            throw ShadowCopyError(.invalidParams, "The image's file must be an absolute path (got '\(params.file)').")
+        }
+        guard store.volumes().allSatisfy({ $0.name != params.name }) else {
+            throw controlError(EngineError.volumeExists(params.name))
+        }
+        do {
+            let result = try await ImageTransfer.restore(
+                params.file, as: params.name, in: store, chunkSize: VolumeSpec.defaultChunkSize)
+            await exports.settle()
+            return result
+        } catch let error as QCOW2Error {
+            throw ShadowCopyError(.invalidArgument, Self.sentence(error.description))
+        } catch let error as BlockIOError {
+            throw ShadowCopyError(.invalidArgument, "Cannot read \(params.file): \(error).")
         } catch {
             throw controlError(error)
         }

@@ -11,8 +11,8 @@ struct Umbra: AsyncParsableCommand {
         abstract: "Copy-on-write snapshots of block volumes, served over NBD.",
         version: version,
         subcommands: [
-            Serve.self, VolumeCommand.self, SnapshotCommand.self, WriterCommand.self, VerifyCommand.self,
-            StatusCommand.self, ReloadCommand.self, EngineShell.self,
+            Serve.self, VolumeCommand.self, SnapshotCommand.self, WriterCommand.self, BackupCommand.self,
+            RestoreCommand.self, VerifyCommand.self, StatusCommand.self, ReloadCommand.self, EngineShell.self,
         ]
     )
 

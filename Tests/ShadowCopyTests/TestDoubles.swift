@@ -183,6 +183,14 @@ struct CannedHandler: ControlRequestHandler {
         throw ShadowCopyError(.notFound, "No volume named '\(name)'.")
     }
 
+    func backupSnapshot(_ params: BackupImageParams) async throws -> BackupImageResult {
+        throw ShadowCopyError(.notFound, "No snapshot or snapshot set with id \(params.snapshot.guidString).")
+    }
+
+    func restoreVolume(_ params: RestoreParams) async throws -> RestoreResult {
+        throw ShadowCopyError(.notFound, "No such file.")
+    }
+
     func revertVolume(_ params: RevertParams) async throws -> RevertResultInfo {
         RevertResultInfo(volume: params.name, snapshot: params.snapshot, changedBytes: 0, seconds: 0)
     }

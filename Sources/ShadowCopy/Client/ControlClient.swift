@@ -82,6 +82,16 @@ public final class ControlClient: Sendable {
             "volume.revert", params: RevertParams(name: name, snapshot: snapshot), as: RevertResultInfo.self)
     }
 
+    /// Writes a snapshot as a qcow2 image at `file` (on the daemon's machine).
+    public func backupSnapshot(_ params: BackupImageParams) async throws -> BackupImageResult {
+        try await call("snapshot.backup", params: params, as: BackupImageResult.self)
+    }
+
+    /// Creates volume `name` from the qcow2 image at `file` (on the daemon's machine).
+    public func restoreVolume(name: String, from file: String) async throws -> RestoreResult {
+        try await call("volume.restore", params: RestoreParams(name: name, file: file), as: RestoreResult.self)
+    }
+
     public func deleteVolume(name: String) async throws {
         _ = try await call("volume.delete", params: VolumeNameParams(name: name), as: EmptyResult.self)
     }

@@ -144,7 +144,8 @@ extension ControlServer {
     }
 
     static let requesterMethods: Set<String> = [
-        "volume.create", "volume.list", "volume.set", "volume.revert", "volume.delete", "snapshot.create",
+        "volume.create", "volume.list", "volume.set", "volume.revert", "volume.restore", "volume.delete",
+        "snapshot.backup", "snapshot.create",
         "snapshot.list",
         "snapshot.delete",
         "snapshot.changes", "set.complete", "set.abort", "writer.list", "verify", "status", "reload",
@@ -169,6 +170,12 @@ extension ControlServer {
         case "volume.set":
             let params = try message.params(SetVolumeParams.self)
             return ControlEncoding.result(id: id, try await handler.setVolume(params))
+        case "volume.restore":
+            let params = try message.params(RestoreParams.self)
+            return ControlEncoding.result(id: id, try await handler.restoreVolume(params))
+        case "snapshot.backup":
+            let params = try message.params(BackupImageParams.self)
+            return ControlEncoding.result(id: id, try await handler.backupSnapshot(params))
         case "volume.revert":
             let params = try message.params(RevertParams.self)
             return ControlEncoding.result(id: id, try await handler.revertVolume(params))

@@ -74,6 +74,10 @@ public protocol ControlRequestHandler: Sendable {
     func setVolume(_ params: SetVolumeParams) async throws -> VolumeInfo
     /// Makes a live volume read as one of its snapshots, ending its NBD connections meanwhile.
     func revertVolume(_ params: RevertParams) async throws -> RevertResultInfo
+    /// Writes a snapshot as a qcow2 image.
+    func backupSnapshot(_ params: BackupImageParams) async throws -> BackupImageResult
+    /// Creates a volume from a qcow2 image and its backing chain.
+    func restoreVolume(_ params: RestoreParams) async throws -> RestoreResult
     func deleteVolume(name: String) async throws
     func listSnapshots(volume: String?) async throws -> SnapshotList
     func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult

@@ -175,6 +175,75 @@ public struct RevertResultInfo: Codable, Sendable, Hashable {
     }
 }
 
+/// `snapshot.backup`: write a snapshot as a qcow2 image (the daemon writes it; `umbra backup` drives
+/// a whole backup with it).
+public struct BackupImageParams: Codable, Sendable, Hashable {
+    @GUIDCoding public var snapshot: UUID
+    /// Where the image goes: an absolute path, on the daemon's machine. It is written as
+    /// `FILE.partial` and renamed to `FILE` once complete and durable.
+    public var file: String
+    /// An older snapshot of the same volume: the image then holds only what changed since it.
+    @OptionalGUIDCoding public var base: UUID?
+    /// The backing file the image names (the base's image, relative to this one). Needs `base`.
+    public var backingFile: String?
+
+    public init(snapshot: UUID, file: String, base: UUID? = nil, backingFile: String? = nil) {
+        self.snapshot = snapshot
+        self.file = file
+        self.base = base
+        self.backingFile = backingFile
+    }
+}
+
+public struct BackupImageResult: Codable, Sendable, Hashable {
+    public var file: String
+    /// `full` or `incremental`.
+    public var kind: String
+    /// The volume's size.
+    public var bytes: UInt64
+    /// Data written into the image (zeros take none).
+    public var copiedBytes: UInt64
+    /// CRC-32C of the whole image file as written.
+    public var checksum: UInt32
+    public var seconds: Double
+
+    public init(file: String, kind: String, bytes: UInt64, copiedBytes: UInt64, checksum: UInt32, seconds: Double) {
+        self.file = file
+        self.kind = kind
+        self.bytes = bytes
+        self.copiedBytes = copiedBytes
+        self.checksum = checksum
+        self.seconds = seconds
+    }
+}
+
+/// `volume.restore`: create a volume holding what a qcow2 image (and its backing chain) holds.
+public struct RestoreParams: Codable, Sendable, Hashable {
+    public var name: String
+    /// An absolute path on the daemon's machine.
+    public var file: String
+
+    public init(name: String, file: String) {
+        self.name = name
+        self.file = file
+    }
+}
+
+public struct RestoreResult: Codable, Sendable, Hashable {
+    public var volume: String
+    public var size: UInt64
+    /// Data written into the volume (zeros take none).
+    public var copiedBytes: UInt64
+    public var seconds: Double
+
+    public init(volume: String, size: UInt64, copiedBytes: UInt64, seconds: Double) {
+        self.volume = volume
+        self.size = size
+        self.copiedBytes = copiedBytes
+        self.seconds = seconds
+    }
+}
+
 public struct VolumeNameParams: Codable, Sendable, Hashable {
     public var name: String
     public init(name: String) { self.name = name }

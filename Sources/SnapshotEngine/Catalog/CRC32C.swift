@@ -4,9 +4,9 @@
 
 import CISAL
 
-enum CRC32C {
+public enum CRC32C {
     /// The CRC-32C of `bytes`; `previous` continues a checksum over bytes that came before.
-    static func checksum(_ bytes: UnsafeRawBufferPointer, continuing previous: UInt32 = 0) -> UInt32 {
+    public static func checksum(_ bytes: UnsafeRawBufferPointer, continuing previous: UInt32 = 0) -> UInt32 {
         guard let base = bytes.baseAddress, !bytes.isEmpty else { return previous }
         var crc = ~previous
         var start = base
@@ -22,7 +22,7 @@ enum CRC32C {
         return ~crc
     }
 
-    static func checksum(_ bytes: [UInt8], continuing previous: UInt32 = 0) -> UInt32 {
+    public static func checksum(_ bytes: [UInt8], continuing previous: UInt32 = 0) -> UInt32 {
         bytes.withUnsafeBytes { checksum($0, continuing: previous) }
     }
 }

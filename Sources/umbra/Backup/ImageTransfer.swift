@@ -1,0 +1,210 @@
+// The daemon's side of backup and restore: a snapshot written as a qcow2 image (`snapshot.backup`),
+// and a volume created from one (`volume.restore`). Snapshot reads go through the engine; the image
+// file is written and read on a queue of its own, one step behind the engine, so the two overlap and
+// no Swift concurrency thread ever blocks in a file write.
+//
+// An image is written as FILE.partial, synced, renamed to FILE and its directory synced: a backup
+// that stops halfway (the snapshot deleted because its set was aborted, a full disk, the daemon
+// stopping) leaves at most a .partial file, which it removes when it can, and never anything under
+// the final name.
+
+import BlockIO
+import Dispatch
+import Foundation
+import QCOW2
+import ShadowCopy
+import SnapshotEngine
+
+enum ImageTransfer {
+    /// One step: what is read from the engine and written to the file at once.
+    static let stepBytes = 8 << 20
+
+    /// Runs blocking file work on `queue`, off Swift's concurrency threads.
+    static func run<T: Sendable>(on queue: DispatchQueue, _ work: @escaping @Sendable () throws -> T) async throws -> T
+    {
+        try await withCheckedThrowingContinuation { continuation in
+            queue.async { continuation.resume(with: Result { try work() }) }
+        }
+    }
+
+    /// Guest clusters (of `clusterSize`) that `ranges` touch, as ascending runs.
+    static func clusterRuns(of ranges: [ByteRange], clusterSize: UInt64) -> [Range<UInt64>] {
+        var runs: [Range<UInt64>] = []
+        for range in ranges where range.count.rawValue > 0 {
+            let first = range.offset.rawValue / clusterSize
+            let end = (range.end.rawValue + clusterSize - 1) / clusterSize
+            if let last = runs.last, last.upperBound >= first {
+                runs[runs.count - 1] = last.lowerBound..<max(last.upperBound, end)
+            } else {
+                runs.append(first..<end)
+            }
+        }
+        return runs
+    }
+
+    /// Writes snapshot `view` as a qcow2 image at `file`: the clusters `ranges` touch (what changed
+    /// since the base, over `backingFile`; or everything allocated, for a full image).
+    static func writeImage(
+        of view: SnapshotView, ranges: [ByteRange], to file: String, backingFile: String?
+    ) async throws -> BackupImageResult {
+        let started = ContinuousClock.now
+        let (directoryPath, name) = split(file)
+        let directory = try FileSystemDirectory(path: directoryPath)
+        let partial = name + ".partial"
+        let queue = DispatchQueue(label: "umbra.backup")
+        let size = view.size.rawValue
+        let writer = try await run(on: queue) { () -> WriterBox in
+            if directory.fileExists(partial) { try directory.removeFile(partial) }
+            let storage = try directory.openFile(partial, mode: .createNew)
+            return WriterBox(try QCOW2Writer(storage: storage, virtualSize: size, backingFile: backingFile))
+        }
+        do {
+            let clusterSize = UInt64(writer.writer.clusterSize)
+            var pending: Task<Void, any Error>?
+            for clusters in clusterRuns(of: ranges, clusterSize: clusterSize) {
+                var cluster = clusters.lowerBound
+                while cluster < clusters.upperBound {
+                    let count = min(clusters.upperBound - cluster, UInt64(stepBytes) / clusterSize)
+                    let offset = cluster * clusterSize
+                    // The image's last cluster may reach past the volume: read what exists, pad zeros.
+                    let readable = Int(min(count * clusterSize, size - offset))
+                    var bytes = try await view.read(at: ByteOffset(offset), count: readable)
+                    if bytes.count < Int(count * clusterSize) {
+                        bytes += [UInt8](repeating: 0, count: Int(count * clusterSize) - bytes.count)
+                    }
+                    try await pending?.value
+                    let first = cluster
+                    let chunk = bytes
+                    pending = Task {
+                        try await run(on: queue) {
+                            try chunk.withUnsafeBytes { try writer.writer.write(firstCluster: first, $0) }
+                        }
+                    }
+                    cluster += count
+                }
+            }
+            try await pending?.value
+            let checksum = try await run(on: queue) { () -> UInt32 in
+                try writer.writer.finish()
+                return try Self.checksum(of: directoryPath + "/" + partial)
+            }
+            // A set aborted meanwhile (its requester gone) deleted the snapshot: no image for it.
+            guard view.isReadable else {
+                throw CLIError(
+                    message:
+                        "Snapshot \(view.id.guidString) was deleted while its image was written (its set was aborted); no image was kept."
+                )
+            }
+            try await run(on: queue) { try directory.rename(partial, to: name) }
+            let elapsed = ContinuousClock.now - started
+            return BackupImageResult(
+                file: file, kind: backingFile == nil ? "full" : "incremental", bytes: size,
+                copiedBytes: writer.writer.dataBytes, checksum: checksum, seconds: elapsed.seconds)
+        } catch {
+            try? await run(on: queue) { try directory.removeFile(partial) }
+            throw error
+        }
+    }
+
+    /// The CRC-32C of a whole file, read in steps.
+    static func checksum(of path: String) throws -> UInt32 {
+        let storage = try FileSystemDirectory(path: "/").openExternal(path)
+        let size = try storage.size().rawValue
+        var buffer = [UInt8](repeating: 0, count: stepBytes)
+        var checksum: UInt32 = 0
+        var offset: UInt64 = 0
+        while offset < size {
+            let count = Int(min(UInt64(stepBytes), size - offset))
+            try buffer.withUnsafeMutableBytes {
+                let target = UnsafeMutableRawBufferPointer(rebasing: $0[0..<count])
+                try storage.read(fromAbsoluteOffset: ByteOffset(offset), into: target)
+                checksum = CRC32C.checksum(UnsafeRawBufferPointer(target), continuing: checksum)
+            }
+            offset += UInt64(count)
+        }
+        return checksum
+    }
+
+    /// Creates volume `name` in `store` holding what the image at `file` (and its chain) holds. A
+    /// failure deletes the volume again.
+    static func restore(
+        _ file: String, as name: String, in store: SnapshotStore, chunkSize: ByteCount
+    ) async throws -> RestoreResult {
+        let started = ContinuousClock.now
+        let queue = DispatchQueue(label: "umbra.restore")
+        let image = try await run(on: queue) { ImageBox(try QCOW2Image.open(path: file)) }
+        let size = image.image.virtualSize
+        guard size > 0, size % VolumeSpec.sizeGranularity == 0 else {
+            throw CLIError(
+                message:
+                    "\(file) holds \(size) bytes, not a whole number of \(VolumeSpec.sizeGranularity)-byte blocks; Umbra volumes are."
+            )
+        }
+        try await store.createVolume(VolumeSpec(name: name, size: ByteCount(size), chunkSize: chunkSize))
+        do {
+            let volume = try store.volume(named: name)
+            let clusterSize = UInt64(image.image.clusterSize)
+            var copied: UInt64 = 0
+            var stepStart: UInt64 = 0
+            while stepStart < size {
+                let stepEnd = min(size, stepStart + UInt64(stepBytes))
+                let first = stepStart
+                // The runs of clusters that hold data; the rest read as zeros, as the new volume does.
+                let runs = try await run(on: queue) { () -> [(offset: UInt64, bytes: [UInt8])] in
+                    var ranges: [Range<UInt64>] = []
+                    var position = first
+                    while position < stepEnd {
+                        let end = min(stepEnd, position + clusterSize)
+                        if try image.image.holdsData(at: position, count: Int(end - position)) {
+                            if let last = ranges.last, last.upperBound == position {
+                                ranges[ranges.count - 1] = last.lowerBound..<end
+                            } else {
+                                ranges.append(position..<end)
+                            }
+                        }
+                        position = end
+                    }
+                    return try ranges.map { range in
+                        var bytes = [UInt8](repeating: 0, count: Int(range.count))
+                        try bytes.withUnsafeMutableBytes { try image.image.read(at: range.lowerBound, into: $0) }
+                        return (range.lowerBound, bytes)
+                    }
+                }
+                for piece in runs {
+                    try await volume.write(at: ByteOffset(piece.offset), piece.bytes)
+                    copied += UInt64(piece.bytes.count)
+                }
+                stepStart = stepEnd
+            }
+            try await volume.flush()
+            return RestoreResult(
+                volume: name, size: size, copiedBytes: copied, seconds: (ContinuousClock.now - started).seconds)
+        } catch {
+            try? await store.deleteVolume(named: name, deletingSnapshots: true)
+            throw error
+        }
+    }
+
+    /// The directory and the name of an absolute path.
+    static func split(_ path: String) -> (directory: String, name: String) {
+        let parts = path.split(separator: "/", omittingEmptySubsequences: false)
+        let directory = parts.dropLast().joined(separator: "/")
+        return (directory.isEmpty ? "/" : directory, String(parts.last ?? ""))
+    }
+}
+
+/// The writer, used by one step at a time on the backup's queue.
+private final class WriterBox: @unchecked Sendable {
+    let writer: QCOW2Writer
+    init(_ writer: QCOW2Writer) { self.writer = writer }
+}
+
+/// The image, read on the restore's queue only.
+private final class ImageBox: @unchecked Sendable {
+    let image: QCOW2Image
+    init(_ image: QCOW2Image) { self.image = image }
+}
+
+extension Duration {
+    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+}
