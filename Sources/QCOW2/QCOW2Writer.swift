@@ -13,6 +13,21 @@ public struct QCOW2Error: Error, CustomStringConvertible, Sendable {
 }
 
 public final class QCOW2Writer {
+    /// A checksum computed as the file is written, from the bytes the writer has anyway: `update`
+    /// continues it over more bytes, `combine` joins two (A's, B's, B's length) into A-then-B's.
+    public struct Checksum: Sendable {
+        public var update: @Sendable (UnsafeRawBufferPointer, UInt32) -> UInt32
+        public var combine: @Sendable (UInt32, UInt32, UInt64) -> UInt32
+
+        public init(
+            update: @escaping @Sendable (UnsafeRawBufferPointer, UInt32) -> UInt32,
+            combine: @escaping @Sendable (UInt32, UInt32, UInt64) -> UInt32
+        ) {
+            self.update = update
+            self.combine = combine
+        }
+    }
+
     public let virtualSize: UInt64
     public let clusterSize: Int
     /// The backing file as the image records it (a path relative to the image), if any.
@@ -27,13 +42,18 @@ public final class QCOW2Writer {
     /// The next host cluster for data (0 is the header's).
     private var nextHostCluster: UInt64 = 1
     private var finished = false
+    private let checksumming: Checksum?
+    /// Of the data clusters as appended (the file from its second cluster on, in order).
+    private var dataChecksum: UInt32 = 0
+    /// The whole file's, once finished (with a `Checksum`).
+    public private(set) var fileChecksum: UInt32?
 
     /// The number of guest clusters.
     public var guestClusters: UInt64 { (virtualSize + UInt64(clusterSize) - 1) >> UInt64(clusterBits) }
 
     public init(
         storage: any BlockStorage, virtualSize: UInt64, backingFile: String? = nil,
-        clusterBits: UInt32 = QCOW2Layout.defaultClusterBits
+        clusterBits: UInt32 = QCOW2Layout.defaultClusterBits, checksum: Checksum? = nil
     ) throws {
         guard (9...21).contains(clusterBits) else { throw QCOW2Error("cluster bits \(clusterBits) are not 9 to 21") }
         guard virtualSize > 0, virtualSize <= 1 << 56 else {
@@ -49,6 +69,7 @@ public final class QCOW2Writer {
             throw QCOW2Error("the backing file name does not fit in the image's first cluster")
         }
         self.storage = storage
+        self.checksumming = checksum
         self.virtualSize = virtualSize
         self.backingFile = backingFile
         self.clusterBits = clusterBits
@@ -73,6 +94,7 @@ public final class QCOW2Writer {
             let hostFirst = nextHostCluster
             let slice = UnsafeRawBufferPointer(rebasing: bytes[(start * clusterSize)..<(end * clusterSize)])
             try storage.write(toAbsoluteOffset: ByteOffset(hostFirst << UInt64(clusterBits)), slice)
+            if let checksumming { dataChecksum = checksumming.update(slice, dataChecksum) }
             for index in start..<end {
                 let host = (hostFirst + UInt64(index - start)) << UInt64(clusterBits)
                 setEntry(first + UInt64(index), host | QCOW2Layout.copiedFlag)
@@ -141,34 +163,48 @@ public final class QCOW2Writer {
         }
         let firstBlockCluster = refcountTableCluster + tableClusters
 
+        // Everything after the data goes out in file order; its checksum follows along.
+        var metadataChecksum: UInt32 = 0
+        var metadataLength: UInt64 = 0
+        func writeMetadata(_ bytes: [UInt8], at offset: UInt64) throws {
+            try write(bytes, at: offset)
+            if let checksumming {
+                metadataChecksum = bytes.withUnsafeBytes { checksumming.update($0, metadataChecksum) }
+                metadataLength += UInt64(bytes.count)
+            }
+        }
         var l1 = BigEndianWriter(count: Int(l1Clusters * cluster))
         for (position, table) in tableOrder.enumerated() {
             let host = (firstTableCluster + UInt64(position)) * cluster
             var l2 = BigEndianWriter(count: clusterSize)
             for (index, entry) in tables[table]!.enumerated() where entry != 0 { l2.put(entry, at: index * 8) }
-            try write(l2.bytes, at: host)
+            try writeMetadata(l2.bytes, at: host)
             l1.put(host | QCOW2Layout.copiedFlag, at: table * 8)
         }
-        try write(l1.bytes, at: l1Cluster * cluster)
+        try writeMetadata(l1.bytes, at: l1Cluster * cluster)
         var refcountTable = BigEndianWriter(count: Int(tableClusters * cluster))
         for block in 0..<blocks {
             refcountTable.put((firstBlockCluster + block) * cluster, at: Int(block) * 8)
         }
-        try write(refcountTable.bytes, at: refcountTableCluster * cluster)
+        try writeMetadata(refcountTable.bytes, at: refcountTableCluster * cluster)
         for block in 0..<blocks {
             var refcounts = BigEndianWriter(count: clusterSize)
             let covered = min(refcountsPerBlock, total - block * refcountsPerBlock)
             for index in 0..<Int(covered) { refcounts.put(UInt16(1), at: index * 2) }
-            try write(refcounts.bytes, at: (firstBlockCluster + block) * cluster)
+            try writeMetadata(refcounts.bytes, at: (firstBlockCluster + block) * cluster)
         }
         try storage.synchronize()
-        try write(
-            header(
-                l1Entries: l1Entries, l1Offset: l1Cluster * cluster,
-                refcountTableOffset: refcountTableCluster * cluster,
-                refcountTableClusters: tableClusters),
-            at: 0)
+        let headerBytes = header(
+            l1Entries: l1Entries, l1Offset: l1Cluster * cluster, refcountTableOffset: refcountTableCluster * cluster,
+            refcountTableClusters: tableClusters)
+        try write(headerBytes, at: 0)
         try storage.synchronize()
+        if let checksumming {
+            // The file in order: the header's cluster, the data clusters, then the tables.
+            let headerChecksum = headerBytes.withUnsafeBytes { checksumming.update($0, 0) }
+            let withData = checksumming.combine(headerChecksum, dataChecksum, dataBytes)
+            fileChecksum = checksumming.combine(withData, metadataChecksum, metadataLength)
+        }
     }
 
     private func write(_ bytes: [UInt8], at offset: UInt64) throws {

@@ -12,6 +12,17 @@ import UmbraTestSupport
 @Suite struct ChecksumTests {
     /// ISA-L's CRC-32C is the Castagnoli CRC: the standard check value, continuation, and a bitwise
     /// reference over unaligned lengths and starts.
+    /// Checksums of pieces combine into the checksum of the whole, at any split.
+    @Test func crc32cCombines() {
+        let bytes = Fixture.pattern(8, count: 70_000)
+        for split in [0, 1, 7, 512, 4096, 65_536, 69_999, 70_000] {
+            let first = CRC32C.checksum(Array(bytes[..<split]))
+            let second = CRC32C.checksum(Array(bytes[split...]))
+            let combined = CRC32C.combine(first, second, secondLength: UInt64(bytes.count - split))
+            #expect(combined == CRC32C.checksum(bytes), "split at \(split)")
+        }
+    }
+
     @Test func crc32cMatchesTheStandard() {
         #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
         #expect(CRC32C.checksum([]) == 0)

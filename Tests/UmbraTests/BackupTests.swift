@@ -180,7 +180,7 @@ import UmbraTestSupport
             data.withUnsafeMutableBytes { random.fill($0) }
             for step in 0..<4 { try client.pwrite(data, offset: UInt64(step) << 23) }
             let directory = disk.mountpoint + "/backups"
-            try disk.setSyncDelay(seconds: 1)
+            try disk.setSyncDelay(seconds: 3)
             let backup = try ChildProcess(
                 builtProduct("umbra"), ["backup", "big", "--to", directory, "--control", daemon.controlSocket],
                 captureStandardError: true)

@@ -14,10 +14,13 @@ import Foundation
 import QCOW2
 import ShadowCopy
 import SnapshotEngine
+import Synchronization
 
 enum ImageTransfer {
     /// One step: what is read from the engine and written to the file at once.
     static let stepBytes = 8 << 20
+    /// Steps read from the engine while the file takes the oldest one.
+    static let readsAhead = 4
 
     /// Runs blocking file work on `queue`, off Swift's concurrency threads.
     static func run<T: Sendable>(on queue: DispatchQueue, _ work: @escaping @Sendable () throws -> T) async throws -> T
@@ -56,37 +59,61 @@ enum ImageTransfer {
         let writer = try await run(on: queue) { () -> WriterBox in
             if directory.fileExists(partial) { try directory.removeFile(partial) }
             let storage = try directory.openFile(partial, mode: .createNew)
-            return WriterBox(try QCOW2Writer(storage: storage, virtualSize: size, backingFile: backingFile))
+            let checksum = QCOW2Writer.Checksum(
+                update: { CRC32C.checksum($0, continuing: $1) }, combine: { CRC32C.combine($0, $1, secondLength: $2) })
+            return WriterBox(
+                try QCOW2Writer(storage: storage, virtualSize: size, backingFile: backingFile, checksum: checksum))
         }
         do {
             let clusterSize = UInt64(writer.writer.clusterSize)
-            var pending: Task<Void, any Error>?
+            // Steps of whole clusters, read `readsAhead` at a time while the file takes the oldest.
+            var steps: [(first: UInt64, count: UInt64)] = []
             for clusters in clusterRuns(of: ranges, clusterSize: clusterSize) {
                 var cluster = clusters.lowerBound
                 while cluster < clusters.upperBound {
                     let count = min(clusters.upperBound - cluster, UInt64(stepBytes) / clusterSize)
-                    let offset = cluster * clusterSize
-                    // The image's last cluster may reach past the volume: read what exists, pad zeros.
-                    let readable = Int(min(count * clusterSize, size - offset))
-                    var bytes = try await view.read(at: ByteOffset(offset), count: readable)
-                    if bytes.count < Int(count * clusterSize) {
-                        bytes += [UInt8](repeating: 0, count: Int(count * clusterSize) - bytes.count)
-                    }
-                    try await pending?.value
-                    let first = cluster
-                    let chunk = bytes
-                    pending = Task {
-                        try await run(on: queue) {
-                            try chunk.withUnsafeBytes { try writer.writer.write(firstCluster: first, $0) }
-                        }
-                    }
+                    steps.append((cluster, count))
                     cluster += count
                 }
             }
-            try await pending?.value
+            // Whole-step buffers are reused: a fresh 8 MiB array per step costs a page fault per page.
+            let spare = SpareBuffers()
+            var reads: [(first: UInt64, task: Task<[UInt8], any Error>)] = []
+            defer { for read in reads { read.task.cancel() } }
+            var next = 0
+            while next < steps.count || !reads.isEmpty {
+                while reads.count < readsAhead && next < steps.count {
+                    let (first, count) = steps[next]
+                    next += 1
+                    let offset = first * clusterSize
+                    // The image's last cluster may reach past the volume: read what exists, pad zeros.
+                    let readable = Int(min(count * clusterSize, size - offset))
+                    reads.append(
+                        (
+                            first,
+                            Task {
+                                if readable == stepBytes {
+                                    return try await view.read(at: ByteOffset(offset), into: spare.take())
+                                }
+                                var bytes = try await view.read(at: ByteOffset(offset), count: readable)
+                                if bytes.count < Int(count * clusterSize) {
+                                    bytes += [UInt8](repeating: 0, count: Int(count * clusterSize) - bytes.count)
+                                }
+                                return bytes
+                            }
+                        ))
+                }
+                let read = reads.removeFirst()
+                let bytes = try await read.task.value
+                try await run(on: queue) {
+                    try bytes.withUnsafeBytes { try writer.writer.write(firstCluster: read.first, $0) }
+                }
+                if bytes.count == stepBytes { spare.give(bytes) }
+            }
             let checksum = try await run(on: queue) { () -> UInt32 in
                 try writer.writer.finish()
-                return try Self.checksum(of: directoryPath + "/" + partial)
+                // Computed as the file was written, so it is not read back.
+                return writer.writer.fileChecksum ?? 0
             }
             // A set aborted meanwhile (its requester gone) deleted the snapshot: no image for it.
             guard view.isReadable else {
@@ -191,6 +218,17 @@ enum ImageTransfer {
         let directory = parts.dropLast().joined(separator: "/")
         return (directory.isEmpty ? "/" : directory, String(parts.last ?? ""))
     }
+}
+
+/// Step-sized buffers given back after their step was written, for the next read.
+private final class SpareBuffers: Sendable {
+    private let buffers = Mutex<[[UInt8]]>([])
+
+    func take() -> [UInt8] {
+        buffers.withLock { $0.popLast() } ?? [UInt8](repeating: 0, count: ImageTransfer.stepBytes)
+    }
+
+    func give(_ buffer: [UInt8]) { buffers.withLock { $0.append(buffer) } }
 }
 
 /// The writer, used by one step at a time on the backup's queue.
