@@ -149,6 +149,14 @@ struct DaemonRequests: ControlRequestHandler {
         }
     }
 
+    func labelSet(_ params: LabelSetParams) async throws {
+        do {
+            try await store.labelSnapshotSet(id: params.set, purpose: params.purpose)
+        } catch {
+            throw controlError(error)
+        }
+    }
+
     func backupSnapshot(_ params: BackupImageParams) async throws -> BackupImageResult {
         guard params.file.hasPrefix("/"), !params.file.hasSuffix("/") else {
             throw ShadowCopyError(.invalidParams, "The image's file must be an absolute path (got '\(params.file)').")
@@ -236,7 +244,8 @@ struct DaemonRequests: ControlRequestHandler {
                     return ShadowCopy.SnapshotInfo(
                         id: snapshot.id, set: snapshot.setID, volume: snapshot.volume, export: snapshot.exportName,
                         createdAt: snapshot.createdAt, diffBytes: snapshot.diffBytes.rawValue,
-                        state: failure != nil ? "failed" : snapshot.isPending ? "pending" : "ready", failure: failure)
+                        state: failure != nil ? "failed" : snapshot.isPending ? "pending" : "ready", failure: failure,
+                        purpose: snapshot.purpose)
                 })
         } catch {
             throw controlError(error)

@@ -183,6 +183,8 @@ struct CannedHandler: ControlRequestHandler {
         throw ShadowCopyError(.notFound, "No volume named '\(name)'.")
     }
 
+    func labelSet(_ params: LabelSetParams) async throws {}
+
     func backupSnapshot(_ params: BackupImageParams) async throws -> BackupImageResult {
         throw ShadowCopyError(.notFound, "No snapshot or snapshot set with id \(params.snapshot.guidString).")
     }

@@ -328,6 +328,37 @@ extension ByteCount: ExpressibleByIntegerLiteral {
 }
 
 @Suite struct PersistenceTests {
+    /// A set's purpose (`labelSnapshotSet`) shows on its snapshots and survives reopening and compaction.
+    @Test func setPurposesPersist() async throws {
+        try await TemporaryDirectory.with { directory in
+            let path = directory.path + "/data"
+            var store = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
+            try await store.createVolume(VolumeSpec(name: "disk", size: .kibibytes(64), chunkSize: .kibibytes(4)))
+            let plain = try await store.createSnapshotSet(volumes: ["disk"])
+            let backup = try await store.createSnapshotSet(volumes: ["disk"])
+            try await store.labelSnapshotSet(id: backup.id, purpose: "backup")
+            await #expect(
+                throws: EngineError.snapshotNotFound(
+                    UUID(uuidString: "0e000000-0000-0000-0000-000000000000")!.guidString)
+            ) {
+                try await store.labelSnapshotSet(
+                    id: UUID(uuidString: "0e000000-0000-0000-0000-000000000000")!, purpose: "backup")
+            }
+            await #expect(throws: EngineError.self) {
+                try await store.labelSnapshotSet(id: plain.id, purpose: "no spaces")
+            }
+            #expect(try store.snapshots().map(\.purpose) == [nil, "backup"])
+            try await store.close()
+            store = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
+            #expect(try store.snapshots().map(\.purpose) == [nil, "backup"])
+            try await store.compact(force: true)
+            try await store.close()
+            store = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
+            #expect(try store.snapshots().map(\.purpose) == [nil, "backup"])
+            try await store.close()
+        }
+    }
+
     /// Volumes, sets, GUIDs, timestamps and preserved data survive closing and reopening.
     @Test func survivesReopen() async throws {
         try await TemporaryDirectory.with { directory in

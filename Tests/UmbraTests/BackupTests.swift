@@ -105,6 +105,9 @@ import UmbraTestSupport
             let requester = try await daemon.control()
             let left = try await requester.listSnapshots().snapshots
             #expect(Set(left.map(\.id.guidString)) == [aThird, try #require(second["b"]?["snapshot"] as? String)])
+            #expect(left.allSatisfy { $0.purpose == "backup" })
+            let listedJSON = try Self.umbra(["snapshot", "list", "--json"], daemon)
+            #expect(listedJSON.output.contains(#""purpose":"backup""#), "\(listedJSON.output)")
 
             let list = try Self.offline(["backup", "list", directory, "--json"])
             #expect(list.status == 0, "\(list.errors)")

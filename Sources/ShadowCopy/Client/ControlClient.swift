@@ -82,6 +82,11 @@ public final class ControlClient: Sendable {
             "volume.revert", params: RevertParams(name: name, snapshot: snapshot), as: RevertResultInfo.self)
     }
 
+    /// Records what set `id` was taken for (`backup`); its snapshots show it.
+    public func labelSet(_ id: UUID, purpose: String) async throws {
+        _ = try await call("set.label", params: LabelSetParams(set: id, purpose: purpose), as: EmptyResult.self)
+    }
+
     /// Writes a snapshot as a qcow2 image at `file` (on the daemon's machine).
     public func backupSnapshot(_ params: BackupImageParams) async throws -> BackupImageResult {
         try await call("snapshot.backup", params: params, as: BackupImageResult.self)

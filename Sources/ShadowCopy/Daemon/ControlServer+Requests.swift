@@ -145,7 +145,7 @@ extension ControlServer {
 
     static let requesterMethods: Set<String> = [
         "volume.create", "volume.list", "volume.set", "volume.revert", "volume.restore", "volume.delete",
-        "snapshot.backup", "snapshot.create",
+        "snapshot.backup", "set.label", "snapshot.create",
         "snapshot.list",
         "snapshot.delete",
         "snapshot.changes", "set.complete", "set.abort", "writer.list", "verify", "status", "reload",
@@ -173,6 +173,10 @@ extension ControlServer {
         case "volume.restore":
             let params = try message.params(RestoreParams.self)
             return ControlEncoding.result(id: id, try await handler.restoreVolume(params))
+        case "set.label":
+            let params = try message.params(LabelSetParams.self)
+            try await handler.labelSet(params)
+            return ControlEncoding.result(id: id, EmptyResult())
         case "snapshot.backup":
             let params = try message.params(BackupImageParams.self)
             return ControlEncoding.result(id: id, try await handler.backupSnapshot(params))

@@ -74,6 +74,8 @@ public protocol ControlRequestHandler: Sendable {
     func setVolume(_ params: SetVolumeParams) async throws -> VolumeInfo
     /// Makes a live volume read as one of its snapshots, ending its NBD connections meanwhile.
     func revertVolume(_ params: RevertParams) async throws -> RevertResultInfo
+    /// Records what a set was taken for; its snapshots show it in `snapshot.list`.
+    func labelSet(_ params: LabelSetParams) async throws
     /// Writes a snapshot as a qcow2 image.
     func backupSnapshot(_ params: BackupImageParams) async throws -> BackupImageResult
     /// Creates a volume from a qcow2 image and its backing chain.

@@ -264,11 +264,14 @@ public struct SnapshotInfo: Codable, Sendable, Hashable {
     public var state: String
     /// Why it failed, for a failed snapshot.
     public var failure: String?
+    /// What its set was taken for (`backup`), if recorded (`set.label`).
+    public var purpose: String?
 
     public init(
         id: UUID, set: UUID, volume: String, export: String, createdAt: Date, diffBytes: UInt64,
-        state: String = "ready", failure: String? = nil
+        state: String = "ready", failure: String? = nil, purpose: String? = nil
     ) {
+        self.purpose = purpose
         self.id = id
         self.set = set
         self.volume = volume
@@ -553,6 +556,16 @@ public enum SetResultState: String, Codable, Sendable, Hashable {
 public struct SetParams: Codable, Sendable, Hashable {
     @GUIDCoding public var set: UUID
     public init(set: UUID) { self.set = set }
+}
+
+/// `set.label`: record what a set was taken for.
+public struct LabelSetParams: Codable, Sendable, Hashable {
+    @GUIDCoding public var set: UUID
+    public var purpose: String
+    public init(set: UUID, purpose: String) {
+        self.set = set
+        self.purpose = purpose
+    }
 }
 
 // MARK: - Writers

@@ -84,6 +84,8 @@ enum CatalogRecord: Sendable, Equatable {
     case revertStarted(VolumeID, sequence: SnapshotSequence)
     /// The revert's writes are durable (format 4).
     case revertFinished(VolumeID)
+    /// What a set was taken for (`backup`), shown with its snapshots (format 4).
+    case setLabelled(UUID, purpose: String)
     /// A set was taken: kept at once, or pending until a `setKept` record names it.
     case setCreated(SetDefinition)
     /// A pending set reached the point where its snapshots are kept.
@@ -115,6 +117,7 @@ enum CatalogRecord: Sendable, Equatable {
         case diffStoreLimited = 11
         case revertStarted = 12
         case revertFinished = 13
+        case setLabelled = 14
     }
 
     func encode(into writer: inout BinaryWriter) {
@@ -156,6 +159,10 @@ enum CatalogRecord: Sendable, Equatable {
         case .revertFinished(let volume):
             kind = .revertFinished
             body.u32(volume.rawValue)
+        case .setLabelled(let id, let purpose):
+            kind = .setLabelled
+            body.uuid(id)
+            body.string(purpose)
         case .setCreated(let set):
             kind = set.isPending ? .setPending : .setCreated
             body.uuid(set.id)
@@ -234,6 +241,8 @@ enum CatalogRecord: Sendable, Equatable {
                 VolumeID(rawValue: try body.u32()), sequence: SnapshotSequence(rawValue: try body.u64()))
         case .revertFinished:
             record = .revertFinished(VolumeID(rawValue: try body.u32()))
+        case .setLabelled:
+            record = .setLabelled(try body.uuid(), purpose: try body.string())
         case .setCreated, .setPending:
             let id = try body.uuid()
             let createdAt = try body.i64()

@@ -17,6 +17,8 @@ struct CatalogReplay {
     var volumes: [VolumeID: VolumeEntry] = [:]
     var nextSequence: UInt64 = 1
     var nextVolumeID: UInt32 = 1
+    /// What sets were taken for, by set GUID (only sets with a purpose).
+    var setPurposes: [UUID: String] = [:]
     /// Records that referred to things that no longer exist (kept for diagnostics; harmless).
     var ignoredRecords = 0
 
@@ -51,6 +53,8 @@ struct CatalogReplay {
                 return
             }
             volumes[id]!.metadata.revertTarget = sequence
+        case .setLabelled(let id, let purpose):
+            setPurposes[id] = purpose
         case .revertFinished(let id):
             guard volumes[id] != nil else {
                 ignoredRecords += 1
@@ -130,7 +134,8 @@ struct CatalogReplay {
 
     /// The records that rebuild exactly this state: what a compacted catalog holds.
     static func records(
-        volumes: [(definition: VolumeDefinition, metadata: VolumeMetadata)], nextSequence: UInt64, nextVolumeID: UInt32
+        volumes: [(definition: VolumeDefinition, metadata: VolumeMetadata)], nextSequence: UInt64, nextVolumeID: UInt32,
+        setPurposes: [UUID: String] = [:]
     ) -> [CatalogRecord] {
         var records: [CatalogRecord] = [.counters(nextSequence: nextSequence, nextVolumeID: nextVolumeID)]
         // Sets are rebuilt from their surviving members, in creation order.
@@ -169,6 +174,9 @@ struct CatalogReplay {
                     SetDefinition(
                         id: id, createdAtNanoseconds: set.createdAt,
                         members: set.members.sorted { $0.sequence < $1.sequence }, isPending: set.isPending)))
+        }
+        for (id, _) in sets.sorted(by: { $0.value.firstSequence < $1.value.firstSequence }) {
+            if let purpose = setPurposes[id] { records.append(.setLabelled(id, purpose: purpose)) }
         }
         // Failed snapshots hold no copies, so failing them again on replay hands nothing on.
         records.append(contentsOf: failures)

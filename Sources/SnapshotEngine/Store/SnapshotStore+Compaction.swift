@@ -76,7 +76,9 @@ extension SnapshotStore {
                 metadata: volume.metadata.withLock { $0 }
             )
         }
-        let records = CatalogReplay.records(volumes: snapshot, nextSequence: nextSequence, nextVolumeID: nextVolumeID)
+        let records = CatalogReplay.records(
+            volumes: snapshot, nextSequence: nextSequence, nextVolumeID: nextVolumeID,
+            setPurposes: state.withLock { $0.setPurposes })
         var writer = BinaryWriter()
         for record in records { record.encode(into: &writer) }
         guard force || appended > 4 * UInt64(writer.bytes.count) else { return }

@@ -35,6 +35,8 @@ public final class SnapshotStore: Sendable {
         var pendingCommits: [UUID: PendingCommit] = [:]
         /// The sets that opening rolled back.
         var rolledBackSets: [SnapshotSetInfo] = []
+        /// What sets were taken for (`labelSnapshotSet`), by set GUID.
+        var setPurposes: [UUID: String] = [:]
     }
 
     let state: Mutex<State>
@@ -110,6 +112,7 @@ public final class SnapshotStore: Sendable {
             let store = SnapshotStore(
                 directory: directory, context: context, lock: lock, ownedPool: ownedPool, volumes: volumes,
                 nextSequence: replay.nextSequence, nextVolumeID: replay.nextVolumeID)
+            store.state.withLock { $0.setPurposes = replay.setPurposes }
             try await store.rollBackPendingSets()
             if formatVersion < CatalogLog.formatVersion {
                 try await store.compact(force: true)
@@ -408,6 +411,7 @@ public final class SnapshotStore: Sendable {
     public func snapshots(volume name: String? = nil) throws -> [SnapshotInfo] {
         try checkOpen()
         let volumes = try name.map { [try volume(named: $0)] } ?? allVolumes()
+        let purposes = state.withLock { $0.setPurposes }
         var entries: [(SnapshotSequence, SnapshotInfo)] = []
         for volume in volumes {
             volume.metadata.withLock { metadata in
@@ -419,7 +423,7 @@ public final class SnapshotStore: Sendable {
                                 id: snapshot.id, setID: snapshot.setID, volume: volume.name,
                                 createdAt: Self.date(snapshot.createdAtNanoseconds),
                                 diffBytes: ByteCount(snapshot.dataSlotCount << volume.chunkShift), state: .ready,
-                                isPending: snapshot.isPending)
+                                isPending: snapshot.isPending, purpose: purposes[snapshot.setID])
                         ))
                 }
                 for failed in metadata.failed {
@@ -429,12 +433,32 @@ public final class SnapshotStore: Sendable {
                             SnapshotInfo(
                                 id: failed.id, setID: failed.setID, volume: volume.name,
                                 createdAt: Self.date(failed.createdAtNanoseconds), diffBytes: .zero,
-                                state: .failed(reason: failed.reason), isPending: failed.isPending)
+                                state: .failed(reason: failed.reason), isPending: failed.isPending,
+                                purpose: purposes[failed.setID])
                         ))
                 }
             }
         }
         return entries.sorted { $0.0 < $1.0 }.map(\.1)
+    }
+
+    /// Records what set `id` was taken for (letters, digits and `-`, 1 to 32 of them; `backup` for
+    /// the backups `umbra backup` takes), durably. Its snapshots show it from then on.
+    public func labelSnapshotSet(id: UUID, purpose: String) async throws {
+        try checkOpen()
+        guard (1...32).contains(purpose.count),
+            purpose.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-") })
+        else {
+            throw EngineError.invalidSnapshotSet("a purpose is 1 to 32 letters, digits or dashes (got '\(purpose)')")
+        }
+        // Compaction must not rewrite the catalog between the record and the state that holds it.
+        await operations.lock()
+        defer { operations.unlock() }
+        guard try snapshots().contains(where: { $0.setID == id }) else {
+            throw EngineError.snapshotNotFound(id.guidString)
+        }
+        try await context.catalog.append([.setLabelled(id, purpose: purpose)])
+        state.withLock { $0.setPurposes[id] = purpose }
     }
 
     /// Every snapshot set, oldest first, with its remaining snapshots.

@@ -39,6 +39,8 @@ public struct SnapshotInfo: Sendable, Equatable {
     /// Its set was taken with `commitPending()` and not yet kept: opening the store after a crash or
     /// close rolls it back.
     public var isPending = false
+    /// What its set was taken for (`backup`), if that was recorded.
+    public var purpose: String?
     /// The NBD export name: `VOLUME@GUID`.
     public var exportName: String { "\(volume)@\(id.guidString)" }
 }

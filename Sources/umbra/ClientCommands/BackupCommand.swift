@@ -84,6 +84,8 @@ struct BackupCommand: AsyncParsableCommand {
             var backups: [BackupSummary.Backup] = []
             var entries: [BackupManifest.Entry] = []
             do {
+                // `snapshot list` marks them: "purpose": "backup".
+                try await client.labelSet(set.set, purpose: "backup")
                 for snapshot in set.snapshots {
                     try BackupDirectory.makeSubdirectory(directory + "/" + snapshot.volume)
                     let file = "\(snapshot.volume)/\(snapshot.id.guidString).qcow2"

@@ -56,12 +56,12 @@ struct SnapshotCommand: AsyncParsableCommand {
             if output.json { return try printJSON(list) }
             if list.snapshots.isEmpty { return print("No snapshots.") }
             printTable(
-                ["SNAPSHOT", "SET", "VOLUME", "CREATED", "DIFF", "STATE"],
+                ["SNAPSHOT", "SET", "VOLUME", "CREATED", "DIFF", "PURPOSE", "STATE"],
                 list.snapshots.map {
                     [
                         $0.id.uuidString.lowercased(), $0.set.uuidString.lowercased(), $0.volume,
                         formatTime($0.createdAt),
-                        Size.format($0.diffBytes), $0.failure.map { "failed: \($0)" } ?? $0.state,
+                        Size.format($0.diffBytes), $0.purpose ?? "-", $0.failure.map { "failed: \($0)" } ?? $0.state,
                     ]
                 })
         }
