@@ -120,7 +120,10 @@ struct BackupCommand: AsyncParsableCommand {
                 // (its snapshots deleted; the previous bases stay the bases).
                 for file in written { try? FileManager.default.removeItem(atPath: file) }
                 try? await client.abortSet(set.set)
-                throw error
+                let reason = CLIError(error).description
+                throw CLIError(
+                    message: "The backup failed: \(reason.hasSuffix(".") ? String(reason.dropLast()) : reason). "
+                        + "Its shadow copy set was aborted and \(directory) is as it was before.")
             }
             manifest.backups += entries
             try manifest.save(to: directory)
