@@ -25,6 +25,7 @@ public final class FileStorage: BlockStorage {
         case .existing: break
         case .createNew: flags |= O_CREAT | O_EXCL
         case .createIfMissing: flags |= O_CREAT
+        case .readOnly: flags = O_RDONLY
         }
         let fd = try Syscall.open(path, flags: flags)
         let status: Syscall.FileStatus

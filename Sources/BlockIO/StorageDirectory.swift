@@ -18,6 +18,8 @@ public enum StorageOpenMode: Sendable {
     case createNew
     /// Open it, creating it if missing.
     case createIfMissing
+    /// Open an existing file for reading only (writes fail).
+    case readOnly
 }
 
 /// Held while a process owns a data directory; released by `release()` or when dropped.

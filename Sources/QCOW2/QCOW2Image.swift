@@ -58,7 +58,8 @@ public final class QCOW2Image {
 
     private init(path: String) throws {
         self.path = path
-        storage = try FileSystemDirectory(path: "/").openExternal(path)
+        // Read-only: backups may sit on read-only media or belong to someone else.
+        storage = try FileStorage(path: path, mode: .readOnly)
         fileSize = try storage.size().rawValue
         guard fileSize >= 512 else { throw QCOW2Error("\(path) is not a qcow2 image (too short)") }
         let header = try Self.read(storage, at: 0, count: 512)
@@ -69,6 +70,8 @@ public final class QCOW2Image {
         guard (9...21).contains(clusterBits) else { throw QCOW2Error("\(path) has a cluster size of 2^\(clusterBits)") }
         clusterSize = 1 << Int(clusterBits)
         virtualSize = header.bigEndian64(at: 24)
+        // Every value from the file is bounded before arithmetic uses it (none may overflow).
+        guard virtualSize <= 1 << 56 else { throw QCOW2Error("\(path) is damaged: its size is \(virtualSize) bytes") }
         guard header.bigEndian32(at: 32) == 0 else { throw QCOW2Error("\(path) is encrypted") }
         if version == 3 {
             let incompatible = header.bigEndian64(at: 72)
@@ -83,7 +86,8 @@ public final class QCOW2Image {
         guard UInt64(l1Entries) * entriesPerTable >= guestClusters, l1Entries <= 1 << 25 else {
             throw QCOW2Error("\(path) has an L1 table of \(l1Entries) entries for \(virtualSize) bytes")
         }
-        guard l1Offset % UInt64(clusterSize) == 0, l1Offset + UInt64(l1Entries) * 8 <= fileSize else {
+        guard l1Offset % UInt64(clusterSize) == 0, l1Offset <= fileSize, UInt64(l1Entries) * 8 <= fileSize - l1Offset
+        else {
             throw QCOW2Error("\(path) is damaged: its L1 table lies outside the file")
         }
         let l1Bytes = try Self.read(storage, at: l1Offset, count: l1Entries * 8)
@@ -91,7 +95,8 @@ public final class QCOW2Image {
         let backingOffset = header.bigEndian64(at: 8)
         let backingLength = Int(header.bigEndian32(at: 16))
         if backingOffset != 0 && backingLength > 0 {
-            guard backingLength <= 1023, backingOffset + UInt64(backingLength) <= min(fileSize, UInt64(clusterSize))
+            guard backingLength <= 1023, backingOffset < UInt64(clusterSize),
+                backingOffset + UInt64(backingLength) <= min(fileSize, UInt64(clusterSize))
             else {
                 throw QCOW2Error("\(path) is damaged: its backing file name lies outside the header")
             }

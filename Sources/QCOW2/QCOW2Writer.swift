@@ -207,6 +207,9 @@ public final class QCOW2Writer {
         }
     }
 
+    /// The file's length (once finished: every cluster it uses).
+    public func fileLength() throws -> UInt64 { try storage.size().rawValue }
+
     private func write(_ bytes: [UInt8], at offset: UInt64) throws {
         try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: ByteOffset(offset), $0) }
     }

@@ -193,11 +193,12 @@ struct DaemonRequests: ControlRequestHandler {
         guard store.volumes().allSatisfy({ $0.name != params.name }) else {
             throw controlError(EngineError.volumeExists(params.name))
         }
+        // Not served until it holds the whole image: no client reads it half-written.
+        await exports.takeOffline(params.name)
+        defer { exports.bringOnline(params.name) }
         do {
-            let result = try await ImageTransfer.restore(
+            return try await ImageTransfer.restore(
                 params.file, as: params.name, in: store, chunkSize: VolumeSpec.defaultChunkSize)
-            await exports.settle()
-            return result
         } catch let error as QCOW2Error {
             throw ShadowCopyError(.invalidArgument, Self.sentence(error.description))
         } catch let error as BlockIOError {
@@ -209,8 +210,11 @@ struct DaemonRequests: ControlRequestHandler {
 
     func revertVolume(_ params: RevertParams) async throws -> RevertResultInfo {
         let started = ContinuousClock.now
-        guard (try? store.volume(named: params.name)) != nil else {
-            throw controlError(EngineError.volumeNotFound(params.name))
+        do {
+            // A revert refused before it starts must not end the volume's connections.
+            try store.checkRevert(volume: params.name, to: params.snapshot)
+        } catch {
+            throw controlError(error)
         }
         // Its clients are ended (ESHUTDOWN) before the engine takes the volume offline itself.
         await exports.takeOffline(params.name)

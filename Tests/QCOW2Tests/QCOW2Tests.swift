@@ -176,6 +176,20 @@ import UmbraTestSupport
             contents.replaceSubrange(40..<48, with: [0, 0, 0, 0x7F, 0, 0, 0, 0])
             try contents.write(to: URL(fileURLWithPath: damaged))
             #expect { try QCOW2Image.open(path: damaged) } throws: { "\($0)".contains("is damaged") }
+
+            // Values chosen to overflow any arithmetic done before they are bounded: refused, no trap.
+            let pristine = try Data(contentsOf: URL(fileURLWithPath: directory.path + "/top.qcow2"))
+            for (offset, bytes) in [
+                (24, [UInt8](repeating: 0xFF, count: 8)),  // the size
+                (40, [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0]),  // the L1 table's offset
+                (8, [0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xF0]),  // the backing file name's offset
+            ] {
+                var hostile = pristine
+                hostile.replaceSubrange(offset..<(offset + 8), with: bytes)
+                let path = directory.path + "/hostile-\(offset).qcow2"
+                try hostile.write(to: URL(fileURLWithPath: path))
+                #expect { try QCOW2Image.open(path: path) } throws: { "\($0)".contains("is damaged") }
+            }
         }
     }
 

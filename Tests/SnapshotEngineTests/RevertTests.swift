@@ -127,6 +127,12 @@ import UmbraTestSupport
         await #expect(throws: EngineError.volumeReverting("disk")) {
             try await volume.write(at: 0, [UInt8](repeating: 1, count: 4096))
         }
+        // Neither a set of what it holds now, nor deleting the snapshot the revert still needs.
+        await #expect(throws: EngineError.volumeReverting("disk")) {
+            try await store.createSnapshotSet(volumes: ["disk"])
+        }
+        await #expect(throws: EngineError.self) { try await store.deleteSnapshots(ids: [generations.first]) }
+        #expect(try store.snapshots().count == 2)
         try await store.close()
         store = try await SnapshotStore.open(directory: disk.directory(), configuration: configuration)
         volume = try store.volume(named: "disk")

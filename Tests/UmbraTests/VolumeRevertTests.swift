@@ -22,6 +22,16 @@ import UmbraTestSupport
             try client.pwrite([UInt8](repeating: 0xC3, count: 64 << 10), offset: 3 << 20)
             try client.flush()
 
+            // Refused before it starts (no such snapshot): the connected client is not ended.
+            let refused = try ChildProcess(
+                builtProduct("umbra"),
+                [
+                    "volume", "revert", "disk", "--to", "0c0c0c0c-0000-0000-0000-000000000000", "--control",
+                    daemon.controlSocket,
+                ], captureStandardError: true)
+            #expect(refused.finish() == 1)
+            #expect(try client.pread(count: 4096, offset: 0) == Array(original.prefix(4096)))
+
             let revert = try ChildProcess(
                 builtProduct("umbra"),
                 ["volume", "revert", "disk", "--to", snapshot.guidString, "--json", "--control", daemon.controlSocket],

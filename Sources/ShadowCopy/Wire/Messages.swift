@@ -205,9 +205,15 @@ public struct BackupImageResult: Codable, Sendable, Hashable {
     public var copiedBytes: UInt64
     /// CRC-32C of the whole image file as written.
     public var checksum: UInt32
+    /// The image file's length.
+    public var fileBytes: UInt64
     public var seconds: Double
 
-    public init(file: String, kind: String, bytes: UInt64, copiedBytes: UInt64, checksum: UInt32, seconds: Double) {
+    public init(
+        file: String, kind: String, bytes: UInt64, copiedBytes: UInt64, checksum: UInt32, fileBytes: UInt64,
+        seconds: Double
+    ) {
+        self.fileBytes = fileBytes
         self.file = file
         self.kind = kind
         self.bytes = bytes

@@ -41,6 +41,14 @@ extension SnapshotStore {
             }
             if !matched { throw EngineError.snapshotNotFound(id.guidString) }
         }
+        // A revert to be run again reads its snapshot: that one stays until the revert succeeds.
+        for (volume, sequences) in targets {
+            if let target = volume.metadata.withLock({ $0.revertTarget }), sequences.contains(target) {
+                throw EngineError.snapshotOrder(
+                    "volume '\(volume.name)' waits to be reverted to that snapshot; it can be deleted once a revert succeeds"
+                )
+            }
+        }
         let ordered = targets.keys.sorted { $0.id < $1.id }
         var held: [Volume] = []
         defer { for volume in held { volume.gate.releaseExclusive() } }

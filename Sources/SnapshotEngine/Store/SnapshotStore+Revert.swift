@@ -27,6 +27,24 @@ extension SnapshotStore {
     /// The most bytes one step of a revert reads from the snapshot and writes to the live volume.
     static let revertStepBytes = 8 << 20
 
+    /// The checks `revert` makes before it changes anything (the snapshot is of the volume and kept,
+    /// the diff store has room), for a caller that must know before it ends the volume's connections.
+    public func checkRevert(volume name: String, to snapshotID: UUID) throws {
+        try checkOpen()
+        let volume = try self.volume(named: name)
+        let target = try snapshot(id: snapshotID)
+        guard target.volume === volume else {
+            throw EngineError.snapshotOrder("snapshot \(snapshotID.guidString) is not of volume '\(name)'")
+        }
+        if volume.metadata.withLock({ $0.chain.first { $0.sequence == target.sequence }?.isPending ?? false }) {
+            throw EngineError.snapshotOrder(
+                "snapshot \(snapshotID.guidString) belongs to a set still in progress; revert to it once the set is kept"
+            )
+        }
+        try volume.checkWritable()
+        try volume.checkRoomForRevert(to: target.sequence)
+    }
+
     /// Makes the live volume `name` read exactly as snapshot `snapshotID` of it. Every snapshot stays
     /// listed and byte-exact. `progress` hears bytes done and bytes to do. Refused before anything
     /// changes if the diff store has no room for what the newer snapshots must preserve; a failure
@@ -40,21 +58,16 @@ extension SnapshotStore {
         // being read, or rewrite the catalog without the revert's record.
         await operations.lock()
         defer { operations.unlock() }
+        try checkRevert(volume: name, to: snapshotID)
         let volume = try self.volume(named: name)
         let target = try snapshot(id: snapshotID)
-        guard target.volume === volume else {
-            throw EngineError.snapshotOrder("snapshot \(snapshotID.guidString) is not of volume '\(name)'")
-        }
-        if volume.metadata.withLock({ $0.chain.first { $0.sequence == target.sequence }?.isPending ?? false }) {
-            throw EngineError.snapshotOrder(
-                "snapshot \(snapshotID.guidString) belongs to a set still in progress; revert to it once the set is kept"
-            )
-        }
-        try volume.checkWritable()
         let started: CatalogRecord = .revertStarted(volume.id, sequence: target.sequence)
         let recordsFirst = context.configuration.brokenOrderingForTesting != .revertWritesBeforeRecord
         // A revert interrupted earlier may have left the volume offline; this one supersedes it.
         let wasReverting = volume.reverting.exchange(true, ordering: .acquiringAndReleasing)
+        // From now on no snapshot gives way to the diff-store policy, the target included (a write
+        // still in flight might otherwise make the policy delete or fail it).
+        if !wasReverting { volume.metadata.withLock { $0.revertTarget = target.sequence } }
         do {
             if !wasReverting {
                 context.configuration.eventHandler?(.volumeReverting(name: name))
@@ -64,11 +77,13 @@ extension SnapshotStore {
                 try await volume.heldWrites.wait(for: nil)
                 try volume.checkWritable()
             }
+            guard target.isReadable else { throw EngineError.snapshotDeleted(snapshotID) }
             try volume.checkRoomForRevert(to: target.sequence)
             if recordsFirst { try await context.catalog.append([started]) }
         } catch {
             // Nothing was changed: the volume is as it was (offline still, if it was before).
             if !wasReverting {
+                volume.metadata.withLock { $0.revertTarget = nil }
                 volume.reverting.store(false, ordering: .releasing)
                 context.configuration.eventHandler?(.volumeReverted(name: name))
             }

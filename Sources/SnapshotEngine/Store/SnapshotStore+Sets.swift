@@ -44,7 +44,11 @@ extension SnapshotStore {
         try checkOpen()
         let members = try names.map { try volume(named: $0) }
         // A volume whose live data failed to sync cannot vouch for what a snapshot of it would hold.
-        for volume in members { try volume.checkWritable() }
+        for volume in members {
+            try volume.checkWritable()
+            // Offline for a revert (one that failed halfway): what it holds is neither before nor after.
+            try volume.checkNotReverting()
+        }
         if let failure = context.catalog.failure { throw failure }
         if let id, try snapshots().contains(where: { $0.id == id || $0.setID == id }) {
             throw EngineError.invalidSnapshotSet("a snapshot or set with GUID \(id.guidString) already exists")

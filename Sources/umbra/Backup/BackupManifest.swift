@@ -68,6 +68,20 @@ struct BackupManifest: Codable {
         try folder.rename(temporary, to: Self.fileName)
     }
 
+    /// The most images one chain holds (a full image and its incrementals); past it a backup is
+    /// full again, so that restoring never reads through an endless chain.
+    static let longestChain = 64
+
+    /// How many images the chain of `volume`'s last backup holds.
+    func chainLength(of volume: String) -> Int {
+        var length = 0
+        for entry in backups.reversed() where entry.volume == volume {
+            length += 1
+            if entry.backing == nil { break }
+        }
+        return length
+    }
+
     /// The last backup of `volume`.
     func last(of volume: String) -> Entry? { backups.last { $0.volume == volume } }
 

@@ -52,6 +52,16 @@ enum ImageTransfer {
     ) async throws -> BackupImageResult {
         let started = ContinuousClock.now
         let (directoryPath, name) = split(file)
+        // The requester made the directory; one missing here is not the one it sees (a private /tmp,
+        // another mount namespace), and an image written there would be lost to it.
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: directoryPath, isDirectory: &isDirectory), isDirectory.boolValue
+        else {
+            throw ShadowCopyError(
+                .invalidArgument,
+                "The directory \(directoryPath) does not exist where the daemon runs (a private /tmp or another mount namespace?); back up to a directory both see."
+            )
+        }
         let directory = try FileSystemDirectory(path: directoryPath)
         let partial = name + ".partial"
         let queue = DispatchQueue(label: "umbra.backup")
@@ -110,10 +120,10 @@ enum ImageTransfer {
                 }
                 if bytes.count == stepBytes { spare.give(bytes) }
             }
-            let checksum = try await run(on: queue) { () -> UInt32 in
+            let (checksum, fileBytes) = try await run(on: queue) { () -> (UInt32, UInt64) in
                 try writer.writer.finish()
                 // Computed as the file was written, so it is not read back.
-                return writer.writer.fileChecksum ?? 0
+                return (writer.writer.fileChecksum ?? 0, try writer.writer.fileLength())
             }
             // A set aborted meanwhile (its requester gone) deleted the snapshot: no image for it.
             guard view.isReadable else {
@@ -126,7 +136,8 @@ enum ImageTransfer {
             let elapsed = ContinuousClock.now - started
             return BackupImageResult(
                 file: file, kind: backingFile == nil ? "full" : "incremental", bytes: size,
-                copiedBytes: writer.writer.dataBytes, checksum: checksum, seconds: elapsed.seconds)
+                copiedBytes: writer.writer.dataBytes, checksum: checksum, fileBytes: fileBytes, seconds: elapsed.seconds
+            )
         } catch {
             try? await run(on: queue) { try directory.removeFile(partial) }
             throw error
@@ -135,7 +146,7 @@ enum ImageTransfer {
 
     /// The CRC-32C of a whole file, read in steps.
     static func checksum(of path: String) throws -> UInt32 {
-        let storage = try FileSystemDirectory(path: "/").openExternal(path)
+        let storage = try FileStorage(path: path, mode: .readOnly)
         let size = try storage.size().rawValue
         var buffer = [UInt8](repeating: 0, count: stepBytes)
         var checksum: UInt32 = 0

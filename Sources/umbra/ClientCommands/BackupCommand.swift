@@ -66,18 +66,26 @@ struct BackupCommand: AsyncParsableCommand {
         private func backUp(
             into directory: String, manifest: inout BackupManifest, client: ControlClient
         ) async throws -> BackupSummary {
-            let existing = Set(try await client.listSnapshots().snapshots.map(\.id))
-            // The base of each volume's incremental: its last backup in DIR, if its image and snapshot remain.
+            let snapshots = try await client.listSnapshots().snapshots
+            let ready = Set(snapshots.filter { $0.state == "ready" }.map(\.id))
+            // The base of each volume's incremental: its last backup in DIR, if its image remains and
+            // its snapshot is still ready (one the diff-store policy failed cannot say what changed),
+            // and the chain is not already at its longest.
             var bases: [String: BackupManifest.Entry] = [:]
             if !full {
                 for volume in volumes {
-                    if let last = manifest.last(of: volume), existing.contains(last.snapshot),
-                        FileManager.default.fileExists(atPath: directory + "/" + last.file)
+                    if let last = manifest.last(of: volume), ready.contains(last.snapshot),
+                        FileManager.default.fileExists(atPath: directory + "/" + last.file),
+                        manifest.chainLength(of: volume) < BackupManifest.longestChain
                     {
                         bases[volume] = last
                     }
                 }
             }
+            // Each volume's last backup snapshot in DIR goes once the new one is kept, whether or not
+            // it was this backup's base.
+            let existing = Set(snapshots.map(\.id))
+            let superseded = volumes.compactMap { manifest.last(of: $0)?.snapshot }.filter { existing.contains($0) }
             let set = try await client.createSnapshotSet(
                 CreateSetParams(volumes: volumes, writers: !noWriters, keepOpen: true))
             var written: [String] = []
@@ -103,6 +111,15 @@ struct BackupCommand: AsyncParsableCommand {
                         }
                     }
                     written.append(directory + "/" + file)
+                    // The daemon wrote it at this path on its side; it must be the file this side sees.
+                    let seen =
+                        (try? FileManager.default.attributesOfItem(atPath: directory + "/" + file)[.size] as? UInt64)
+                    guard seen == result.fileBytes else {
+                        throw CLIError(
+                            message:
+                                "The daemon wrote \(file) where this command cannot see it (\(seen.map { "\($0) bytes here, not \(result.fileBytes)" } ?? "no such file here")): does the daemon have a private /tmp or another mount namespace?"
+                        )
+                    }
                     entries.append(
                         BackupManifest.Entry(
                             volume: snapshot.volume, snapshot: snapshot.id, set: set.set, file: file,
@@ -114,7 +131,17 @@ struct BackupCommand: AsyncParsableCommand {
                             volume: snapshot.volume, snapshot: snapshot.id, file: file, kind: result.kind,
                             bytes: result.bytes, copiedBytes: result.copiedBytes, seconds: result.seconds))
                 }
-                _ = try await client.completeSet(set.set)
+                // Listed before the writers hear BackupComplete (and may drop what the backup now holds).
+                manifest.backups += entries
+                do {
+                    try manifest.save(to: directory)
+                    _ = try await client.completeSet(set.set)
+                } catch {
+                    manifest.backups.removeLast(entries.count)
+                    // If the manifest cannot be put back, its entries stay valid: keep their images.
+                    if (try? manifest.save(to: directory)) == nil { written = [] }
+                    throw error
+                }
             } catch {
                 // Nothing of this run may look like a backup: its images go, and its set is aborted
                 // (its snapshots deleted; the previous bases stay the bases).
@@ -125,10 +152,6 @@ struct BackupCommand: AsyncParsableCommand {
                     message: "The backup failed: \(reason.hasSuffix(".") ? String(reason.dropLast()) : reason). "
                         + "Its shadow copy set was aborted and \(directory) is as it was before.")
             }
-            manifest.backups += entries
-            try manifest.save(to: directory)
-            // The previous bases are no longer needed: the new snapshots are.
-            let superseded = bases.values.map(\.snapshot)
             if !superseded.isEmpty { _ = try? await client.deleteSnapshots(ids: superseded) }
             return BackupSummary(set: set.set, backups: backups)
         }

@@ -22,8 +22,8 @@ final class ExportReconciler: Sendable {
     private let logger: Logger
     /// The one export to keep (`umbra serve --stdio`), or nil for all of them.
     private let only: String?
-    /// Volumes whose live export is kept away (a revert runs on them).
-    private let offline = Mutex<Set<String>>([])
+    /// Volumes whose live export is kept away (a revert runs on them), with how many callers keep it so.
+    private let offline = Mutex<[String: Int]>([:])
     /// The last removal started: removals run one after another, each deciding what is stale when
     /// it runs, so a removal that was due when a volume went offline does not take away the export
     /// it got back meanwhile.
@@ -62,12 +62,15 @@ final class ExportReconciler: Sendable {
 
     /// Takes a volume's live export away (ending its connections with ESHUTDOWN) until `bringOnline`.
     func takeOffline(_ volume: String) async {
-        offline.withLock { _ = $0.insert(volume) }
+        offline.withLock { $0[volume, default: 0] += 1 }
         await settle()
     }
 
     func bringOnline(_ volume: String) {
-        offline.withLock { _ = $0.remove(volume) }
+        offline.withLock { offline in
+            let count = offline[volume, default: 1] - 1
+            offline[volume] = count > 0 ? count : nil
+        }
         reconcile()
     }
 
@@ -95,7 +98,7 @@ final class ExportReconciler: Sendable {
         guard let store = store.withLock({ $0 }) else { return [] }
         var wanted: [String: any NBDExport] = [:]
         let offline = self.offline.withLock { $0 }
-        for info in store.volumes() where !offline.contains(info.name) {
+        for info in store.volumes() where offline[info.name] == nil {
             // A volume being reverted is offline: its export goes, ending connections with ESHUTDOWN.
             guard let volume = try? store.volume(named: info.name), !volume.isReverting else { continue }
             wanted[info.name] = LiveVolumeExport(volume: volume, store: store)
