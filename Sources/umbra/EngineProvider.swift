@@ -123,26 +123,11 @@ struct DaemonRequests: ControlRequestHandler {
             throw ShadowCopyError(.invalidParams, "volume.set needs diffLimit or whenFull: there is nothing to change.")
         }
         do {
-            guard let volume = store.volumes().first(where: { $0.name == params.name }) else {
-                throw EngineError.volumeNotFound(params.name)
-            }
-            let chunkSize = volume.chunkSize.rawValue
-            let limit: UInt64? = params.diffLimit.map { $0 == 0 ? nil : $0 } ?? volume.diffLimit?.rawValue
-            guard params.whenFull == nil || limit != nil else {
-                throw ShadowCopyError(
-                    .invalidParams, "whenFull needs a diffLimit: without a limit the diff store is never full.")
-            }
-            if let limit, limit % chunkSize != 0 {
-                throw ShadowCopyError(
-                    .invalidArgument,
-                    "The diff limit (\(limit) bytes) must be a whole number of chunks (\(chunkSize) bytes each).")
-            }
-            let policy =
-                limit == nil
-                ? .deleteOldest
-                : params.whenFull.map(DiffStorePolicy.init) ?? volume.policy
+            // The engine reads what is not changed under the lock it changes the rest with.
             let info = try await store.limitDiffStore(
-                ofVolume: params.name, to: limit.map(ByteCount.init(_:)), policy: policy)
+                ofVolume: params.name,
+                changing: params.diffLimit.map { $0 == 0 ? .unlimited : .limit(ByteCount($0)) },
+                policy: params.whenFull.map(DiffStorePolicy.init))
             return Self.describe(info)
         } catch {
             throw controlError(error)

@@ -555,6 +555,27 @@ extension ByteCount: ExpressibleByIntegerLiteral {
         }
     }
 
+    /// A change of one setting keeps the other, read under the lock the change takes.
+    @Test func changingOneSettingKeepsTheOther() async throws {
+        try await Fixture.withStore { store, _ in
+            try await store.createVolume(VolumeSpec(name: "disk", size: .kibibytes(64), chunkSize: .kibibytes(4)))
+            var info = try await store.limitDiffStore(ofVolume: "disk", changing: .limit(.kibibytes(32)), policy: nil)
+            #expect(info.diffLimit == .kibibytes(32) && info.policy == .deleteOldest)
+            info = try await store.limitDiffStore(ofVolume: "disk", changing: nil, policy: .failSnapshot)
+            #expect(info.diffLimit == .kibibytes(32) && info.policy == .failSnapshot)
+            info = try await store.limitDiffStore(ofVolume: "disk", changing: .limit(.kibibytes(16)), policy: nil)
+            #expect(info.diffLimit == .kibibytes(16) && info.policy == .failSnapshot)
+            await #expect(throws: EngineError.self) {
+                try await store.limitDiffStore(ofVolume: "disk", changing: .unlimited, policy: .failSnapshot)
+            }
+            await #expect(throws: EngineError.self) {
+                try await store.limitDiffStore(ofVolume: "disk", changing: .limit(ByteCount(6000)), policy: nil)
+            }
+            info = try await store.limitDiffStore(ofVolume: "disk", changing: .unlimited, policy: nil)
+            #expect(info.diffLimit == nil && info.policy == .deleteOldest)
+        }
+    }
+
     /// Writing zeros over zeros needs no diff space, so a full store deletes nothing for it.
     @Test func zeroChunksNeedNoSpace() async throws {
         try await Fixture.withStore { store, _ in

@@ -328,10 +328,53 @@ public final class SnapshotStore: Sendable {
         // Compaction holds this lock too: it must not write the volume's old limit over the record.
         await operations.lock()
         defer { operations.unlock() }
+        return try await limitDiffStore(try self.volume(named: name), to: diffLimit, policy: policy)
+    }
+
+    /// A new limit for `limitDiffStore(ofVolume:changing:policy:)`.
+    public enum DiffLimitChange: Sendable, Equatable {
+        case unlimited
+        case limit(ByteCount)
+    }
+
+    /// Changes what is given (nil: as it is) and keeps the rest, reading the rest under the same lock
+    /// as the change, so two changes at once never write back each other's old values. Without a
+    /// limit the policy goes back to `deleteOldest`; a policy needs a limit.
+    @discardableResult
+    public func limitDiffStore(
+        ofVolume name: String, changing limit: DiffLimitChange?, policy: DiffStorePolicy?
+    ) async throws -> VolumeInfo {
+        try checkOpen()
+        await operations.lock()
+        defer { operations.unlock() }
         let volume = try self.volume(named: name)
+        let newLimit: ByteCount? =
+            switch limit {
+            case nil: volume.diffLimit
+            case .unlimited?: nil
+            case .limit(let bytes)?: bytes
+            }
+        guard policy == nil || newLimit != nil else {
+            throw EngineError.invalidSize(
+                "a policy for a full diff store needs a limit: without one the diff store is never full")
+        }
+        let newPolicy = newLimit == nil ? .deleteOldest : policy ?? volume.metadata.withLock { $0.policy }
+        return try await limitDiffStore(volume, to: newLimit, policy: newPolicy)
+    }
+
+    /// Holding the operations lock.
+    private func limitDiffStore(_ volume: Volume, to diffLimit: ByteCount?, policy: DiffStorePolicy) async throws
+        -> VolumeInfo
+    {
+        let name = volume.name
         let chunk = volume.chunkSize.rawValue
         if let limit = diffLimit, limit.rawValue < chunk {
             throw EngineError.invalidSize("the diff store limit must hold at least one chunk (\(chunk) bytes)")
+        }
+        // The diff store holds whole chunks: a limit in between would be rounded down unseen.
+        if let limit = diffLimit, limit.rawValue % chunk != 0 {
+            throw EngineError.invalidSize(
+                "the diff limit (\(limit.rawValue) bytes) must be a whole number of chunks (\(chunk) bytes each)")
         }
         try await context.catalog.append([
             .diffStoreLimited(volume.id, diffLimit: diffLimit?.rawValue ?? 0, policy: policy)

@@ -1,7 +1,7 @@
 // The daemon's side of backup and restore: a snapshot written as a qcow2 image (`snapshot.backup`),
-// and a volume created from one (`volume.restore`). Snapshot reads go through the engine; the image
-// file is written and read on a queue of its own, one step behind the engine, so the two overlap and
-// no Swift concurrency thread ever blocks in a file write.
+// and a volume created from one (`volume.restore`). Snapshot reads go through the engine, a few steps
+// ahead of the image file, which is written and read on a queue of its own: the two overlap, and no
+// Swift concurrency thread ever blocks in a file write.
 //
 // An image is written as FILE.partial, synced, renamed to FILE and its directory synced: a backup
 // that stops halfway (the snapshot deleted because its set was aborted, a full disk, the daemon
