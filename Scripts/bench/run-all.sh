@@ -64,7 +64,7 @@ step "6/7 backup"
 
 if [ $engine = 1 ]; then
     step "7/7 engine (swift package benchmark)"
-    (cd Benchmarks && swift package benchmark --no-progress) | tee "$out/engine.txt"
+    (cd Benchmarks && swift package benchmark --no-progress) | tee "$out/engine.txt"  # engine and metrics
 else
     step "7/7 engine: skipped (--no-engine)"
 fi

@@ -10,8 +10,10 @@ import Synchronization
 // The handles of a group are made once and shared by its connections: a request costs two atomic
 // increments and one histogram record, and nothing at all when the server does not record metrics.
 
-/// The server's metric handles, made on first use of each export group.
-final class NBDMetrics: Sendable {
+/// The server's metric handles, made on first use of each export group. (`Benchmarks` SPI: the
+/// metrics benchmark measures exactly what a request costs with them.)
+@_spi(Benchmarks)
+public final class NBDMetrics: Sendable {
     /// The operations requests are counted by (the `op` label).
     static let operations: [(command: NBDCommand, label: String)] = [
         (.read, "read"), (.write, "write"), (.flush, "flush"), (.trim, "trim"), (.writeZeroes, "zero"),
@@ -22,14 +24,14 @@ final class NBDMetrics: Sendable {
     private let latency: [CoreMetrics.Timer]
     private let groups = Mutex<[String: NBDExportMetrics]>([:])
 
-    init() {
+    public init() {
         latency = Self.operations.map {
             CoreMetrics.Timer(label: "umbra_nbd_request_seconds", dimensions: [("op", $0.label)])
         }
     }
 
     /// The handles requests to exports of group `name` count with.
-    func export(_ name: String) -> NBDExportMetrics {
+    public func export(_ name: String) -> NBDExportMetrics {
         groups.withLock { groups in
             if let metrics = groups[name] { return metrics }
             let metrics = NBDExportMetrics(group: name, latency: latency)
@@ -50,7 +52,8 @@ final class NBDMetrics: Sendable {
 }
 
 /// Request counters of one export group, indexed like `NBDMetrics.operations`.
-final class NBDExportMetrics: Sendable {
+@_spi(Benchmarks)
+public final class NBDExportMetrics: Sendable {
     private let requests: [Counter]
     private let bytes: [Counter]
     private let errors: [Counter]
@@ -81,7 +84,7 @@ final class NBDExportMetrics: Sendable {
 
     /// A request was answered after `nanoseconds` in the export: `bytes` is the length it named
     /// (zero for FLUSH).
-    func record(_ command: NBDCommand, bytes count: UInt32, failed: Bool, nanoseconds: Int64) {
+    public func record(_ command: NBDCommand, bytes count: UInt32, failed: Bool, nanoseconds: Int64) {
         guard let index = Self.index(of: command) else { return }
         requests[index].increment()
         if count > 0 { bytes[index].increment(by: count) }
