@@ -79,7 +79,9 @@ public final class QCOW2Writer {
 
     /// Writes guest clusters from `first` on, from `bytes` (whole clusters: pad the image's last one
     /// with zeros). A cluster of zeros takes no space. Clusters may come in any order, each once.
-    public func write(firstCluster first: UInt64, _ bytes: UnsafeRawBufferPointer) throws {
+    /// `checksum` is the `Checksum` of all of `bytes`, if the caller computed it (elsewhere, in
+    /// parallel): used when every cluster holds data, otherwise the writer checksums what it writes.
+    public func write(firstCluster first: UInt64, _ bytes: UnsafeRawBufferPointer, checksum: UInt32? = nil) throws {
         guard !finished else { throw QCOW2Error("the image is already finished") }
         guard bytes.count % clusterSize == 0 else { throw QCOW2Error("\(bytes.count) bytes is not whole clusters") }
         let count = UInt64(bytes.count / clusterSize)
@@ -94,7 +96,14 @@ public final class QCOW2Writer {
             let hostFirst = nextHostCluster
             let slice = UnsafeRawBufferPointer(rebasing: bytes[(start * clusterSize)..<(end * clusterSize)])
             try storage.write(toAbsoluteOffset: ByteOffset(hostFirst << UInt64(clusterBits)), slice)
-            if let checksumming { dataChecksum = checksumming.update(slice, dataChecksum) }
+            if let checksumming {
+                dataChecksum =
+                    if let checksum, slice.count == bytes.count {
+                        checksumming.combine(dataChecksum, checksum, UInt64(slice.count))
+                    } else {
+                        checksumming.update(slice, dataChecksum)
+                    }
+            }
             for index in start..<end {
                 let host = (hostFirst + UInt64(index - start)) << UInt64(clusterBits)
                 setEntry(first + UInt64(index), host | QCOW2Layout.copiedFlag)

@@ -88,7 +88,7 @@ enum ImageTransfer {
             }
             // Whole-step buffers are reused: a fresh 8 MiB array per step costs a page fault per page.
             let spare = SpareBuffers()
-            var reads: [(first: UInt64, task: Task<[UInt8], any Error>)] = []
+            var reads: [(first: UInt64, task: Task<([UInt8], UInt32), any Error>)] = []
             defer { for read in reads { read.task.cancel() } }
             var next = 0
             while next < steps.count || !reads.isEmpty {
@@ -102,21 +102,26 @@ enum ImageTransfer {
                         (
                             first,
                             Task {
+                                var bytes: [UInt8]
                                 if readable == stepBytes {
-                                    return try await view.read(at: ByteOffset(offset), into: spare.take())
+                                    bytes = try await view.read(at: ByteOffset(offset), into: spare.take())
+                                } else {
+                                    bytes = try await view.read(at: ByteOffset(offset), count: readable)
+                                    if bytes.count < Int(count * clusterSize) {
+                                        bytes += [UInt8](repeating: 0, count: Int(count * clusterSize) - bytes.count)
+                                    }
                                 }
-                                var bytes = try await view.read(at: ByteOffset(offset), count: readable)
-                                if bytes.count < Int(count * clusterSize) {
-                                    bytes += [UInt8](repeating: 0, count: Int(count * clusterSize) - bytes.count)
-                                }
-                                return bytes
+                                // Checksummed here, steps in parallel, rather than on the file's queue.
+                                return (bytes, CRC32C.checksum(bytes))
                             }
                         ))
                 }
                 let read = reads.removeFirst()
-                let bytes = try await read.task.value
+                let (bytes, checksum) = try await read.task.value
                 try await run(on: queue) {
-                    try bytes.withUnsafeBytes { try writer.writer.write(firstCluster: read.first, $0) }
+                    try bytes.withUnsafeBytes {
+                        try writer.writer.write(firstCluster: read.first, $0, checksum: checksum)
+                    }
                 }
                 if bytes.count == stepBytes { spare.give(bytes) }
             }
