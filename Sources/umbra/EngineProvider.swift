@@ -146,6 +146,11 @@ struct DaemonRequests: ControlRequestHandler {
         guard params.file.hasPrefix("/"), !params.file.hasSuffix("/") else {
             throw ShadowCopyError(.invalidParams, "The image's file must be an absolute path (got '\(params.file)').")
         }
+        let data = daemon.dataDirectory.hasSuffix("/") ? daemon.dataDirectory : daemon.dataDirectory + "/"
+        guard !params.file.hasPrefix(data) else {
+            throw ShadowCopyError(
+                .invalidArgument, "An image cannot go inside the data directory \(daemon.dataDirectory).")
+        }
         guard (params.backingFile == nil) == (params.base == nil) else {
             throw ShadowCopyError(.invalidParams, "An incremental image needs both base and backingFile.")
         }
@@ -273,6 +278,8 @@ struct DaemonFacts: Sendable {
     var reload: @Sendable () throws -> ReloadResult
     /// Successful reloads so far.
     var reloads: @Sendable () -> Int
+    /// The data directory, absolute: no backup image may be written inside it.
+    var dataDirectory: String
 }
 
 extension DaemonRequests {

@@ -297,7 +297,8 @@ struct Serve: AsyncParsableCommand {
                 daemon: DaemonFacts(
                     startedAt: startedAt, listeners: addresses, connections: { nbd.openConnections },
                     writers: { await coordinator.listWriters() }, reload: { try reloader.reload(nbd) },
-                    reloads: { reloader.count }))
+                    reloads: { reloader.count },
+                    dataDirectory: data.hasPrefix("/") ? data : FileManager.default.currentDirectoryPath + "/" + data))
             let controlServer: ControlServer
             var metricsEndpoint: MetricsEndpoint?
             do {

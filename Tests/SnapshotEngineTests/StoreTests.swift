@@ -328,6 +328,27 @@ extension ByteCount: ExpressibleByIntegerLiteral {
 }
 
 @Suite struct PersistenceTests {
+    /// A volume created to be filled (a restore) survives reopening only once it is recorded as
+    /// filled; an unfinished one is deleted at open, through a compaction too.
+    @Test func unfinishedFilledVolumesGoAtOpen() async throws {
+        try await TemporaryDirectory.with { directory in
+            let path = directory.path + "/data"
+            var store = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
+            try await store.createVolume(VolumeSpec(name: "done", size: .kibibytes(64)), filling: true)
+            try await store.volume(named: "done").write(at: 0, Fixture.pattern(40, count: 4096))
+            try await store.finishFilling(volume: "done")
+            try await store.createVolume(VolumeSpec(name: "cut", size: .kibibytes(64)), filling: true)
+            try await store.volume(named: "cut").write(at: 0, Fixture.pattern(41, count: 4096))
+            try await store.compact(force: true)
+            try await store.close()
+            store = try await SnapshotStore.open(path: path, configuration: Fixture.configuration())
+            #expect(store.volumes().map(\.name) == ["done"])
+            #expect(try await store.volume(named: "done").read(at: 0, count: 4096) == Fixture.pattern(40, count: 4096))
+            #expect(store.consistencyProblems().isEmpty)
+            try await store.close()
+        }
+    }
+
     /// A set's purpose (`labelSnapshotSet`) shows on its snapshots and survives reopening and compaction.
     @Test func setPurposesPersist() async throws {
         try await TemporaryDirectory.with { directory in

@@ -164,6 +164,9 @@ import UmbraTestSupport
             let files = try FileManager.default.contentsOfDirectory(atPath: directory + "/a")
             #expect(files.count == 1 && files[0].hasSuffix(".qcow2"), "\(files)")
 
+            let inside = try Self.umbra(["backup", "a", "--to", daemon.data + "/backups"], daemon)
+            #expect(inside.status == 1 && inside.errors.contains("inside the data directory"), "\(inside.errors)")
+
             let empty = try Self.offline(["backup", "list", daemon.directory.path])
             #expect(empty.status == 1 && empty.errors.contains("holds no Umbra backups"), "\(empty.errors)")
         }

@@ -86,6 +86,10 @@ enum CatalogRecord: Sendable, Equatable {
     case revertFinished(VolumeID)
     /// What a set was taken for (`backup`), shown with its snapshots (format 4).
     case setLabelled(UUID, purpose: String)
+    /// The volume is being filled (a restore): opening the store deletes it unless `volumeFilled`
+    /// follows (format 4).
+    case volumeFilling(VolumeID)
+    case volumeFilled(VolumeID)
     /// A set was taken: kept at once, or pending until a `setKept` record names it.
     case setCreated(SetDefinition)
     /// A pending set reached the point where its snapshots are kept.
@@ -118,6 +122,8 @@ enum CatalogRecord: Sendable, Equatable {
         case revertStarted = 12
         case revertFinished = 13
         case setLabelled = 14
+        case volumeFilling = 15
+        case volumeFilled = 16
     }
 
     func encode(into writer: inout BinaryWriter) {
@@ -163,6 +169,12 @@ enum CatalogRecord: Sendable, Equatable {
             kind = .setLabelled
             body.uuid(id)
             body.string(purpose)
+        case .volumeFilling(let volume):
+            kind = .volumeFilling
+            body.u32(volume.rawValue)
+        case .volumeFilled(let volume):
+            kind = .volumeFilled
+            body.u32(volume.rawValue)
         case .setCreated(let set):
             kind = set.isPending ? .setPending : .setCreated
             body.uuid(set.id)
@@ -243,6 +255,10 @@ enum CatalogRecord: Sendable, Equatable {
             record = .revertFinished(VolumeID(rawValue: try body.u32()))
         case .setLabelled:
             record = .setLabelled(try body.uuid(), purpose: try body.string())
+        case .volumeFilling:
+            record = .volumeFilling(VolumeID(rawValue: try body.u32()))
+        case .volumeFilled:
+            record = .volumeFilled(VolumeID(rawValue: try body.u32()))
         case .setCreated, .setPending:
             let id = try body.uuid()
             let createdAt = try body.i64()

@@ -55,6 +55,10 @@ struct CatalogReplay {
             volumes[id]!.metadata.revertTarget = sequence
         case .setLabelled(let id, let purpose):
             setPurposes[id] = purpose
+        case .volumeFilling(let id):
+            if volumes[id] == nil { ignoredRecords += 1 } else { volumes[id]!.metadata.isFilling = true }
+        case .volumeFilled(let id):
+            if volumes[id] == nil { ignoredRecords += 1 } else { volumes[id]!.metadata.isFilling = false }
         case .revertFinished(let id):
             guard volumes[id] != nil else {
                 ignoredRecords += 1
@@ -149,6 +153,7 @@ struct CatalogReplay {
         var failures: [CatalogRecord] = []
         for (definition, metadata) in volumes.sorted(by: { $0.definition.id < $1.definition.id }) {
             records.append(.volumeCreated(definition))
+            if metadata.isFilling { records.append(.volumeFilling(definition.id)) }
             let members =
                 metadata.chain.map { ($0.id, $0.setID, $0.sequence, $0.createdAtNanoseconds, $0.isPending) }
                 + metadata.failed.map { ($0.id, $0.setID, $0.sequence, $0.createdAtNanoseconds, $0.isPending) }

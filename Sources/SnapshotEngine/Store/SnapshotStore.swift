@@ -123,6 +123,7 @@ public final class SnapshotStore: Sendable {
                 await store.compactIfWorthIt()
             }
             await store.finishInterruptedReverts()
+            await store.deleteUnfinishedVolumes()
             configuration.logger.debug(
                 "opened data directory",
                 metadata: ["path": "\(directory.path)", "volumes": "\(volumes.count)", "records": "\(records.count)"])
@@ -248,8 +249,11 @@ public final class SnapshotStore: Sendable {
 
     /// Creates a volume. Its files exist before the catalog names it, so a crash in between leaves
     /// only files that the next open removes.
+    /// With `filling`, the volume counts as unfinished until `finishFilling` records that it was filled
+    /// (a restore): opening the store deletes an unfinished one, so a restore a crash interrupted never
+    /// leaves a volume that looks whole.
     @discardableResult
-    public func createVolume(_ spec: VolumeSpec) async throws -> VolumeInfo {
+    public func createVolume(_ spec: VolumeSpec, filling: Bool = false) async throws -> VolumeInfo {
         try checkOpen()
         guard VolumeSpec.isValidName(spec.name) else { throw EngineError.invalidVolumeName(spec.name) }
         let chunk = spec.chunkSize.rawValue
@@ -302,9 +306,11 @@ public final class SnapshotStore: Sendable {
                 id: id, guid: context.configuration.makeIdentifier(), name: spec.name, size: size,
                 chunkShift: UInt8(chunk.trailingZeroBitCount), backing: spec.backing,
                 diffLimit: spec.diffLimit?.rawValue ?? 0, policy: spec.policy)
-            try await context.catalog.append([.volumeCreated(definition)])
-            let metadata = VolumeMetadata(
+            // One batch: the volume and its mark are durable together.
+            try await context.catalog.append([.volumeCreated(definition)] + (filling ? [.volumeFilling(id)] : []))
+            var metadata = VolumeMetadata(
                 diffLimit: spec.diffLimit?.rawValue, chunkShift: definition.chunkShift, policy: spec.policy)
+            metadata.isFilling = filling
             let volume = Volume(definition: definition, metadata: metadata, live: live, diff: diff, context: context)
             state.withLock { $0.volumes[spec.name] = volume }
             context.configuration.eventHandler?(.volumeCreated(name: spec.name))
@@ -314,6 +320,31 @@ public final class SnapshotStore: Sendable {
             // Best effort: whatever is left is removed at the next open anyway.
             try? await context.io.run { try Self.removeFiles(of: base, in: directory) }
             throw EngineError.wrap(error)
+        }
+    }
+
+    /// Records that a volume created `filling` is filled (its data flushed first): it survives
+    /// reopening from now on.
+    public func finishFilling(volume name: String) async throws {
+        try checkOpen()
+        let volume = try self.volume(named: name)
+        try await volume.flush()
+        try await context.catalog.append([.volumeFilled(volume.id)])
+        volume.metadata.withLock { $0.isFilling = false }
+    }
+
+    /// At open: deletes the volumes a restore was filling when it stopped.
+    func deleteUnfinishedVolumes() async {
+        for volume in allVolumes() where volume.metadata.withLock({ $0.isFilling }) {
+            do {
+                try await deleteVolume(named: volume.name, deletingSnapshots: true)
+                context.logger.notice(
+                    "deleted a volume whose restore did not finish", metadata: ["volume": "\(volume.name)"])
+            } catch {
+                context.logger.error(
+                    "could not delete a volume whose restore did not finish",
+                    metadata: ["volume": "\(volume.name)", "error": "\(error)"])
+            }
         }
     }
 

@@ -76,6 +76,8 @@ struct VolumeMetadata: Sendable {
     /// The snapshot a revert in progress (or interrupted) makes the live data read as. No snapshot
     /// gives way to the diff-store policy meanwhile: a revert keeps every one.
     var revertTarget: SnapshotSequence?
+    /// Created to be filled (a restore) and not yet filled: opening the store deletes it.
+    var isFilling = false
 
     init(diffLimit: UInt64?, chunkShift: UInt8, policy: DiffStorePolicy) {
         self.slots = SlotAllocator(limit: diffLimit.map { $0 >> chunkShift })

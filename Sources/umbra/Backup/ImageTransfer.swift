@@ -183,7 +183,8 @@ enum ImageTransfer {
                     "\(file) holds \(size) bytes, not a whole number of \(VolumeSpec.sizeGranularity)-byte blocks; Umbra volumes are."
             )
         }
-        try await store.createVolume(VolumeSpec(name: name, size: ByteCount(size), chunkSize: chunkSize))
+        // Unfinished until filled: a daemon that dies meanwhile deletes it when it starts again.
+        try await store.createVolume(VolumeSpec(name: name, size: ByteCount(size), chunkSize: chunkSize), filling: true)
         do {
             let volume = try store.volume(named: name)
             let clusterSize = UInt64(image.image.clusterSize)
@@ -219,7 +220,7 @@ enum ImageTransfer {
                 }
                 stepStart = stepEnd
             }
-            try await volume.flush()
+            try await store.finishFilling(volume: name)
             return RestoreResult(
                 volume: name, size: size, copiedBytes: copied, seconds: (ContinuousClock.now - started).seconds)
         } catch {
