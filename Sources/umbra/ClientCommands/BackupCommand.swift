@@ -101,14 +101,11 @@ struct BackupCommand: AsyncParsableCommand {
                     let toCopy = try await bytesToCopy(snapshot, base: base, client: client)
                     let progress = BackupProgress(
                         label: snapshot.volume, partialPath: directory + "/" + file + ".partial", total: toCopy)
-                    let result: BackupImageResult
-                    do {
-                        result = try await progress.showing {
-                            try await client.backupSnapshot(
-                                BackupImageParams(
-                                    snapshot: snapshot.id, file: directory + "/" + file, base: base?.snapshot,
-                                    backingFile: base.map { "\($0.snapshot.guidString).qcow2" }))
-                        }
+                    let result = try await progress.showing {
+                        try await client.backupSnapshot(
+                            BackupImageParams(
+                                snapshot: snapshot.id, file: directory + "/" + file, base: base?.snapshot,
+                                backingFile: base.map { "\($0.snapshot.guidString).qcow2" }))
                     }
                     written.append(directory + "/" + file)
                     // The daemon wrote it at this path on its side; it must be the file this side sees.
