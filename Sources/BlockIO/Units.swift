@@ -51,6 +51,9 @@ public struct ByteCount: RawRepresentable, Hashable, Comparable, Sendable, Custo
 }
 
 extension Duration {
+    /// The duration in seconds, for reports.
+    public var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
+
     /// The duration in whole nanoseconds (truncated), saturating at the bounds of `Int64`: for timers
     /// such as swift-metrics' `recordNanoseconds`.
     public var wholeNanoseconds: Int64 {

@@ -113,8 +113,6 @@ public final class QCOW2Image {
         return bytes
     }
 
-    public var guestClusters: UInt64 { (virtualSize + UInt64(clusterSize) - 1) >> UInt64(clusterBits) }
-
     /// What this image itself says about guest cluster `cluster`: data at a host offset, zeros, or
     /// nothing (unallocated here: the backing file says).
     private enum Entry {

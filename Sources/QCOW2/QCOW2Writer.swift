@@ -123,13 +123,6 @@ public final class QCOW2Writer {
         try flushRun(until: Int(count))
     }
 
-    /// Marks guest clusters as reading zeros (hiding the backing file there), writing nothing.
-    public func markZero(firstCluster first: UInt64, count: UInt64) throws {
-        guard first + count <= guestClusters else { throw QCOW2Error("clusters past the image's end") }
-        guard backingFile != nil else { return }
-        for cluster in first..<(first + count) { setEntry(cluster, QCOW2Layout.zeroFlag) }
-    }
-
     private func setEntry(_ cluster: UInt64, _ entry: UInt64) {
         let table = Int(cluster / UInt64(entriesPerTable))
         let index = Int(cluster % UInt64(entriesPerTable))

@@ -67,6 +67,17 @@ public final class ChildProcess: @unchecked Sendable {
         return String(decoding: collectedErrors.withLock { $0 }, as: UTF8.self)
     }
 
+    /// Runs `executable` to its end: its exit status, what it wrote to stdout (as `readAll` gives
+    /// it) and what it wrote to stderr.
+    public static func run(_ executable: String, _ arguments: [String]) throws -> (
+        status: Int32, output: String, errors: String
+    ) {
+        let process = try ChildProcess(executable, arguments, captureStandardError: true)
+        let output = process.readAll()
+        let status = process.finish()
+        return (status, output, process.standardErrorText)
+    }
+
     /// The rest of the child's standard output, until it closes it.
     public func readAll() -> String {
         var lines: [String] = []

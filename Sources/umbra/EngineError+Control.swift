@@ -29,6 +29,5 @@ extension EngineError {
 /// engine's sentence; anything else passes as it is.
 func controlError(_ error: any Error) -> any Error {
     guard let engine = error as? EngineError, let code = engine.controlErrorCode else { return error }
-    let sentence = engine.description.prefix(1).uppercased() + engine.description.dropFirst() + "."
-    return ShadowCopyError(code, sentence)
+    return ShadowCopyError(code, sentence(engine.description))
 }

@@ -163,17 +163,12 @@ struct DaemonRequests: ControlRequestHandler {
                 ranges = try await view.allocation(at: .zero, count: view.size).filter { !$0.isHole }.map(\.range)
             }
             return try await ImageTransfer.writeImage(
-                of: view, ranges: ranges, to: params.file, backingFile: params.backingFile)
+                of: view, ranges: ranges, to: params.file, backingFile: params.backingFile, io: store.io)
         } catch let error as QCOW2Error {
-            throw ShadowCopyError(.invalidArgument, Self.sentence(error.description))
+            throw ShadowCopyError(.invalidArgument, sentence(error.description))
         } catch {
             throw controlError(error)
         }
-    }
-
-    /// A qcow2 problem as the control protocol's one sentence.
-    static func sentence(_ text: String) -> String {
-        text.prefix(1).uppercased() + text.dropFirst() + (text.hasSuffix(".") ? "" : ".")
     }
 
     func restoreVolume(_ params: RestoreParams) async throws -> RestoreResult {
@@ -190,7 +185,7 @@ struct DaemonRequests: ControlRequestHandler {
             return try await ImageTransfer.restore(
                 params.file, as: params.name, in: store, chunkSize: VolumeSpec.defaultChunkSize)
         } catch let error as QCOW2Error {
-            throw ShadowCopyError(.invalidArgument, Self.sentence(error.description))
+            throw ShadowCopyError(.invalidArgument, sentence(error.description))
         } catch let error as BlockIOError {
             throw ShadowCopyError(.invalidArgument, "Cannot read \(params.file): \(error).")
         } catch {
@@ -214,7 +209,7 @@ struct DaemonRequests: ControlRequestHandler {
             let elapsed = ContinuousClock.now - started
             return RevertResultInfo(
                 volume: result.volume, snapshot: result.snapshot, changedBytes: result.changedBytes.rawValue,
-                seconds: Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18)
+                seconds: elapsed.seconds)
         } catch {
             throw controlError(error)
         }
@@ -290,7 +285,7 @@ extension DaemonRequests {
         let uptime = ContinuousClock.now - daemon.startedAt
         return StatusResult(
             version: Umbra.version,
-            uptimeSeconds: Double(uptime.components.seconds) + Double(uptime.components.attoseconds) / 1e18,
+            uptimeSeconds: uptime.seconds,
             listeners: daemon.listeners, connections: daemon.connections(), writers: writers.count,
             writerStates: Dictionary(writers.map { ($0.state.rawValue, 1) }, uniquingKeysWith: +),
             reloads: daemon.reloads(),

@@ -298,7 +298,7 @@ struct Serve: AsyncParsableCommand {
                     startedAt: startedAt, listeners: addresses, connections: { nbd.openConnections },
                     writers: { await coordinator.listWriters() }, reload: { try reloader.reload(nbd) },
                     reloads: { reloader.count },
-                    dataDirectory: data.hasPrefix("/") ? data : FileManager.default.currentDirectoryPath + "/" + data))
+                    dataDirectory: (try? absolutePath(data)) ?? data))
             let controlServer: ControlServer
             var metricsEndpoint: MetricsEndpoint?
             do {

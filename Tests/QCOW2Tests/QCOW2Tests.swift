@@ -14,10 +14,8 @@ import UmbraTestSupport
 
     /// Runs a QEMU tool; returns its exit status and everything it printed.
     static func run(_ tool: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
-        let process = try ChildProcess("/usr/bin/" + tool, arguments, captureStandardError: true)
-        let output = process.readAll()
-        let status = process.finish()
-        return (status, output + process.standardErrorText)
+        let run = try ChildProcess.run("/usr/bin/" + tool, arguments)
+        return (run.status, run.output + run.errors)
     }
 
     /// Raw guest bytes: `size` bytes, with data in some clusters (one of them only partly) and

@@ -17,25 +17,16 @@ import UmbraTestSupport
     static func umbra(_ arguments: [String], _ daemon: DaemonFixture) throws -> (
         status: Int32, output: String, errors: String
     ) {
-        let process = try ChildProcess(
-            builtProduct("umbra"), arguments + ["--control", daemon.controlSocket], captureStandardError: true)
-        let output = process.readAll()
-        let status = process.finish()
-        return (status, output, process.standardErrorText)
+        try ChildProcess.run(builtProduct("umbra"), arguments + ["--control", daemon.controlSocket])
     }
 
     static func offline(_ arguments: [String]) throws -> (status: Int32, output: String, errors: String) {
-        let process = try ChildProcess(builtProduct("umbra"), arguments, captureStandardError: true)
-        let output = process.readAll()
-        let status = process.finish()
-        return (status, output, process.standardErrorText)
+        try ChildProcess.run(builtProduct("umbra"), arguments)
     }
 
     static func qemuImg(_ arguments: [String]) throws -> (status: Int32, output: String) {
-        let process = try ChildProcess("/usr/bin/qemu-img", arguments, captureStandardError: true)
-        let output = process.readAll()
-        let status = process.finish()
-        return (status, output + process.standardErrorText)
+        let run = try ChildProcess.run("/usr/bin/qemu-img", arguments)
+        return (run.status, run.output + run.errors)
     }
 
     static func json(_ text: String) throws -> [String: Any] {

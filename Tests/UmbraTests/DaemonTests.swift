@@ -228,10 +228,7 @@ import UmbraTestSupport
         let umbra = builtProduct("umbra")
         let control = ["--control", daemon.controlSocket]
         func run(_ arguments: [String]) throws -> (status: Int32, output: String, errors: String) {
-            let process = try ChildProcess(umbra, arguments + control, captureStandardError: true)
-            let output = process.readAll()
-            let status = process.finish()
-            return (status, output, process.standardErrorText)
+            try ChildProcess.run(umbra, arguments + control)
         }
         let set = try run(["volume", "set", "disk", "--diff-limit", "128K", "--when-full", "fail-snapshot", "--json"])
         #expect(set.status == 0, "\(set.errors)")

@@ -30,6 +30,11 @@ extension SnapshotStore {
     /// The checks `revert` makes before it changes anything (the snapshot is of the volume and kept,
     /// the diff store has room), for a caller that must know before it ends the volume's connections.
     public func checkRevert(volume name: String, to snapshotID: UUID) throws {
+        _ = try checkedRevert(volume: name, to: snapshotID)
+    }
+
+    /// `checkRevert`, returning the volume and the snapshot it resolved.
+    private func checkedRevert(volume name: String, to snapshotID: UUID) throws -> (Volume, SnapshotView) {
         try checkOpen()
         let volume = try self.volume(named: name)
         let target = try snapshot(id: snapshotID)
@@ -43,6 +48,7 @@ extension SnapshotStore {
         }
         try volume.checkWritable()
         try volume.checkRoomForRevert(to: target.sequence)
+        return (volume, target)
     }
 
     /// Makes the live volume `name` read exactly as snapshot `snapshotID` of it. Every snapshot stays
@@ -58,9 +64,7 @@ extension SnapshotStore {
         // being read, or rewrite the catalog without the revert's record.
         await operations.lock()
         defer { operations.unlock() }
-        try checkRevert(volume: name, to: snapshotID)
-        let volume = try self.volume(named: name)
-        let target = try snapshot(id: snapshotID)
+        let (volume, target) = try checkedRevert(volume: name, to: snapshotID)
         let started: CatalogRecord = .revertStarted(volume.id, sequence: target.sequence)
         let recordsFirst = context.configuration.brokenOrderingForTesting != .revertWritesBeforeRecord
         // A revert interrupted earlier may have left the volume offline; this one supersedes it.

@@ -229,6 +229,10 @@ public final class SnapshotStore: Sendable {
         return volume
     }
 
+    /// The threads the store does its blocking disk I/O on (`StoreConfiguration.ioThreadCount`), for
+    /// callers with blocking file work of their own beside it (backup images).
+    public var io: any IOExecutor { context.io }
+
     /// The length of the catalog file in use (it grows with records until compaction rewrites it).
     public var catalogBytes: ByteCount { ByteCount(context.catalog.usedBytes) }
 

@@ -93,17 +93,9 @@ struct BackupManifest: Codable {
 }
 
 enum BackupDirectory {
-    /// `path` made absolute (relative to the working directory).
-    static func absolute(_ path: String) throws -> String {
-        guard !path.isEmpty else { throw CLIError(message: "The path is empty.") }
-        var absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
-        while absolute.count > 1 && absolute.hasSuffix("/") { absolute.removeLast() }
-        return absolute
-    }
-
     /// DIR absolute, created if missing, and checked to be a directory this process can write.
     static func prepare(_ path: String) throws -> String {
-        let directory = try absolute(path)
+        let directory = try absolutePath(path)
         var isDirectory: ObjCBool = false
         if FileManager.default.fileExists(atPath: directory, isDirectory: &isDirectory) {
             guard isDirectory.boolValue else { throw CLIError(message: "\(directory) is a file, not a directory.") }

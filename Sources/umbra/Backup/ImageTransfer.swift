@@ -1,7 +1,7 @@
 // The daemon's side of backup and restore: a snapshot written as a qcow2 image (`snapshot.backup`),
 // and a volume created from one (`volume.restore`). Snapshot reads go through the engine, a few steps
-// ahead of the image file, which is written and read on a queue of its own: the two overlap, and no
-// Swift concurrency thread ever blocks in a file write.
+// ahead of the image file, which is written and read on the engine's I/O threads, one step at a time:
+// the two overlap, and no Swift concurrency thread ever blocks in a file write.
 //
 // An image is written as FILE.partial, synced, renamed to FILE and its directory synced: a backup
 // that stops halfway (the snapshot deleted because its set was aborted, a full disk, the daemon
@@ -9,7 +9,6 @@
 // the final name.
 
 import BlockIO
-import Dispatch
 import Foundation
 import QCOW2
 import ShadowCopy
@@ -21,14 +20,6 @@ enum ImageTransfer {
     static let stepBytes = 8 << 20
     /// Steps read from the engine while the file takes the oldest one.
     static let readsAhead = 4
-
-    /// Runs blocking file work on `queue`, off Swift's concurrency threads.
-    static func run<T: Sendable>(on queue: DispatchQueue, _ work: @escaping @Sendable () throws -> T) async throws -> T
-    {
-        try await withCheckedThrowingContinuation { continuation in
-            queue.async { continuation.resume(with: Result { try work() }) }
-        }
-    }
 
     /// Guest clusters (of `clusterSize`) that `ranges` touch, as ascending runs.
     static func clusterRuns(of ranges: [ByteRange], clusterSize: UInt64) -> [Range<UInt64>] {
@@ -48,7 +39,7 @@ enum ImageTransfer {
     /// Writes snapshot `view` as a qcow2 image at `file`: the clusters `ranges` touch (what changed
     /// since the base, over `backingFile`; or everything allocated, for a full image).
     static func writeImage(
-        of view: SnapshotView, ranges: [ByteRange], to file: String, backingFile: String?
+        of view: SnapshotView, ranges: [ByteRange], to file: String, backingFile: String?, io: any IOExecutor
     ) async throws -> BackupImageResult {
         let started = ContinuousClock.now
         let (directoryPath, name) = split(file)
@@ -64,9 +55,8 @@ enum ImageTransfer {
         }
         let directory = try FileSystemDirectory(path: directoryPath)
         let partial = name + ".partial"
-        let queue = DispatchQueue(label: "umbra.backup")
         let size = view.size.rawValue
-        let writer = try await run(on: queue) { () -> WriterBox in
+        let writer = try await io.run { () -> WriterBox in
             if directory.fileExists(partial) { try directory.removeFile(partial) }
             let storage = try directory.openFile(partial, mode: .createNew)
             let checksum = QCOW2Writer.Checksum(
@@ -111,21 +101,21 @@ enum ImageTransfer {
                                         bytes += [UInt8](repeating: 0, count: Int(count * clusterSize) - bytes.count)
                                     }
                                 }
-                                // Checksummed here, steps in parallel, rather than on the file's queue.
+                                // Checksummed here, steps in parallel, rather than while the file is written.
                                 return (bytes, CRC32C.checksum(bytes))
                             }
                         ))
                 }
                 let read = reads.removeFirst()
                 let (bytes, checksum) = try await read.task.value
-                try await run(on: queue) {
+                try await io.run {
                     try bytes.withUnsafeBytes {
                         try writer.writer.write(firstCluster: read.first, $0, checksum: checksum)
                     }
                 }
                 if bytes.count == stepBytes { spare.give(bytes) }
             }
-            let (checksum, fileBytes) = try await run(on: queue) { () -> (UInt32, UInt64) in
+            let (checksum, fileBytes) = try await io.run { () -> (UInt32, UInt64) in
                 try writer.writer.finish()
                 // Computed as the file was written, so it is not read back.
                 return (writer.writer.fileChecksum ?? 0, try writer.writer.fileLength())
@@ -137,14 +127,14 @@ enum ImageTransfer {
                         "Snapshot \(view.id.guidString) was deleted while its image was written (its set was aborted); no image was kept."
                 )
             }
-            try await run(on: queue) { try directory.rename(partial, to: name) }
+            try await io.run { try directory.rename(partial, to: name) }
             let elapsed = ContinuousClock.now - started
             return BackupImageResult(
                 file: file, kind: backingFile == nil ? "full" : "incremental", bytes: size,
                 copiedBytes: writer.writer.dataBytes, checksum: checksum, fileBytes: fileBytes, seconds: elapsed.seconds
             )
         } catch {
-            try? await run(on: queue) { try directory.removeFile(partial) }
+            try? await io.run { try directory.removeFile(partial) }
             throw error
         }
     }
@@ -174,8 +164,8 @@ enum ImageTransfer {
         _ file: String, as name: String, in store: SnapshotStore, chunkSize: ByteCount
     ) async throws -> RestoreResult {
         let started = ContinuousClock.now
-        let queue = DispatchQueue(label: "umbra.restore")
-        let image = try await run(on: queue) { ImageBox(try QCOW2Image.open(path: file)) }
+        let io = store.io
+        let image = try await io.run { ImageBox(try QCOW2Image.open(path: file)) }
         let size = image.image.virtualSize
         guard size > 0, size % VolumeSpec.sizeGranularity == 0 else {
             throw CLIError(
@@ -194,7 +184,7 @@ enum ImageTransfer {
                 let stepEnd = min(size, stepStart + UInt64(stepBytes))
                 let first = stepStart
                 // The runs of clusters that hold data; the rest read as zeros, as the new volume does.
-                let runs = try await run(on: queue) { () -> [(offset: UInt64, bytes: [UInt8])] in
+                let runs = try await io.run { () -> [(offset: UInt64, bytes: [UInt8])] in
                     var ranges: [Range<UInt64>] = []
                     var position = first
                     while position < stepEnd {
@@ -248,18 +238,14 @@ private final class SpareBuffers: Sendable {
     func give(_ buffer: [UInt8]) { buffers.withLock { $0.append(buffer) } }
 }
 
-/// The writer, used by one step at a time on the backup's queue.
+/// The writer, used by one I/O step at a time (each is awaited before the next).
 private final class WriterBox: @unchecked Sendable {
     let writer: QCOW2Writer
     init(_ writer: QCOW2Writer) { self.writer = writer }
 }
 
-/// The image, read on the restore's queue only.
+/// The image, read by one I/O step at a time (each is awaited before the next).
 private final class ImageBox: @unchecked Sendable {
     let image: QCOW2Image
     init(_ image: QCOW2Image) { self.image = image }
-}
-
-extension Duration {
-    var seconds: Double { Double(components.seconds) + Double(components.attoseconds) / 1e18 }
 }

@@ -173,7 +173,7 @@ struct BackupCommand: AsyncParsableCommand {
         @OptionGroup var output: OutputOptions
 
         func run() async throws {
-            let manifest = try BackupManifest.load(from: BackupDirectory.absolute(directory), mustExist: true)
+            let manifest = try BackupManifest.load(from: absolutePath(directory), mustExist: true)
             let listed = manifest.ordered().map {
                 BackupList.Backup(
                     volume: $0.volume, snapshot: $0.snapshot, file: $0.file, kind: $0.kind, backing: $0.backing,
@@ -195,7 +195,7 @@ struct BackupCommand: AsyncParsableCommand {
         @OptionGroup var output: OutputOptions
 
         func run() async throws {
-            let directory = try BackupDirectory.absolute(self.directory)
+            let directory = try absolutePath(self.directory)
             let manifest = try BackupManifest.load(from: directory, mustExist: true)
             var images: [BackupVerification.Image] = []
             for entry in manifest.ordered() {
@@ -240,7 +240,7 @@ struct RestoreCommand: AsyncParsableCommand {
     @OptionGroup var output: OutputOptions
 
     func run() async throws {
-        let path = try BackupDirectory.absolute(file)
+        let path = try absolutePath(file)
         let result = try await withClient(connection) { try await $0.restoreVolume(name: volume, from: path) }
         if output.json { return try printJSON(result) }
         print(

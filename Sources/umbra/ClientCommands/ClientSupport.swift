@@ -41,16 +41,25 @@ struct CLIError: Error, CustomStringConvertible {
             description = error.message
         } else {
             let text = "\(error)"
-            guard let first = text.first else {
-                description = "The command failed."
-                return
-            }
-            let sentence = first.uppercased() + text.dropFirst()
-            description =
-                sentence.hasSuffix(".") || sentence.hasSuffix("!") || sentence.hasSuffix("?")
-                ? sentence : sentence + "."
+            description = text.isEmpty ? "The command failed." : sentence(text)
         }
     }
+}
+
+/// A clause (an error's description) as one sentence: capitalized, ending in a full stop unless it
+/// ends in one of its own.
+func sentence(_ clause: String) -> String {
+    let capitalized = clause.prefix(1).uppercased() + clause.dropFirst()
+    return capitalized.hasSuffix(".") || capitalized.hasSuffix("!") || capitalized.hasSuffix("?")
+        ? capitalized : capitalized + "."
+}
+
+/// `path` made absolute (relative to the working directory), without a trailing slash.
+func absolutePath(_ path: String) throws -> String {
+    guard !path.isEmpty else { throw CLIError(message: "The path is empty.") }
+    var absolute = path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
+    while absolute.count > 1 && absolute.hasSuffix("/") { absolute.removeLast() }
+    return absolute
 }
 
 /// Runs a client command body: connects, runs, closes; errors become one sentence on stderr.
