@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "NBDServer", targets: ["NBDServer"]),
         .library(name: "ShadowCopy", targets: ["ShadowCopy"]),
         .library(name: "QCOW2", targets: ["QCOW2"]),
+        .library(name: "RBD", targets: ["RBD"]),
         .library(name: "UmbraTestSupport", targets: ["UmbraTestSupport"]),
         .library(name: "NBDFuzzing", targets: ["NBDFuzzing"]),
     ],
@@ -78,6 +79,13 @@ let package = Package(
                 .product(name: "CoreMetrics", package: "swift-metrics"),
             ]
         ),
+        // librbd and librados (Ceph RBD volumes); librbd-dev ships no pkg-config file.
+        .systemLibrary(
+            name: "CRBD",
+            providers: [.apt(["librbd-dev", "librados-dev"])]
+        ),
+        // Ceph RBD images through librbd: asynchronous I/O, snapshots, diffs.
+        .target(name: "RBD", dependencies: ["CRBD"]),
         .systemLibrary(
             name: "CNBD",
             pkgConfig: "libnbd",
@@ -90,7 +98,7 @@ let package = Package(
         .executableTarget(
             name: "umbra",
             dependencies: [
-                "BlockIO", "SnapshotEngine", "NBDProtocol", "NBDServer", "ShadowCopy", "QCOW2",
+                "BlockIO", "SnapshotEngine", "NBDProtocol", "NBDServer", "ShadowCopy", "QCOW2", "RBD",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -2,12 +2,13 @@
 # Installs the Debian packages Umbra needs, as root or through sudo. Does nothing when they are all
 # there already.
 #   Scripts/install-dependencies.sh           what building and every test need (NBD clients and
-#                                             servers, QEMU's tools, fio, FUSE)
+#                                             servers, QEMU's tools, fio, FUSE, a Ceph monitor and OSD)
 #   Scripts/install-dependencies.sh --build   only what building `umbra` needs (Scripts/serve.sh)
 set -euo pipefail
 
 build_packages=(
     libisal-dev                                    # ISA-L's CRC-32C: checksums of catalog batches and copies
+    librbd-dev librados-dev                        # Ceph RBD volumes (umbra links librbd and librados)
 )
 packages=(
     "${build_packages[@]}"
@@ -18,6 +19,7 @@ packages=(
     e2fsprogs fuse3 util-linux                     # mkfs.ext4, fsck, fusermount3, losetup
     python3 python3-fusepy                         # the Python writer and nbdsh; Scripts/testing/faultfs.py
     openssl                                        # certificates made at test time (test-tls.sh)
+    ceph-mon ceph-osd ceph-common                  # the single-node Ceph cluster of Scripts/ceph-cluster.sh (RBD tests)
     man-db systemd                                 # man and systemd-analyze (test-install.sh, the unit test)
 )
 

@@ -12,11 +12,12 @@
 #   4. snapshot-reads.sh   reads of a snapshot whose every chunk was copied
 #   5. server-cpu.sh       server CPU per 4 KiB request, with and without --metrics
 #   6. backup.py           full and incremental backups against nbdcopy
-#   7. swift package benchmark (Benchmarks/): the engine without NBD (skipped with --no-engine)
+#   7. rbd-compare.sh      an RBD volume through Umbra against rbd bench and fio's librbd engine
+#   8. swift package benchmark (Benchmarks/): the engine without NBD (skipped with --no-engine)
 #
 # Takes about 30 minutes with 3 reps (the engine suite builds in release first). Run it on a quiet
 # machine; every figure is a ratio measured within the run. Needs what Scripts/install-dependencies.sh
-# installs (fio, nbdkit, libnbd, python3-libnbd).
+# installs (fio, nbdkit, libnbd, python3-libnbd, Ceph).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 source Scripts/env.sh
@@ -37,35 +38,35 @@ step() { echo "=== $* ($(date +%H:%M:%S))" >&2; }
 
 /usr/bin/python3 -c 'import json, sys; sys.path.insert(0, "Scripts/bench"); import benchlib; print(json.dumps(benchlib.machine(), indent=1))' >"$out/machine.json"
 
-step "1/7 nbd-compare"
+step "1/8 nbd-compare"
 /usr/bin/python3 Scripts/bench/nbd-compare.py -r "$reps" --umbra "umbra=$umbra" \
     --umbra "offload-writes=$umbra --offload-writes" --umbra "io-threads-16=$umbra --io-threads 16" \
     --json "$out/nbd-compare.json" | tee "$out/nbd-compare.txt"
 
-step "2/7 cow-first-write"
+step "2/8 cow-first-write"
 /usr/bin/python3 Scripts/bench/cow-first-write.py -r "$reps" --umbra "umbra=$umbra" \
     --json "$out/cow-first-write.json" | tee "$out/cow-first-write.txt"
 
-step "3/7 set-latency"
+step "3/8 set-latency"
 for flush in 0 16; do
     /usr/bin/python3 Scripts/bench/set-latency.py --umbra "$umbra" --sets 200 --flush-every $flush --json \
         | tee "$out/set-latency-flush-$flush.json"
 done
 
-step "4/7 snapshot-reads"
+step "4/8 snapshot-reads"
 Scripts/bench/snapshot-reads.sh -r "$reps" "$umbra" | tee "$out/snapshot-reads.txt"
 
-step "5/7 server-cpu"
+step "5/8 server-cpu"
 Scripts/bench/server-cpu.sh -n 6 "$umbra" "$umbra --metrics tcp://127.0.0.1:0" | tee "$out/server-cpu.txt"
 
-step "6/7 backup"
+step "6/8 backup"
 /usr/bin/python3 Scripts/bench/backup.py -r "$reps" --umbra "$umbra" --json "$out/backup.json" \
     | tee "$out/backup.txt"
 
 if [ $engine = 1 ]; then
-    step "7/7 engine (swift package benchmark)"
+    step "7/8 engine (swift package benchmark)"
     (cd Benchmarks && swift package benchmark --no-progress) | tee "$out/engine.txt"  # engine and metrics
 else
-    step "7/7 engine: skipped (--no-engine)"
+    step "7/8 engine: skipped (--no-engine)"
 fi
 echo "results: $out" >&2

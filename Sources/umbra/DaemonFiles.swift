@@ -7,6 +7,18 @@ import BlockIO
 import Logging
 
 enum DaemonFiles {
+    /// Replaces `name` in `directory` whole with `bytes`: written beside, synced, renamed over it
+    /// (the rename synced with its directory), so a crash leaves the old file or the new one.
+    static func replace(_ name: String, in directory: String, with bytes: [UInt8]) throws {
+        let folder = try FileSystemDirectory(path: directory)
+        let temporary = name + ".new"
+        if folder.fileExists(temporary) { try folder.removeFile(temporary) }
+        let storage = try folder.openFile(temporary, mode: .createNew)
+        try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: .zero, $0) }
+        try storage.synchronize()
+        try folder.rename(temporary, to: name)
+    }
+
     /// Everything created from now on is owner-only.
     static func restrictNewFiles() {
         LocalSystem.restrictNewFiles()

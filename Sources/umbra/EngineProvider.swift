@@ -5,6 +5,7 @@
 import BlockIO
 import Foundation
 import QCOW2
+import RBD
 import ShadowCopy
 import SnapshotEngine
 
@@ -78,10 +79,14 @@ struct EngineProvider: SnapshotProvider {
 struct DaemonRequests: ControlRequestHandler {
     let store: SnapshotStore
     let exports: ExportReconciler
+    /// The RBD volumes, when the daemon was given a Ceph cluster.
+    let rbd: RBDProvider?
     /// What `status` reports about the daemon beyond the store.
     let daemon: DaemonFacts
 
     func createVolume(_ params: CreateVolumeParams) async throws -> ShadowCopy.VolumeInfo {
+        if rbd?.volume(named: params.name) != nil { throw controlError(EngineError.volumeExists(params.name)) }
+        if let image = params.rbd { return try await createRBDVolume(params, image: image) }
         guard params.whenFull == nil || params.diffLimit != nil else {
             throw ShadowCopyError(
                 .invalidParams, "whenFull needs a diffLimit: without a limit the diff store is never full.")
@@ -107,7 +112,7 @@ struct DaemonRequests: ControlRequestHandler {
     }
 
     func listVolumes() async throws -> VolumeList {
-        VolumeList(volumes: store.volumes().map(Self.describe))
+        VolumeList(volumes: store.volumes().map(Self.describe) + rbdVolumes())
     }
 
     /// A volume as the control protocol shows it.
@@ -115,13 +120,14 @@ struct DaemonRequests: ControlRequestHandler {
         ShadowCopy.VolumeInfo(
             name: info.name, size: info.size.rawValue, chunkSize: info.chunkSize.rawValue,
             diffLimit: info.diffLimit?.rawValue,
-            whenFull: info.diffLimit == nil ? nil : DiffStoreFullPolicy(info.policy))
+            whenFull: info.diffLimit == nil ? nil : DiffStoreFullPolicy(info.policy), backend: "local")
     }
 
     func setVolume(_ params: SetVolumeParams) async throws -> ShadowCopy.VolumeInfo {
         guard params.diffLimit != nil || params.whenFull != nil else {
             throw ShadowCopyError(.invalidParams, "volume.set needs diffLimit or whenFull: there is nothing to change.")
         }
+        try refuseRBD(params.name, "has no diff store to limit: RBD keeps its snapshots itself")
         do {
             // The engine reads what is not changed under the lock it changes the rest with.
             let info = try await store.limitDiffStore(
@@ -135,8 +141,11 @@ struct DaemonRequests: ControlRequestHandler {
     }
 
     func labelSet(_ params: LabelSetParams) async throws {
+        let labelledRBD = try rbd?.labelSet(params.set, purpose: params.purpose) ?? false
         do {
             try await store.labelSnapshotSet(id: params.set, purpose: params.purpose)
+        } catch EngineError.snapshotNotFound where labelledRBD {
+            // An RBD-only set.
         } catch {
             throw controlError(error)
         }
@@ -153,6 +162,12 @@ struct DaemonRequests: ControlRequestHandler {
         }
         guard (params.backingFile == nil) == (params.base == nil) else {
             throw ShadowCopyError(.invalidParams, "An incremental image needs both base and backingFile.")
+        }
+        if rbd?.hasSnapshot(params.snapshot) ?? false {
+            throw ShadowCopyError(
+                .invalidArgument,
+                "Snapshot \(params.snapshot.guidString) is on an RBD volume; backups to qcow2 work on local volumes only (copy its export with nbdcopy or qemu-img instead)."
+            )
         }
         do {
             let view = try store.snapshot(id: params.snapshot)
@@ -175,7 +190,7 @@ struct DaemonRequests: ControlRequestHandler {
         guard params.file.hasPrefix("/") else {
             throw ShadowCopyError(.invalidParams, "The image's file must be an absolute path (got '\(params.file)').")
         }
-        guard store.volumes().allSatisfy({ $0.name != params.name }) else {
+        guard store.volumes().allSatisfy({ $0.name != params.name }), rbd?.volume(named: params.name) == nil else {
             throw controlError(EngineError.volumeExists(params.name))
         }
         // Not served until it holds the whole image: no client reads it half-written.
@@ -195,6 +210,9 @@ struct DaemonRequests: ControlRequestHandler {
 
     func revertVolume(_ params: RevertParams) async throws -> RevertResultInfo {
         let started = ContinuousClock.now
+        try refuseRBD(
+            params.name,
+            "cannot be reverted by Umbra; roll the image back with `rbd snap rollback` while nothing uses it")
         do {
             // A revert refused before it starts must not end the volume's connections.
             try store.checkRevert(volume: params.name, to: params.snapshot)
@@ -215,7 +233,15 @@ struct DaemonRequests: ControlRequestHandler {
         }
     }
 
-    func deleteVolume(name: String) async throws {
+    func deleteVolume(name: String, deletingImage: Bool) async throws {
+        if let rbd, rbd.volume(named: name) != nil {
+            try await rbd.deleteVolume(name: name, deletingImage: deletingImage)
+            await exports.settle()
+            return
+        }
+        if deletingImage {
+            throw ShadowCopyError(.invalidArgument, "Volume \(name) is not an RBD volume: it has no image to delete.")
+        }
         do {
             try await store.deleteVolume(named: name)
             await exports.settle()
@@ -226,16 +252,20 @@ struct DaemonRequests: ControlRequestHandler {
 
     func listSnapshots(volume: String?) async throws -> SnapshotList {
         do {
-            return SnapshotList(
-                snapshots: try store.snapshots(volume: volume).map { snapshot in
-                    var failure: String?
-                    if case .failed(let reason) = snapshot.state { failure = reason }
-                    return ShadowCopy.SnapshotInfo(
-                        id: snapshot.id, set: snapshot.setID, volume: snapshot.volume, export: snapshot.exportName,
-                        createdAt: snapshot.createdAt, diffBytes: snapshot.diffBytes.rawValue,
-                        state: failure != nil ? "failed" : snapshot.isPending ? "pending" : "ready", failure: failure,
-                        purpose: snapshot.purpose)
-                })
+            if let rbd, let volume, rbd.volume(named: volume) != nil {
+                return SnapshotList(snapshots: rbd.snapshots(volume: volume))
+            }
+            let local = try store.snapshots(volume: volume).map { snapshot in
+                var failure: String?
+                if case .failed(let reason) = snapshot.state { failure = reason }
+                return ShadowCopy.SnapshotInfo(
+                    id: snapshot.id, set: snapshot.setID, volume: snapshot.volume, export: snapshot.exportName,
+                    createdAt: snapshot.createdAt, diffBytes: snapshot.diffBytes.rawValue,
+                    state: failure != nil ? "failed" : snapshot.isPending ? "pending" : "ready", failure: failure,
+                    purpose: snapshot.purpose)
+            }
+            let remote = volume == nil ? rbd?.snapshots(volume: nil) ?? [] : []
+            return SnapshotList(snapshots: (local + remote).sorted { $0.createdAt < $1.createdAt })
         } catch {
             throw controlError(error)
         }
@@ -243,7 +273,16 @@ struct DaemonRequests: ControlRequestHandler {
 
     func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult {
         do {
-            let deleted = try await store.deleteSnapshots(ids: ids)
+            // Every id must name something before anything is deleted.
+            let remote = rbd?.snapshots(volume: nil) ?? []
+            let remoteIDs = ids.filter { id in remote.contains { $0.id == id || $0.set == id } }
+            let local = try store.snapshots()
+            let localIDs = ids.filter { id in local.contains { $0.id == id || $0.setID == id } }
+            if let missing = ids.first(where: { !remoteIDs.contains($0) && !localIDs.contains($0) }) {
+                throw EngineError.snapshotNotFound(missing.guidString)
+            }
+            var deleted = localIDs.isEmpty ? [] : try await store.deleteSnapshots(ids: localIDs)
+            if let rbd, !remoteIDs.isEmpty { deleted += try await rbd.deleteSnapshots(ids: remoteIDs) }
             await exports.settle()
             return DeleteSnapshotsResult(deleted: deleted)
         } catch {
@@ -252,6 +291,11 @@ struct DaemonRequests: ControlRequestHandler {
     }
 
     func changes(_ params: ChangesParams) async throws -> ChangeList {
+        if let rbd, let volume = rbd.volume(named: params.volume) {
+            let changed = try await rbd.changes(volume: params.volume, since: params.since, until: params.until)
+            return ChangeList(
+                chunkSize: volume.objectSize, extents: changed.map { ByteExtent(offset: $0.offset, length: $0.count) })
+        }
         do {
             let changes = try store.changes(volume: params.volume, since: params.since, until: params.until)
             return ChangeList(
@@ -296,7 +340,15 @@ extension DaemonRequests {
                     diffBytes: volume.diffBytes.rawValue, diffLimit: volume.diffLimit?.rawValue,
                     snapshots: volume.snapshotCount,
                     oldestSnapshotAgeSeconds: oldest.map { max(0, now.timeIntervalSince($0)) })
-            })
+            }
+                + (rbd?.records() ?? []).map { record in
+                    let size = rbd?.volume(named: record.name)?.size ?? 0
+                    let oldest = record.snapshots.map(\.createdAt).min()
+                    return StatusResult.Volume(
+                        name: record.name, size: size, backend: "rbd", diffBytes: 0, diffLimit: nil,
+                        snapshots: record.snapshots.count,
+                        oldestSnapshotAgeSeconds: oldest.map { max(0, now.timeIntervalSince($0)) })
+                })
     }
 
     func reload() async throws -> ReloadResult {
@@ -304,6 +356,9 @@ extension DaemonRequests {
     }
 
     func verify(_ params: VerifyParams) async throws -> VerifyResult {
+        for name in params.volumes {
+            try refuseRBD(name, "is checked by Ceph itself (`ceph pg deep-scrub`); Umbra keeps no checksums for it")
+        }
         do {
             let reports = try await store.verify(volumes: params.volumes)
             return VerifyResult(
@@ -339,5 +394,59 @@ extension DiffStoreFullPolicy {
         case .deleteOldest: self = .deleteOldest
         case .failSnapshot: self = .failSnapshot
         }
+    }
+}
+
+// RBD volumes in the requests that are not about sets.
+extension DaemonRequests {
+    /// `volume.create` with `rbd`: the volume is an RBD image (created when a size is given).
+    fileprivate func createRBDVolume(_ params: CreateVolumeParams, image: String) async throws -> ShadowCopy.VolumeInfo
+    {
+        guard let rbd else {
+            throw ShadowCopyError(
+                .invalidArgument, "RBD volumes need a daemon started with --ceph-conf (this one has no Ceph cluster).")
+        }
+        let parts = image.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty, !image.contains("@") else {
+            throw ShadowCopyError(.invalidParams, "--rbd takes POOL/IMAGE (got '\(image)').")
+        }
+        guard params.chunkSize == nil, params.diffLimit == nil, params.whenFull == nil else {
+            throw ShadowCopyError(
+                .invalidParams, "An RBD volume has no chunk size or diff store: RBD keeps its snapshots itself.")
+        }
+        guard store.volumes().allSatisfy({ $0.name != params.name }) else {
+            throw controlError(EngineError.volumeExists(params.name))
+        }
+        guard VolumeSpec.isValidName(params.name) else {
+            throw controlError(EngineError.invalidVolumeName(params.name))
+        }
+        let volume: RBDVolume
+        do {
+            volume = try await rbd.createVolume(
+                name: params.name, pool: String(parts[0]), image: String(parts[1]),
+                size: params.size == 0 ? nil : params.size)
+        } catch let error as RBDError {
+            let code: ControlErrorCode =
+                error.errno == ENOENT ? .notFound : error.errno == EEXIST ? .alreadyExists : .invalidArgument
+            throw ShadowCopyError(code, sentence(error.description))
+        }
+        await exports.settle()
+        return Self.describe(volume)
+    }
+
+    static func describe(_ volume: RBDVolume) -> ShadowCopy.VolumeInfo {
+        ShadowCopy.VolumeInfo(
+            name: volume.name, size: volume.size, chunkSize: volume.objectSize, backend: "rbd", image: volume.path)
+    }
+
+    fileprivate func rbdVolumes() -> [ShadowCopy.VolumeInfo] {
+        guard let rbd else { return [] }
+        return rbd.volumeNames.compactMap { rbd.volume(named: $0).map(Self.describe) }
+    }
+
+    /// Throws if `name` is an RBD volume, saying why the request does not apply to it.
+    fileprivate func refuseRBD(_ name: String, _ why: String) throws {
+        guard rbd?.volume(named: name) != nil else { return }
+        throw ShadowCopyError(.invalidArgument, "Volume \(name) is an RBD volume and \(why).")
     }
 }

@@ -21,6 +21,7 @@ import NBDServer
 import NIOCore
 import NIOPosix
 import Prometheus
+import RBD
 import ShadowCopy
 import SnapshotEngine
 import Synchronization
@@ -56,6 +57,15 @@ struct Serve: AsyncParsableCommand {
 
     @Option(help: "The chunk size of volumes created by --volume or --volume-file.")
     var chunkSize: Size = Size(bytes: VolumeSpec.defaultChunkSize.rawValue)
+
+    @Option(help: "A Ceph configuration file (with its keyring): serve RBD volumes from that cluster.")
+    var cephConf: String?
+
+    @Option(help: "The Ceph client name to connect as, without `client.`.")
+    var cephID: String = "admin"
+
+    @Option(help: "How long a Ceph request may go unanswered before it fails (EIO to NBD clients), in seconds.")
+    var cephTimeout: Int = 30
 
     @Option(help: "The longest writes may be held while a snapshot set is taken, in seconds.")
     var holdLimit: Double = 10
@@ -247,7 +257,11 @@ struct Serve: AsyncParsableCommand {
         configuration.eventHandler = { event in exports.storeChanged(event) }
         let store = try await SnapshotStore.open(path: data, configuration: configuration)
         exports.attach(store)
+        var rbd: RBDProvider?
         do {
+            rbd = try await openRBD(store: store, exports: exports, logger: logger)
+            if let rbd { exports.attach(rbd) }
+
             for (name, size) in try volumeSpecs() where store.volumes().allSatisfy({ $0.name != name }) {
                 try await store.createVolume(
                     VolumeSpec(name: name, size: ByteCount(size), chunkSize: ByteCount(chunkSize.bytes)))
@@ -272,6 +286,7 @@ struct Serve: AsyncParsableCommand {
             if let only {
                 try await Self.serveStdio(only, nbd: nbd, logger: logger)
                 try await store.close()
+                await closeRBD(rbd, logger: logger)
                 return
             }
             let requested = listen.isEmpty ? [Self.defaultListenAddress] : listen
@@ -283,7 +298,10 @@ struct Serve: AsyncParsableCommand {
                 throw error
             }
             let coordinator = ShadowCopyCoordinator(
-                provider: EngineProvider(store: store, exports: exports), clock: ContinuousClock(),
+                provider: ProviderSet(
+                    engine: EngineProvider(store: store, exports: exports), rbd: rbd,
+                    holdLimit: configuration.holdLimit),
+                clock: ContinuousClock(),
                 configuration: CoordinatorConfiguration(
                     eventTimeout: .milliseconds(Int64(writerTimeout * 1000)),
                     freezeWindow: .milliseconds(Int64(freezeTimeout * 1000))),
@@ -293,7 +311,7 @@ struct Serve: AsyncParsableCommand {
             // write when the kernel throttles dirty memory, and Thaw or Abort must not wait for that.
             let controlLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             let requests = DaemonRequests(
-                store: store, exports: exports,
+                store: store, exports: exports, rbd: rbd,
                 daemon: DaemonFacts(
                     startedAt: startedAt, listeners: addresses, connections: { nbd.openConnections },
                     writers: { await coordinator.listWriters() }, reload: { try reloader.reload(nbd) },
@@ -325,7 +343,7 @@ struct Serve: AsyncParsableCommand {
             logger.info(
                 "serving",
                 metadata: [
-                    "volumes": "\(store.volumes().map(\.name).joined(separator: ","))",
+                    "volumes": "\((store.volumes().map(\.name) + (rbd?.volumeNames ?? [])).joined(separator: ","))",
                     "nbd": "\(addresses.joined(separator: ","))", "control": "\(controlPath)",
                     "metrics": "\(metricsEndpoint?.address ?? "off")",
                 ])
@@ -352,11 +370,59 @@ struct Serve: AsyncParsableCommand {
             await controlServer.shutdown()
             await nbd.shutdown()
             try await store.close()
+            await closeRBD(rbd, logger: logger)
             try? await controlLoop.shutdownGracefully()
             logger.info("stopped")
         } catch {
             try? await store.close()
+            await closeRBD(rbd, logger: logger)
             throw error
+        }
+    }
+}
+
+extension Serve {
+    /// Closes the RBD images, waiting for the cluster no longer than `--ceph-timeout`.
+    fileprivate func closeRBD(_ rbd: RBDProvider?, logger: Logger) async {
+        guard let rbd else { return }
+        if await !rbd.close(waitingAtMost: .seconds(max(1, cephTimeout))) {
+            logger.warning(
+                "the Ceph cluster did not answer while the RBD images were closed; stopping without it",
+                metadata: ["timeout_s": "\(cephTimeout)"])
+        }
+    }
+
+    /// Connects to the Ceph cluster of `--ceph-conf` and opens the RBD volumes the data directory
+    /// records. Without `--ceph-conf`, refuses to start if there are any (they would vanish unseen).
+    fileprivate func openRBD(store: SnapshotStore, exports: ExportReconciler, logger: Logger) async throws
+        -> RBDProvider?
+    {
+        guard let cephConf else {
+            let recorded = try RBDProvider.recordedVolumes(in: data)
+            guard recorded.isEmpty else {
+                throw CLIError(
+                    message:
+                        "\(data) has RBD volumes (\(recorded.joined(separator: ", "))); start the daemon with --ceph-conf to serve them."
+                )
+            }
+            return nil
+        }
+        guard FileManager.default.isReadableFile(atPath: cephConf) else {
+            throw CLIError(message: "Cannot read the Ceph configuration \(cephConf).")
+        }
+        let keptSets = Set(try store.snapshots().map(\.setID))
+        do {
+            let provider = try await RBDProvider.open(
+                configurationPath: cephConf, id: cephID, timeout: max(1, cephTimeout), directory: data, io: store.io,
+                keptSets: keptSets, logger: Logger(label: "umbra.rbd"), changed: { exports.reconcile() })
+            logger.info(
+                "connected to Ceph",
+                metadata: [
+                    "conf": "\(cephConf)", "client": "client.\(cephID)", "volumes": "\(provider.volumeNames.count)",
+                ])
+            return provider
+        } catch let error as RBDError {
+            throw CLIError(message: sentence(error.description))
         }
     }
 }

@@ -179,7 +179,7 @@ struct CannedHandler: ControlRequestHandler {
         VolumeList(volumes: [VolumeInfo(name: "db", size: 1 << 30, chunkSize: 65536)])
     }
 
-    func deleteVolume(name: String) async throws {
+    func deleteVolume(name: String, deletingImage: Bool) async throws {
         throw ShadowCopyError(.notFound, "No volume named '\(name)'.")
     }
 

@@ -54,12 +54,12 @@ public final class ControlClient: Sendable {
 
     public func createVolume(
         name: String, size: UInt64, chunkSize: UInt64? = nil, diffLimit: UInt64? = nil,
-        whenFull: DiffStoreFullPolicy? = nil
+        whenFull: DiffStoreFullPolicy? = nil, rbd: String? = nil
     ) async throws -> VolumeInfo {
         try await call(
             "volume.create",
             params: CreateVolumeParams(
-                name: name, size: size, chunkSize: chunkSize, diffLimit: diffLimit, whenFull: whenFull),
+                name: name, size: size, chunkSize: chunkSize, diffLimit: diffLimit, whenFull: whenFull, rbd: rbd),
             as: VolumeInfo.self)
     }
 
@@ -97,8 +97,11 @@ public final class ControlClient: Sendable {
         try await call("volume.restore", params: RestoreParams(name: name, file: file), as: RestoreResult.self)
     }
 
-    public func deleteVolume(name: String) async throws {
-        _ = try await call("volume.delete", params: VolumeNameParams(name: name), as: EmptyResult.self)
+    /// `deletingImage`: an RBD volume's image is removed too.
+    public func deleteVolume(name: String, deletingImage: Bool = false) async throws {
+        _ = try await call(
+            "volume.delete", params: VolumeNameParams(name: name, deleteImage: deletingImage ? true : nil),
+            as: EmptyResult.self)
     }
 
     // MARK: - Snapshots and sets

@@ -185,7 +185,7 @@ extension ControlServer {
             return ControlEncoding.result(id: id, try await handler.revertVolume(params))
         case "volume.delete":
             let params = try message.params(VolumeNameParams.self)
-            try await handler.deleteVolume(name: params.name)
+            try await handler.deleteVolume(name: params.name, deletingImage: params.deleteImage ?? false)
             return ControlEncoding.result(id: id, EmptyResult())
         case "snapshot.list":
             let params = try message.params(ListSnapshotsParams.self)

@@ -80,7 +80,8 @@ public protocol ControlRequestHandler: Sendable {
     func backupSnapshot(_ params: BackupImageParams) async throws -> BackupImageResult
     /// Creates a volume from a qcow2 image and its backing chain.
     func restoreVolume(_ params: RestoreParams) async throws -> RestoreResult
-    func deleteVolume(name: String) async throws
+    /// `deletingImage`: an RBD volume's image goes too (it stays otherwise).
+    func deleteVolume(name: String, deletingImage: Bool) async throws
     func listSnapshots(volume: String?) async throws -> SnapshotList
     func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult
     func changes(_ params: ChangesParams) async throws -> ChangeList

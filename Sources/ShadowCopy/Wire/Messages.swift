@@ -93,15 +93,22 @@ public struct VolumeInfo: Codable, Sendable, Hashable {
     /// Bytes the diff store may hold; absent for no limit.
     public var diffLimit: UInt64?
     public var whenFull: DiffStoreFullPolicy?
+    /// Which provider holds it: `local` (the engine's files) or `rbd` (a Ceph RBD image).
+    public var backend: String?
+    /// `POOL/IMAGE`, for an RBD volume.
+    public var image: String?
 
     public init(
-        name: String, size: UInt64, chunkSize: UInt64, diffLimit: UInt64? = nil, whenFull: DiffStoreFullPolicy? = nil
+        name: String, size: UInt64, chunkSize: UInt64, diffLimit: UInt64? = nil, whenFull: DiffStoreFullPolicy? = nil,
+        backend: String? = nil, image: String? = nil
     ) {
         self.name = name
         self.size = size
         self.chunkSize = chunkSize
         self.diffLimit = diffLimit
         self.whenFull = whenFull
+        self.backend = backend
+        self.image = image
     }
 }
 
@@ -120,11 +127,15 @@ public struct CreateVolumeParams: Codable, Sendable, Hashable {
     public var diffLimit: UInt64?
     /// What happens when the diff store is full; `delete-oldest` when absent. Needs `diffLimit`.
     public var whenFull: DiffStoreFullPolicy?
+    /// `POOL/IMAGE`: the volume is this Ceph RBD image (created when `size` is not 0, else an
+    /// existing one at its own size). Needs a daemon started with `--ceph-conf`.
+    public var rbd: String?
 
     public init(
         name: String, size: UInt64, chunkSize: UInt64? = nil, diffLimit: UInt64? = nil,
-        whenFull: DiffStoreFullPolicy? = nil
+        whenFull: DiffStoreFullPolicy? = nil, rbd: String? = nil
     ) {
+        self.rbd = rbd
         self.name = name
         self.size = size
         self.chunkSize = chunkSize
@@ -252,7 +263,12 @@ public struct RestoreResult: Codable, Sendable, Hashable {
 
 public struct VolumeNameParams: Codable, Sendable, Hashable {
     public var name: String
-    public init(name: String) { self.name = name }
+    /// `volume.delete` of an RBD volume: remove the RBD image too (it stays when absent).
+    public var deleteImage: Bool?
+    public init(name: String, deleteImage: Bool? = nil) {
+        self.name = name
+        self.deleteImage = deleteImage
+    }
 }
 
 // MARK: - Snapshots

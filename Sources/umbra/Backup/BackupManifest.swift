@@ -58,14 +58,7 @@ struct BackupManifest: Codable {
     }
 
     func save(to directory: String) throws {
-        let bytes = Array(try ControlJSON.makeEncoder().encode(self))
-        let folder = try FileSystemDirectory(path: directory)
-        let temporary = Self.fileName + ".new"
-        if folder.fileExists(temporary) { try folder.removeFile(temporary) }
-        let storage = try folder.openFile(temporary, mode: .createNew)
-        try bytes.withUnsafeBytes { try storage.write(toAbsoluteOffset: .zero, $0) }
-        try storage.synchronize()
-        try folder.rename(temporary, to: Self.fileName)
+        try DaemonFiles.replace(Self.fileName, in: directory, with: Array(try ControlJSON.makeEncoder().encode(self)))
     }
 
     /// The most images one chain holds (a full image and its incrementals); past it a backup is

@@ -14,7 +14,15 @@ struct VolumeCommand: AsyncParsableCommand {
     struct Create: AsyncParsableCommand {
         static let configuration = CommandConfiguration(abstract: "Create a volume.")
         @Argument(help: "The volume's name (letters, digits, . _ -).") var name: String
-        @Option(help: "Its size: bytes, or with K, M, G, T (a multiple of 4 KiB).") var size: Size
+        @Option(
+            help:
+                "Its size: bytes, or with K, M, G, T (a multiple of 4 KiB). With --rbd: create the image at this size (without: use the existing image)."
+        )
+        var size: Size?
+        @Option(
+            help: ArgumentHelp(
+                "Put the volume on this Ceph RBD image (the daemon needs --ceph-conf).", valueName: "pool/image"))
+        var rbd: String?
         @Option(help: "The copy-on-write chunk size: a power of two from 4K to 1M.") var chunkSize: Size?
         @Option(help: "The most the volume's diff store may hold (at least one chunk); no limit if absent.")
         var diffLimit: Size?
@@ -26,6 +34,11 @@ struct VolumeCommand: AsyncParsableCommand {
         @OptionGroup var output: OutputOptions
 
         func validate() throws {
+            if size == nil && rbd == nil { throw ValidationError("Give --size (or --rbd with an existing image).") }
+            if rbd != nil && (chunkSize != nil || diffLimit != nil || whenFull != nil) {
+                throw ValidationError(
+                    "--rbd takes no --chunk-size, --diff-limit or --when-full: RBD keeps its snapshots itself.")
+            }
             if whenFull != nil && diffLimit == nil {
                 throw ValidationError("--when-full needs --diff-limit: without a limit the diff store is never full.")
             }
@@ -34,8 +47,8 @@ struct VolumeCommand: AsyncParsableCommand {
         func run() async throws {
             let info = try await withClient(connection) {
                 try await $0.createVolume(
-                    name: name, size: size.bytes, chunkSize: chunkSize?.bytes, diffLimit: diffLimit?.bytes,
-                    whenFull: whenFull)
+                    name: name, size: size?.bytes ?? 0, chunkSize: chunkSize?.bytes, diffLimit: diffLimit?.bytes,
+                    whenFull: whenFull, rbd: rbd)
             }
             if diffLimit != nil && info.diffLimit == nil {
                 throw ShadowCopyError(
@@ -44,6 +57,9 @@ struct VolumeCommand: AsyncParsableCommand {
                 )
             }
             if output.json { return try printJSON(info) }
+            if let image = info.image {
+                return print("Created volume \(info.name) on RBD image \(image): \(Size.format(info.size)).")
+            }
             print(
                 "Created volume \(info.name): \(Size.format(info.size)), \(Size.format(info.chunkSize)) chunks"
                     + (VolumeCommand.describeLimit(info).map { ", " + $0 } ?? "") + ".")
@@ -150,24 +166,30 @@ struct VolumeCommand: AsyncParsableCommand {
             if output.json { return try printJSON(list) }
             if list.volumes.isEmpty { return print("No volumes.") }
             printTable(
-                ["NAME", "SIZE", "CHUNK", "DIFF LIMIT", "WHEN FULL"],
+                ["NAME", "SIZE", "CHUNK", "DIFF LIMIT", "WHEN FULL", "BACKEND"],
                 list.volumes.map {
                     [
                         $0.name, Size.format($0.size), Size.format($0.chunkSize),
                         $0.diffLimit.map(Size.format) ?? "-", $0.whenFull?.rawValue ?? "-",
+                        $0.image.map { "rbd:" + $0 } ?? $0.backend ?? "local",
                     ]
                 })
         }
     }
 
     struct Delete: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Delete a volume (it must have no snapshots).")
+        static let configuration = CommandConfiguration(
+            abstract: "Delete a volume (a local one must have no snapshots).",
+            discussion:
+                "An RBD volume's snapshots are removed and the volume forgotten; its image stays unless --delete-image."
+        )
         @Argument(help: "The volume's name.") var name: String
+        @Flag(help: "For an RBD volume: remove the RBD image too.") var deleteImage = false
         @OptionGroup var connection: ControlOptions
         @OptionGroup var output: OutputOptions
 
         func run() async throws {
-            try await withClient(connection) { try await $0.deleteVolume(name: name) }
+            try await withClient(connection) { try await $0.deleteVolume(name: name, deletingImage: deleteImage) }
             if output.json { return try printJSON(["deleted": name]) }
             print("Deleted volume \(name).")
         }

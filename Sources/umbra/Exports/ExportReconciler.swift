@@ -19,6 +19,7 @@ import Synchronization
 final class ExportReconciler: Sendable {
     private let registry: NBDExportRegistry
     private let store = Mutex<SnapshotStore?>(nil)
+    private let rbd = Mutex<RBDProvider?>(nil)
     private let logger: Logger
     /// The one export to keep (`umbra serve --stdio`), or nil for all of them.
     private let only: String?
@@ -38,6 +39,10 @@ final class ExportReconciler: Sendable {
 
     func attach(_ store: SnapshotStore) {
         self.store.withLock { $0 = store }
+    }
+
+    func attach(_ rbd: RBDProvider) {
+        self.rbd.withLock { $0 = rbd }
     }
 
     func storeChanged(_ event: StoreEvent) {
@@ -106,6 +111,9 @@ final class ExportReconciler: Sendable {
         for info in (try? store.snapshots()) ?? [] where info.state == .ready {
             guard let view = try? store.snapshot(id: info.id) else { continue }
             wanted[info.exportName] = SnapshotExport(snapshot: view, store: store)
+        }
+        for export in rbd.withLock({ $0 })?.exports() ?? [] where offline[export.name] == nil {
+            wanted[export.name] = export
         }
         if let only { wanted = wanted.filter { $0.key == only } }
         let present = Set(registry.names)

@@ -16,7 +16,7 @@ import Synchronization
 #endif
 
 /// A snapshot, read-only.
-struct SnapshotExport: NBDExport {
+struct SnapshotExport: ReadOnlySnapshotExport {
     let snapshot: SnapshotView
     let store: SnapshotStore
 
@@ -27,7 +27,6 @@ struct SnapshotExport: NBDExport {
         "Umbra snapshot of \(snapshot.volumeName) taken \(snapshot.createdAt.formatted(.iso8601))"
     }
     var size: UInt64 { snapshot.size.rawValue }
-    var isReadOnly: Bool { true }
     var blockSize: NBDBlockSize { ExportNaming.blockSize(chunkSize: snapshot.chunkSize) }
     /// Older snapshots of the same volume: what changed between each of them and this one.
     var metaContexts: [String] {
@@ -43,16 +42,6 @@ struct SnapshotExport: NBDExport {
         }
     }
 
-    func write(offset: UInt64, data: NBDWritePayload, fua: Bool) async throws {
-        throw NBDError(.eperm, "snapshots are read-only")
-    }
-
-    func flush() async throws {}
-
-    func writeZeroes(offset: UInt64, length: UInt32, mayTrim: Bool, fast: Bool, fua: Bool) async throws {
-        throw NBDError(.eperm, "snapshots are read-only")
-    }
-
     func blockStatus(context: String, offset: UInt64, length: UInt32) async throws -> [NBDExtent] {
         try await ExportError.wrapping {
             if let id = ExportNaming.snapshotID(fromContext: context) {
@@ -64,5 +53,23 @@ struct SnapshotExport: NBDExport {
             return ExportNaming.allocationExtents(
                 try await snapshot.allocation(at: ByteOffset(offset), count: ByteCount(UInt64(length))))
         }
+    }
+}
+
+/// A snapshot export of any provider: read-only, so the server refuses writes before they reach it
+/// (these answers are for a server that did not).
+protocol ReadOnlySnapshotExport: NBDExport {}
+
+extension ReadOnlySnapshotExport {
+    var isReadOnly: Bool { true }
+
+    func write(offset: UInt64, data: NBDWritePayload, fua: Bool) async throws {
+        throw NBDError(.eperm, "snapshots are read-only")
+    }
+
+    func flush() async throws {}
+
+    func writeZeroes(offset: UInt64, length: UInt32, mayTrim: Bool, fast: Bool, fua: Bool) async throws {
+        throw NBDError(.eperm, "snapshots are read-only")
     }
 }
