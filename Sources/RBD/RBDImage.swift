@@ -99,7 +99,8 @@ public final class RBDImage: Sendable {
         try RBDError.check(Int32(clamping: result), "flushing \(path)")
     }
 
-    /// Deallocates the range (it reads as zeroes afterwards).
+    /// Deallocates the range where RBD can (a hint: partial objects may keep their data, as
+    /// `rbd_skip_partial_discard` decides).
     public func discard(at offset: UInt64, count: UInt64) async throws(RBDError) {
         let result = await Self.completing { completion in rbd_aio_discard(handle, offset, count, completion) }
         try RBDError.check(Int32(clamping: result), "discarding \(count) bytes at \(offset) of \(path)")

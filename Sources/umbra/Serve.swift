@@ -262,6 +262,10 @@ struct Serve: AsyncParsableCommand {
             rbd = try await openRBD(store: store, exports: exports, logger: logger)
             if let rbd { exports.attach(rbd) }
 
+            let rbdNames = Set(rbd?.volumeNames ?? [])
+            if let clash = (try volumeSpecs().map(\.0) + volumeFiles().map(\.0)).first(where: rbdNames.contains) {
+                throw CLIError(message: "Volume \(clash) is an RBD volume; --volume and --volume-file cannot name it.")
+            }
             for (name, size) in try volumeSpecs() where store.volumes().allSatisfy({ $0.name != name }) {
                 try await store.createVolume(
                     VolumeSpec(name: name, size: ByteCount(size), chunkSize: ByteCount(chunkSize.bytes)))
@@ -413,8 +417,8 @@ extension Serve {
         let keptSets = Set(try store.snapshots().map(\.setID))
         do {
             let provider = try await RBDProvider.open(
-                configurationPath: cephConf, id: cephID, timeout: max(1, cephTimeout), directory: data, io: store.io,
-                keptSets: keptSets, logger: Logger(label: "umbra.rbd"), changed: { exports.reconcile() })
+                configurationPath: cephConf, id: cephID, timeout: max(1, cephTimeout), directory: data,
+                keptSets: keptSets, logger: Logger(label: "umbra.rbd"), settleExports: { await exports.settle() })
             logger.info(
                 "connected to Ceph",
                 metadata: [

@@ -157,7 +157,7 @@ struct CephCluster {
                 socketPath: daemon.controlSocket, name: "recorder", volumes: ["local", "remote"],
                 delegate: RecordingWriter(log: log))
             let writerTask = Task { try await writer.run() }
-            while try await control.listWriters().writers.isEmpty { await Task.yield() }
+            while try await control.listWriters().writers.isEmpty { try await Task.sleep(for: .milliseconds(2)) }
 
             let set = try await control.createSnapshotSet(CreateSetParams(volumes: ["local", "remote"]))
             #expect(set.writers.map(\.name) == ["recorder"])
@@ -218,8 +218,12 @@ struct CephCluster {
             #expect(try reader.pread(count: 4096, offset: 0) == pattern(0x11, 4096))
             #expect(try daemon.connect("remote").pread(count: 4096, offset: 0) == pattern(0x33, 4096))
 
-            // Deleting the set removes the RBD snapshot and its export.
+            // Deleting the set removes the RBD snapshot and its export, and a client still reading it
+            // gets errors, not a crashed daemon.
+            let lingering = try daemon.connect(rbdSnapshot.export)
+            #expect(try lingering.pread(count: 4096, offset: 0) == pattern(0x11, 4096))
             _ = try await again.deleteSnapshots(ids: [set.set])
+            #expect(throws: NBDClientError.self) { _ = try lingering.pread(count: 4096, offset: 0) }
             #expect(!(try cluster.rbd("snap", "ls", "rbd/remote").contains(rbdSnapshot.id.guidString)))
             #expect(throws: NBDClientError.self) { _ = try daemon.connect(rbdSnapshot.export) }
             #expect(try await again.listSnapshots().snapshots.isEmpty)
@@ -228,9 +232,8 @@ struct CephCluster {
         }
     }
 
-    /// What a crash can leave: a pending (not kept) set is rolled back at start, and an RBD snapshot
-    /// named by a GUID that no record knows (taken just before a crash) is removed. Other snapshots
-    /// of the image stay.
+    /// What a crash can leave: a pending (not kept) set is rolled back at start. Snapshots of the image
+    /// that Umbra never recorded stay, whatever their names.
     @Test func restartSettlesWhatACrashLeft() async throws {
         try await CephCluster.with { cluster in
             let directory = try TemporaryDirectory("umbra-daemon")
@@ -253,11 +256,35 @@ struct CephCluster {
             #expect(
                 Set(snapshots.map(\.set)) == [kept.set], "the open set was not rolled back, or the kept one was lost")
             let names = try cluster.rbd("snap", "ls", "rbd/remote")
-            #expect(!names.contains(orphan.guidString))
+            #expect(names.contains(orphan.guidString), "a snapshot Umbra never recorded was removed")
             for snapshot in open.snapshots { #expect(!names.contains(snapshot.id.guidString)) }
             #expect(names.contains("someone-elses"))
             #expect(names.contains(try #require(kept.snapshots.first { $0.volume == "remote" }).id.guidString))
             await again.close()
+            await control.close()
+            #expect(daemon.stop() == 0)
+        }
+    }
+
+    /// A writer that vetoes after the snapshots were taken: the set is deleted, its RBD snapshot too.
+    @Test func vetoedSetLeavesNoRBDSnapshot() async throws {
+        try await CephCluster.with { cluster in
+            let daemon = try cluster.daemon(volumes: ["local:4M"])
+            let control = try await daemon.control()
+            _ = try await control.createVolume(name: "remote", size: 4 << 20, rbd: "rbd/vetoed")
+            let writer = ShadowCopyWriter(
+                socketPath: daemon.controlSocket, name: "vetoer", volumes: ["remote"], delegate: VetoingWriter())
+            let writerTask = Task { try await writer.run() }
+            while try await control.listWriters().writers.isEmpty { try await Task.sleep(for: .milliseconds(5)) }
+            await #expect(throws: ShadowCopyError.self) {
+                _ = try await control.createSnapshotSet(CreateSetParams(volumes: ["local", "remote"]))
+            }
+            #expect(try await control.listSnapshots().snapshots.isEmpty)
+            #expect(
+                !(try cluster.rbd("snap", "ls", "rbd/vetoed").contains("-")), "an RBD snapshot of the vetoed set stayed"
+            )
+            writerTask.cancel()
+            _ = try? await writerTask.value
             await control.close()
             #expect(daemon.stop() == 0)
         }
@@ -289,7 +316,9 @@ struct CephCluster {
             var spreads: [Int] = []
             for _ in 0..<10 {
                 let before = shared.steps.load(ordering: .relaxed)
-                while shared.steps.load(ordering: .relaxed) < before + 20 { await Task.yield() }
+                while shared.steps.load(ordering: .relaxed) < before + 20 {
+                    try await Task.sleep(for: .milliseconds(2))
+                }
                 let set = try await control.createSnapshotSet(
                     CreateSetParams(volumes: ["local", "remote"], writers: false))
                 let values = try set.snapshots.sorted { $0.volume < $1.volume }.map { snapshot in
@@ -329,7 +358,7 @@ struct CephCluster {
                 }
             }
             for _ in 0..<10 {
-                while journals.contains(where: { $0.count < 20 }) { await Task.yield() }
+                while journals.contains(where: { $0.count < 20 }) { try await Task.sleep(for: .milliseconds(2)) }
                 let set = try await control.createSnapshotSet(
                     CreateSetParams(volumes: ["local", "remote"], writers: false))
                 let caught = try set.snapshots.sorted { $0.volume < $1.volume }.map { snapshot in
@@ -339,7 +368,7 @@ struct CephCluster {
                 }
                 // Wait until the write after each caught one has ended.
                 for (index, value) in caught.enumerated() {
-                    while journals[index].count < value + 1 { await Task.yield() }
+                    while journals[index].count < value + 1 { try await Task.sleep(for: .milliseconds(2)) }
                 }
                 let latestStart = zip(journals, caught).map { $0.write($1).started }.max()!
                 let earliestNextEnd = zip(journals, caught).map { $0.write($1 + 1).ended }.min()!
@@ -457,6 +486,13 @@ final class WriteJournal: Sendable {
 
 final class WriterEventLog: Sendable {
     let events = Mutex<[String]>([])
+}
+
+/// A writer that vetoes once the snapshots exist.
+struct VetoingWriter: ShadowCopyWriterDelegate {
+    func onPostSnapshot(_ context: WriterEventContext) async throws {
+        throw WriterVeto(.nonRetryable, "the test says no")
+    }
 }
 
 /// A writer that records the events it got.

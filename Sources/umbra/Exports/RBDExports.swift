@@ -164,14 +164,15 @@ struct RBDSnapshotExport: ReadOnlySnapshotExport {
 }
 
 extension RBDProvider {
-    /// An export for every RBD volume and every ready RBD snapshot.
+    /// An export for every RBD volume and every RBD snapshot taken and not being deleted (pending
+    /// ones too, as for local volumes). Reads only what is open: never waits for the cluster.
     func exports() -> [any NBDExport] {
         var exports: [any NBDExport] = []
         for name in volumeNames {
             guard let volume = volume(named: name) else { continue }
             exports.append(RBDLiveExport(volume: volume, provider: self))
             for snapshot in snapshots(volume: name) {
-                guard let image = try? volume.snapshotImage(snapshot.id) else { continue }
+                guard let image = volume.snapshotImage(snapshot.id) else { continue }
                 exports.append(RBDSnapshotExport(volume: volume, snapshot: snapshot, image: image, provider: self))
             }
         }

@@ -57,8 +57,12 @@ final class DaemonGauges: Sendable {
                     labels.insert(label)
                 }
                 set("umbra_volume_size_bytes", Double(volume.size))
-                set("umbra_diff_bytes", Double(volume.diffBytes))
                 set("umbra_snapshots", Double(volume.snapshots))
+                if let age = volume.oldestSnapshotAgeSeconds { set("umbra_oldest_snapshot_age_seconds", age) }
+                now[volume.name] = labels
+                // An RBD volume has no diff store: RBD keeps its snapshots itself.
+                guard volume.backend == "local" else { continue }
+                set("umbra_diff_bytes", Double(volume.diffBytes))
                 var room = free
                 if let limit = volume.diffLimit {
                     set("umbra_diff_limit_bytes", Double(limit))
@@ -66,7 +70,6 @@ final class DaemonGauges: Sendable {
                     room = min(room ?? left, left)
                 }
                 if let room { set("umbra_diff_free_bytes", Double(room)) }
-                if let age = volume.oldestSnapshotAgeSeconds { set("umbra_oldest_snapshot_age_seconds", age) }
                 now[volume.name] = labels
             }
             // What a volume showed last time and not now (it was deleted, its limit lifted, its last

@@ -89,10 +89,17 @@ struct ProviderSet: SnapshotProvider {
         }
         if let rbd, let rbdHold = hold.rbd {
             rbdHold.release()
-            // The local record decided the set; the RBD records follow it (a crash in between is
-            // settled at start from the catalog).
-            try rbd.settleSet(rbdHold.setID, createdAt: createdAt, kept: keep)
+            do {
+                try rbd.settleSet(rbdHold.setID, createdAt: createdAt, kept: keep)
+            } catch  where hold.local != nil {
+                // The local record decided the set: it is committed, and the next start settles the
+                // RBD records from the catalog. Failing here would roll back only the RBD half.
+                rbd.logger.error(
+                    "could not record an RBD snapshot's set as settled; the next start does it",
+                    metadata: ["set.id": "\(hold.id.guidString)", "error": "\(error)"])
+            }
         }
+        if let rbd, hold.rbd != nil { await rbd.announceSnapshots() }
         let order = Dictionary(uniqueKeysWithValues: hold.volumes.enumerated().map { ($1, $0) })
         return CommittedSnapshotSet(
             id: hold.id,
@@ -127,6 +134,7 @@ struct ProviderSet: SnapshotProvider {
     }
 
     func holdDuration(of hold: ProviderSetHold) -> Duration? {
-        hold.local.flatMap { engine.holdDuration(of: $0) } ?? hold.rbd?.holdDuration
+        // The longer of the two: RBD writes are held from before the local ones to after them.
+        [hold.local.flatMap { engine.holdDuration(of: $0) }, hold.rbd?.holdDuration].compactMap { $0 }.max()
     }
 }

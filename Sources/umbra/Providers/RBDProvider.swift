@@ -3,11 +3,15 @@
 // set a snapshot belongs to, when it was taken, whether the set is settled) is kept in
 // DATA/rbd-volumes.json, replaced whole and synced on every change.
 //
-// Crash safety of a set: its RBD snapshots are taken while writes through Umbra are held, and
-// recorded as pending. A set with local volumes too is decided by the local catalog (its record
-// is the commit point); an RBD-only set is decided by its own registry write. At start, pending
-// snapshots of sets that were not decided are removed, and so are RBD snapshots named by a GUID that
-// the registry does not know (taken just before a crash, never recorded).
+// Crash safety of a set: each RBD snapshot is recorded (as being taken) before it is taken, while
+// writes through Umbra are held, and stays pending until its set is decided. A set with local
+// volumes too is decided by the local catalog (its record is the commit point); an RBD-only set by
+// its own registry write. At start, snapshots still being taken or deleted, and pending ones of sets
+// that were not decided, are removed. Snapshots Umbra never recorded are never touched.
+//
+// Every librbd call that waits for the cluster runs on the provider's own I/O threads, never on an
+// event loop, so that a cluster that stops answering stalls neither NBD clients of local volumes
+// nor the engine's I/O.
 
 import BlockIO
 import Dispatch
@@ -43,6 +47,13 @@ struct RBDRegistry: Codable, Sendable {
         /// The set has local volumes too: the local catalog's record of it is its commit point.
         var decidedByCatalog: Bool
         var purpose: String?
+        /// Recorded before `rbd_snap_create`: until this is cleared the RBD snapshot may not exist.
+        var taking: Bool? = nil
+        /// Being deleted: no longer served; removed at start if a crash came first.
+        var deleting: Bool? = nil
+
+        /// Served and listed: taken, and not being deleted.
+        var isVisible: Bool { taking != true && deleting != true }
     }
 
     struct Volume: Codable, Sendable {
@@ -71,7 +82,6 @@ struct RBDRegistry: Codable, Sendable {
         return registry
     }
 
-    /// Written beside, synced, renamed over the old one (the rename synced with its directory).
     func save(to directory: String) throws {
         try DaemonFiles.replace(Self.fileName, in: directory, with: Array(try ControlJSON.makeEncoder().encode(self)))
     }
@@ -84,7 +94,7 @@ final class RBDVolume: Sendable {
     let size: UInt64
     let objectSize: UInt64
     let gate = RBDWriteGate()
-    /// Read-only handles of its snapshots, opened when first exported.
+    /// Read-only handles of its snapshots, opened when each was taken or when the daemon started.
     private let snapshotImages = Mutex<[UUID: RBDImage]>([:])
 
     init(name: String, image: RBDImage) throws(RBDError) {
@@ -96,25 +106,22 @@ final class RBDVolume: Sendable {
 
     var path: String { image.path }
 
-    func snapshotImage(_ id: UUID) throws(RBDError) -> RBDImage {
-        if let open = snapshotImages.withLock({ $0[id] }) { return open }
+    func snapshotImage(_ id: UUID) -> RBDImage? { snapshotImages.withLock { $0[id] } }
+
+    /// Opens the snapshot's read-only handle (blocking: call on an I/O thread).
+    func openSnapshot(_ id: UUID) throws(RBDError) {
         let opened = try image.pool.open(image.name, snapshot: id.guidString)
-        return snapshotImages.withLock { images in
-            if let open = images[id] { return open }
-            images[id] = opened
-            return opened
-        }
+        snapshotImages.withLock { $0[id] = opened }
     }
 
+    /// Drops the snapshot's handle; it closes once the exports and requests using it let it go.
     func forgetSnapshot(_ id: UUID) {
-        snapshotImages.withLock { $0.removeValue(forKey: id) }?.close()
+        _ = snapshotImages.withLock { $0.removeValue(forKey: id) }
     }
 
+    /// Closes the image: only once nothing serves it any more.
     func close() {
-        for image in snapshotImages.withLock({ images in
-            defer { images.removeAll() }
-            return Array(images.values)
-        }) { image.close() }
+        snapshotImages.withLock { $0.removeAll() }
         image.close()
     }
 }
@@ -125,7 +132,7 @@ final class RBDWriteGate: Sendable {
         var held = false
         var inFlight = 0
         var waitingWrites: [CheckedContinuation<Void, Never>] = []
-        var drained: CheckedContinuation<Void, Never>?
+        var drained: CheckedContinuation<Bool, Never>?
     }
     private let state = Mutex(State())
 
@@ -154,26 +161,37 @@ final class RBDWriteGate: Sendable {
         let drained = state.withLock { state in
             state.inFlight -= 1
             guard state.inFlight == 0, let drained = state.drained else {
-                return CheckedContinuation<Void, Never>?.none
+                return CheckedContinuation<Bool, Never>?.none
             }
             state.drained = nil
             return drained
         }
-        drained?.resume()
+        drained?.resume(returning: true)
     }
 
-    /// Holds new writes and returns once those in flight are done.
-    func hold() async {
-        await withCheckedContinuation { continuation in
+    /// Holds new writes and waits for those in flight: true once they are done, false if they were
+    /// not within `limit` (writes stay held; the caller releases them).
+    func hold(within limit: Duration) async -> Bool {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
             let done = state.withLock { state in
                 state.held = true
                 guard state.inFlight > 0 else { return true }
                 state.drained = continuation
                 return false
             }
-            if done { continuation.resume() }
+            if done { return continuation.resume(returning: true) }
+            Task { [self] in
+                try? await Task.sleep(for: limit)
+                let waiting = state.withLock { state in
+                    defer { state.drained = nil }
+                    return state.drained
+                }
+                waiting?.resume(returning: false)
+            }
         }
     }
+
+    var isHeld: Bool { state.withLock { $0.held } }
 
     func release() {
         let waiting = state.withLock { state in
@@ -190,77 +208,71 @@ final class RBDWriteGate: Sendable {
 final class RBDProvider: Sendable {
     let cluster: RBDCluster
     private let directory: String
-    private let io: any IOExecutor
-    private let logger: Logger
+    /// Threads of its own for librbd's blocking calls.
+    private let io: IOThreadPool
+    let logger: Logger
     /// The registry and the open volumes change together, under this lock; registry writes happen
     /// under it too, so two changes never write back each other's old state.
     private let state: Mutex<(registry: RBDRegistry, volumes: [String: RBDVolume])>
-    /// Told when volumes or snapshots come or go (the exports follow).
-    private let changed: @Sendable () -> Void
+    /// Brings the exports in step with the provider and waits until those that went away are gone.
+    private let settleExports: @Sendable () async -> Void
 
     private init(
-        cluster: RBDCluster, directory: String, io: any IOExecutor, logger: Logger, registry: RBDRegistry,
-        volumes: [String: RBDVolume], changed: @escaping @Sendable () -> Void
+        cluster: RBDCluster, directory: String, io: IOThreadPool, logger: Logger, registry: RBDRegistry,
+        volumes: [String: RBDVolume], settleExports: @escaping @Sendable () async -> Void
     ) {
         self.cluster = cluster
         self.directory = directory
         self.io = io
         self.logger = logger
         self.state = Mutex((registry, volumes))
-        self.changed = changed
+        self.settleExports = settleExports
     }
 
-    /// Connects, opens every recorded volume, and settles what a crash left: pending snapshots of
-    /// undecided sets and unrecorded GUID-named snapshots are removed, recorded snapshots RBD no longer
-    /// has are forgotten (with a warning). `keptSets` are the sets the local catalog holds.
+    /// Connects, opens every recorded volume and its snapshots, and settles what a crash left:
+    /// snapshots being taken or deleted, and pending ones of sets the local catalog did not keep
+    /// (`keptSets`), are removed; recorded snapshots RBD no longer has are forgotten, with a warning.
     static func open(
-        configurationPath: String, id: String, timeout: Int, directory: String, io: any IOExecutor,
-        keptSets: Set<UUID>, logger: Logger, changed: @escaping @Sendable () -> Void
+        configurationPath: String, id: String, timeout: Int, directory: String, keptSets: Set<UUID>,
+        logger: Logger, settleExports: @escaping @Sendable () async -> Void
     ) async throws -> RBDProvider {
-        try await io.run {
+        let io = IOThreadPool(threadCount: 4)
+        return try await io.run {
             let cluster = try RBDCluster(configurationPath: configurationPath, id: id, timeout: timeout)
             var registry = try RBDRegistry.load(from: directory)
             var volumes: [String: RBDVolume] = [:]
             for index in registry.volumes.indices {
                 let record = registry.volumes[index]
-                let volume = try RBDVolume(
-                    name: record.name, image: try cluster.pool(record.pool).open(record.image))
+                let volume = try RBDVolume(name: record.name, image: try cluster.pool(record.pool).open(record.image))
                 volumes[record.name] = volume
                 let present = Set(try volume.image.snapshotNames())
                 var kept: [RBDRegistry.Snapshot] = []
                 for var snapshot in record.snapshots {
                     let name = snapshot.id.guidString
-                    guard present.contains(name) else {
-                        logger.warning(
-                            "an RBD snapshot is gone; forgetting it",
-                            metadata: ["volume": "\(record.name)", "snapshot.id": "\(name)", "image": "\(volume.path)"])
-                        continue
-                    }
-                    if snapshot.pending, snapshot.decidedByCatalog, keptSets.contains(snapshot.set) {
+                    let metadata: Logger.Metadata = ["volume": "\(record.name)", "snapshot.id": "\(name)"]
+                    if snapshot.pending, snapshot.decidedByCatalog, snapshot.taking != true,
+                        keptSets.contains(snapshot.set)
+                    {
                         snapshot.pending = false
                     }
-                    if snapshot.pending {
-                        try volume.image.removeSnapshot(name)
-                        logger.notice(
-                            "rolled back an RBD snapshot of a set that was not kept",
-                            metadata: ["volume": "\(record.name)", "snapshot.id": "\(name)"])
+                    if snapshot.pending || !snapshot.isVisible {
+                        if present.contains(name) { try volume.image.removeSnapshot(name) }
+                        logger.notice("rolled back an RBD snapshot of a set that was not kept", metadata: metadata)
                         continue
                     }
+                    guard present.contains(name) else {
+                        logger.warning("an RBD snapshot is gone; forgetting it", metadata: metadata)
+                        continue
+                    }
+                    try volume.openSnapshot(snapshot.id)
                     kept.append(snapshot)
-                }
-                let recorded = Set(record.snapshots.map(\.id.guidString))
-                for name in present where UUID(uuidString: name) != nil && !recorded.contains(name) {
-                    try volume.image.removeSnapshot(name)
-                    logger.notice(
-                        "removed an RBD snapshot that no set recorded",
-                        metadata: ["volume": "\(record.name)", "snapshot": "\(name)"])
                 }
                 registry.volumes[index].snapshots = kept
             }
             try registry.save(to: directory)
             return RBDProvider(
                 cluster: cluster, directory: directory, io: io, logger: logger, registry: registry, volumes: volumes,
-                changed: changed)
+                settleExports: settleExports)
         }
     }
 
@@ -326,33 +338,42 @@ final class RBDProvider: Sendable {
                 state.volumes[name] = volume
             }
         } catch {
-            volume.close()
-            if size != nil { try? await io.run { [cluster] in try cluster.pool(pool).removeImage(image) } }
+            try? await io.run {
+                volume.close()
+                if size != nil { try self.cluster.pool(pool).removeImage(image) }
+            }
             throw error
         }
-        changed()
+        await settleExports()
         return volume
     }
 
     /// Removes the volume's snapshots and forgets it; removes the image too with `deletingImage`.
+    /// Refused while a set holds its writes.
     func deleteVolume(name: String, deletingImage: Bool) async throws {
         guard let volume = volume(named: name), let record = records().first(where: { $0.name == name }) else {
             throw ShadowCopyError(.notFound, "No volume is named \(name).")
         }
-        for snapshot in record.snapshots {
-            _ = try await deleteSnapshots(ids: [snapshot.id])
+        guard !volume.gate.isHeld else {
+            throw ShadowCopyError(
+                .busy, "A shadow copy set is being taken of volume \(name); try again when it is done.")
         }
-        try state.withLock { state in
-            var registry = state.registry
-            registry.volumes.removeAll { $0.name == name }
-            try registry.save(to: directory)
-            state.registry = registry
-            state.volumes[name] = nil
-        }
-        changed()
-        volume.close()
-        if deletingImage {
-            try await io.run { [cluster] in try cluster.pool(record.pool).removeImage(record.image) }
+        _ = try await deleteSnapshots(ids: record.snapshots.map(\.id))
+        try update { registry in registry.volumes.removeAll { $0.name == name } }
+        state.withLock { $0.volumes[name] = nil }
+        // Its export is gone and its connections closed before the image is.
+        await settleExports()
+        try await io.run {
+            volume.close()
+            if deletingImage {
+                do {
+                    try self.cluster.pool(record.pool).removeImage(record.image)
+                } catch {
+                    throw ShadowCopyError(
+                        .invalidArgument,
+                        sentence("volume \(name) is deleted but its image stays: \(error) (remove it with `rbd rm`)"))
+                }
+            }
         }
     }
 
@@ -360,11 +381,17 @@ final class RBDProvider: Sendable {
 
     /// Writes held on RBD volumes for one set.
     final class Hold: Sendable {
+        enum Phase {
+            case held
+            /// Snapshots are being taken: the watchdog no longer lets writes go.
+            case snapshotting
+            case released(ContinuousClock.Instant)
+        }
+
         let setID: UUID
         let volumes: [RBDVolume]
-        /// When writes were let go, once they were.
-        private let released = Mutex<ContinuousClock.Instant?>(nil)
         let heldAt = ContinuousClock.now
+        private let phase = Mutex(Phase.held)
         let watchdog: Mutex<Task<Void, Never>?> = Mutex(nil)
 
         init(setID: UUID, volumes: [RBDVolume]) {
@@ -372,24 +399,42 @@ final class RBDProvider: Sendable {
             self.volumes = volumes
         }
 
-        /// Lets the writes go; true the first time.
-        @discardableResult
-        func release() -> Bool {
-            let first = released.withLock { released in
-                guard released == nil else { return false }
-                released = .now
+        /// Held → snapshotting; false if the writes were already let go.
+        func beginSnapshots() -> Bool {
+            phase.withLock { phase in
+                guard case .held = phase else { return false }
+                phase = .snapshotting
                 return true
             }
-            guard first else { return false }
-            watchdog.withLock { $0?.cancel() }
-            for volume in volumes { volume.gate.release() }
-            return true
         }
 
-        var isReleased: Bool { released.withLock { $0 != nil } }
+        /// Lets the writes go on every volume (again, if a gate was held late); true the first time.
+        /// With `ifStillHeld` (the watchdog), only before snapshots began.
+        @discardableResult
+        func release(ifStillHeld: Bool = false) -> Bool {
+            let first = phase.withLock { phase in
+                switch phase {
+                case .released: return false
+                case .snapshotting where ifStillHeld: return false
+                case .held, .snapshotting:
+                    phase = .released(.now)
+                    return true
+                }
+            }
+            if ifStillHeld && !first { return false }
+            if !ifStillHeld { watchdog.withLock { $0?.cancel() } }
+            // Every gate, every time: one held after the watchdog let the others go is let go too.
+            for volume in volumes { volume.gate.release() }
+            return first
+        }
 
         /// How long writes were held, once they were let go.
-        var holdDuration: Duration? { released.withLock { $0.map { heldAt.duration(to: $0) } } }
+        var holdDuration: Duration? {
+            phase.withLock { phase in
+                guard case .released(let at) = phase else { return nil }
+                return heldAt.duration(to: at)
+            }
+        }
     }
 
     func flush(_ names: [String]) async throws {
@@ -397,8 +442,8 @@ final class RBDProvider: Sendable {
     }
 
     /// Holds new writes on the volumes, drains those in flight and flushes the images, so that the
-    /// snapshots hold every write that completed. Past `limit` the writes are released by themselves
-    /// and `takeSnapshots` throws.
+    /// snapshots hold every write that completed. Writes are let go, and the set fails, if that
+    /// takes longer than `limit`, or if the set is still not snapshotting once `limit` has passed.
     func hold(setID: UUID, volumes names: [String], limit: Duration) async throws -> Hold {
         let volumes = try names.map { name in
             guard let volume = volume(named: name) else {
@@ -406,18 +451,26 @@ final class RBDProvider: Sendable {
             }
             return volume
         }
-        for volume in volumes { await volume.gate.hold() }
         let hold = Hold(setID: setID, volumes: volumes)
         hold.watchdog.withLock { watchdog in
             watchdog = Task { [logger] in
                 try? await Task.sleep(for: limit)
-                if !Task.isCancelled, hold.release() {
+                if !Task.isCancelled, hold.release(ifStillHeld: true) {
                     logger.warning(
                         "the hold limit passed; RBD writes released", metadata: ["set.id": "\(setID.guidString)"])
                 }
             }
         }
+        let deadline = ContinuousClock.now + limit
         do {
+            for volume in volumes {
+                guard await volume.gate.hold(within: deadline - .now) else {
+                    throw ShadowCopyError(
+                        .aborted,
+                        "Writes in flight on volume \(volume.name) did not finish within the hold limit; the set was abandoned."
+                    )
+                }
+            }
             for volume in volumes { try await volume.image.flush() }
         } catch {
             hold.release()
@@ -426,35 +479,53 @@ final class RBDProvider: Sendable {
         return hold
     }
 
-    /// Takes each held volume's RBD snapshot and records them as pending (writes stay held). On
-    /// failure the snapshots taken are removed again.
+    /// Takes each held volume's RBD snapshot, recording it first (writes stay held throughout). The
+    /// snapshots are pending until `settleSet`. On failure the snapshots taken are removed again.
     func takeSnapshots(_ hold: Hold, createdAt: Date, decidedByCatalog: Bool) async throws -> [CreatedSnapshot] {
+        guard hold.beginSnapshots() else {
+            throw ShadowCopyError(.aborted, "The set took longer than the hold limit; it was abandoned.")
+        }
         let ids = hold.volumes.map { _ in UUID() }
-        var taken: [(RBDVolume, UUID)] = []
+        try update { registry in
+            for (volume, id) in zip(hold.volumes, ids) {
+                guard let index = registry.volumes.firstIndex(where: { $0.name == volume.name }) else {
+                    throw ShadowCopyError(.notFound, "Volume \(volume.name) was deleted while the set was taken.")
+                }
+                registry.volumes[index].snapshots.append(
+                    RBDRegistry.Snapshot(
+                        id: id, set: hold.setID, createdAt: createdAt, pending: true,
+                        decidedByCatalog: decidedByCatalog,
+                        taking: true))
+            }
+        }
         do {
             for (volume, id) in zip(hold.volumes, ids) {
-                guard !hold.isReleased else {
-                    throw ShadowCopyError(.aborted, "The set took longer than the hold limit; it was abandoned.")
+                try await io.run {
+                    try volume.image.createSnapshot(id.guidString)
+                    try volume.openSnapshot(id)
                 }
-                try await io.run { try volume.image.createSnapshot(id.guidString) }
-                taken.append((volume, id))
             }
+            let taken = Set(ids)
             try update { registry in
-                for (volume, id) in taken {
-                    guard let index = registry.volumes.firstIndex(where: { $0.name == volume.name }) else { continue }
-                    registry.volumes[index].snapshots.append(
-                        RBDRegistry.Snapshot(
-                            id: id, set: hold.setID, createdAt: createdAt, pending: true,
-                            decidedByCatalog: decidedByCatalog))
+                for volume in registry.volumes.indices {
+                    for snapshot in registry.volumes[volume].snapshots.indices
+                    where taken.contains(registry.volumes[volume].snapshots[snapshot].id) {
+                        registry.volumes[volume].snapshots[snapshot].taking = nil
+                    }
                 }
             }
         } catch {
-            for (volume, id) in taken { try? await io.run { try volume.image.removeSnapshot(id.guidString) } }
+            _ = try? await deleteSnapshots(ids: ids)
             throw error
         }
         return zip(hold.volumes, ids).map { volume, id in
             CreatedSnapshot(id: id, volume: volume.name, export: "\(volume.name)@\(id.guidString)")
         }
+    }
+
+    /// Serves the snapshots just taken (their exports appear).
+    func announceSnapshots() async {
+        await settleExports()
     }
 
     /// Gives a set's snapshots the set's time, and with `kept` keeps them for good.
@@ -468,7 +539,6 @@ final class RBDProvider: Sendable {
                 }
             }
         }
-        changed()
     }
 
     func labelSet(_ id: UUID, purpose: String) throws -> Bool {
@@ -485,49 +555,61 @@ final class RBDProvider: Sendable {
         return found
     }
 
-    /// Deletes the snapshots named (or all of the sets named) that are RBD snapshots; returns their GUIDs.
+    /// Deletes the snapshots named (or all of the sets named) that are RBD snapshots; returns their
+    /// GUIDs. Each is first marked as being deleted (its export goes, its clients are disconnected),
+    /// then removed from RBD, then forgotten.
     func deleteSnapshots(ids: [UUID]) async throws -> [UUID] {
         let wanted = Set(ids)
-        let doomed: [(RBDVolume, UUID)] = state.withLock { state in
-            state.registry.volumes.flatMap { record in
-                record.snapshots.filter { wanted.contains($0.id) || wanted.contains($0.set) }.compactMap { snapshot in
-                    state.volumes[record.name].map { ($0, snapshot.id) }
+        var doomed: [(volume: String, id: UUID)] = []
+        try update { registry in
+            for volume in registry.volumes.indices {
+                for snapshot in registry.volumes[volume].snapshots.indices {
+                    let record = registry.volumes[volume].snapshots[snapshot]
+                    guard wanted.contains(record.id) || wanted.contains(record.set) else { continue }
+                    registry.volumes[volume].snapshots[snapshot].deleting = true
+                    doomed.append((registry.volumes[volume].name, record.id))
                 }
             }
         }
         guard !doomed.isEmpty else { return [] }
-        for (volume, id) in doomed {
-            volume.forgetSnapshot(id)
-            try await io.run {
-                do {
-                    try volume.image.removeSnapshot(id.guidString)
-                } catch let error as RBDError where error.errno == ENOENT {
-                    // Already gone: what was asked for holds.
+        await settleExports()
+        for (name, id) in doomed {
+            if let volume = volume(named: name) {
+                volume.forgetSnapshot(id)
+                try await io.run {
+                    do {
+                        try volume.image.removeSnapshot(id.guidString)
+                    } catch let error as RBDError where error.errno == ENOENT {
+                        // Never taken, or already gone: what was asked for holds.
+                    }
                 }
             }
-        }
-        let gone = Set(doomed.map(\.1))
-        try update { registry in
-            for index in registry.volumes.indices {
-                registry.volumes[index].snapshots.removeAll { gone.contains($0.id) }
+            try update { registry in
+                for index in registry.volumes.indices { registry.volumes[index].snapshots.removeAll { $0.id == id } }
             }
         }
-        changed()
-        return doomed.map(\.1)
+        return doomed.map(\.id)
     }
 
-    /// Rolls back what `takeSnapshots` recorded for a set that did not commit.
+    /// Rolls back what `takeSnapshots` recorded for a set that did not commit, and lets writes go.
     func rollBack(_ hold: Hold) async {
-        _ = try? await deleteSnapshots(ids: [hold.setID])
         hold.release()
+        do {
+            _ = try await deleteSnapshots(ids: [hold.setID])
+        } catch {
+            logger.error(
+                "could not roll back the RBD snapshots of an aborted set; the next start removes them",
+                metadata: ["set.id": "\(hold.setID.guidString)", "error": "\(error)"])
+        }
     }
 
     // MARK: Reading
 
+    /// Taken snapshots not being deleted, oldest first.
     func snapshots(volume: String?) -> [ShadowCopy.SnapshotInfo] {
         records().filter { volume == nil || $0.name == volume }.flatMap { record in
-            record.snapshots.map { snapshot in
-                SnapshotInfo(
+            record.snapshots.filter(\.isVisible).map { snapshot in
+                ShadowCopy.SnapshotInfo(
                     id: snapshot.id, set: snapshot.set, volume: record.name,
                     export: "\(record.name)@\(snapshot.id.guidString)", createdAt: snapshot.createdAt, diffBytes: 0,
                     state: snapshot.pending ? "pending" : "ready", purpose: snapshot.purpose)
@@ -536,7 +618,7 @@ final class RBDProvider: Sendable {
     }
 
     func hasSnapshot(_ id: UUID) -> Bool {
-        records().contains { $0.snapshots.contains { $0.id == id } }
+        records().contains { $0.snapshots.contains { $0.id == id && $0.isVisible } }
     }
 
     /// What changed since snapshot `since` until snapshot `until` (the live image when nil).
@@ -546,24 +628,28 @@ final class RBDProvider: Sendable {
         guard let volume = volume(named: name), let record = records().first(where: { $0.name == name }) else {
             throw ShadowCopyError(.notFound, "No volume is named \(name).")
         }
-        let order = record.snapshots.map(\.id)
+        let order = record.snapshots.filter(\.isVisible).map(\.id)
         guard let older = order.firstIndex(of: since) else {
             throw ShadowCopyError(.notFound, "Volume \(name) has no snapshot \(since.guidString).")
         }
         var image = volume.image
         if let until {
-            guard let newer = order.firstIndex(of: until) else {
+            guard let newer = order.firstIndex(of: until), let opened = volume.snapshotImage(until) else {
                 throw ShadowCopyError(.notFound, "Volume \(name) has no snapshot \(until.guidString).")
             }
             guard newer >= older else {
                 throw ShadowCopyError(
                     .invalidArgument, "Snapshot \(until.guidString) is older than \(since.guidString).")
             }
-            image = try volume.snapshotImage(until)
+            image = opened
         }
         let (offset, count) = range ?? (0, volume.size)
-        return try await io.run { [image] in
-            try image.changedRanges(since: since.guidString, offset: offset, count: count)
+        do {
+            return try await io.run { [image] in
+                try image.changedRanges(since: since.guidString, offset: offset, count: count)
+            }
+        } catch let error as RBDError {
+            throw ShadowCopyError(error.errno == ENOENT ? .notFound : .providerFailed, sentence(error.description))
         }
     }
 
