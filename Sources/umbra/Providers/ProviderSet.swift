@@ -1,7 +1,7 @@
 // The coordinator's one provider, made of the daemon's providers: the local engine, and Ceph RBD
 // when the daemon was given a cluster. A set splits its volumes by provider and stays one instant:
 //
-//   prepare: hold RBD writes (drain, flush), then the engine's prepare holds the local ones;
+//   prepare: the engine's prepare holds the local writes, then RBD writes are held (drained, flushed);
 //   commit:  take the RBD snapshots (recorded as pending, writes still held on every volume), then
 //            commit the engine's part (its catalog record is the set's commit point when it has
 //            local volumes), then let the RBD writes go and settle their records;
@@ -60,17 +60,19 @@ struct ProviderSet: SnapshotProvider {
 
     func prepareSnapshotSet(id: UUID, volumes: [String], flushingFirst: Bool) async throws -> ProviderSetHold {
         let (local, remote) = split(volumes)
-        var rbdHold: RBDProvider.Hold?
-        if let rbd, !remote.isEmpty {
-            rbdHold = try await rbd.hold(setID: id, volumes: remote, limit: holdLimit)
-        }
+        // The engine first: it flushes before it holds, and RBD writes should not wait for that.
+        let prepared =
+            local.isEmpty
+            ? nil : try await engine.prepareSnapshotSet(id: id, volumes: local, flushingFirst: flushingFirst)
         do {
-            let prepared =
-                local.isEmpty
-                ? nil : try await engine.prepareSnapshotSet(id: id, volumes: local, flushingFirst: flushingFirst)
+            var rbdHold: RBDProvider.Hold?
+            if let rbd, !remote.isEmpty {
+                if flushingFirst { try await rbd.flush(remote) }
+                rbdHold = try await rbd.hold(setID: id, volumes: remote, limit: holdLimit)
+            }
             return ProviderSetHold(id: id, volumes: volumes, local: prepared, rbd: rbdHold)
         } catch {
-            rbdHold?.release()
+            if let prepared { await engine.abortSnapshotSet(prepared) }
             throw error
         }
     }
@@ -134,7 +136,7 @@ struct ProviderSet: SnapshotProvider {
     }
 
     func holdDuration(of hold: ProviderSetHold) -> Duration? {
-        // The longer of the two: RBD writes are held from before the local ones to after them.
+        // The longer of the two: the local writes are held from before the RBD ones, the RBD ones until after.
         [hold.local.flatMap { engine.holdDuration(of: $0) }, hold.rbd?.holdDuration].compactMap { $0 }.max()
     }
 }
