@@ -79,14 +79,14 @@ struct EngineProvider: SnapshotProvider {
 struct DaemonRequests: ControlRequestHandler {
     let store: SnapshotStore
     let exports: ExportReconciler
-    /// The RBD volumes, when the daemon was given a Ceph cluster.
-    let rbd: RBDProvider?
+    /// The providers beside the engine (RBD, when the daemon was given a Ceph cluster).
+    let others: [any VolumeProvider]
     /// What `status` reports about the daemon beyond the store.
     let daemon: DaemonFacts
 
     func createVolume(_ params: CreateVolumeParams) async throws -> ShadowCopy.VolumeInfo {
-        if rbd?.volume(named: params.name) != nil { throw controlError(EngineError.volumeExists(params.name)) }
-        if let image = params.rbd { return try await createRBDVolume(params, image: image) }
+        if others.provider(of: params.name) != nil { throw controlError(EngineError.volumeExists(params.name)) }
+        if params.rbd != nil { return try await createElsewhere(params) }
         guard params.whenFull == nil || params.diffLimit != nil else {
             throw ShadowCopyError(
                 .invalidParams, "whenFull needs a diffLimit: without a limit the diff store is never full.")
@@ -112,7 +112,9 @@ struct DaemonRequests: ControlRequestHandler {
     }
 
     func listVolumes() async throws -> VolumeList {
-        VolumeList(volumes: store.volumes().map(Self.describe) + rbdVolumes())
+        VolumeList(
+            volumes: store.volumes().map(Self.describe)
+                + others.flatMap { provider in provider.volumeNames.compactMap { provider.describe(volume: $0) } })
     }
 
     /// A volume as the control protocol shows it.
@@ -127,7 +129,7 @@ struct DaemonRequests: ControlRequestHandler {
         guard params.diffLimit != nil || params.whenFull != nil else {
             throw ShadowCopyError(.invalidParams, "volume.set needs diffLimit or whenFull: there is nothing to change.")
         }
-        try refuseRBD(params.name, "has no diff store to limit: RBD keeps its snapshots itself")
+        try refuseOthers(params.name, "has no diff store to limit: its provider keeps its snapshots itself")
         do {
             // The engine reads what is not changed under the lock it changes the rest with.
             let info = try await store.limitDiffStore(
@@ -141,11 +143,11 @@ struct DaemonRequests: ControlRequestHandler {
     }
 
     func labelSet(_ params: LabelSetParams) async throws {
-        let labelledRBD = try rbd?.labelSet(params.set, purpose: params.purpose) ?? false
+        let labelledElsewhere = try others.reduce(false) { try $1.labelSet(params.set, purpose: params.purpose) || $0 }
         do {
             try await store.labelSnapshotSet(id: params.set, purpose: params.purpose)
-        } catch EngineError.snapshotNotFound where labelledRBD {
-            // An RBD-only set.
+        } catch EngineError.snapshotNotFound where labelledElsewhere {
+            // The engine has no part in the set.
         } catch {
             throw controlError(error)
         }
@@ -163,10 +165,10 @@ struct DaemonRequests: ControlRequestHandler {
         guard (params.backingFile == nil) == (params.base == nil) else {
             throw ShadowCopyError(.invalidParams, "An incremental image needs both base and backingFile.")
         }
-        if rbd?.hasSnapshot(params.snapshot) ?? false {
+        if let provider = others.first(where: { $0.hasSnapshot(params.snapshot) }) {
             throw ShadowCopyError(
                 .invalidArgument,
-                "Snapshot \(params.snapshot.guidString) is on an RBD volume; backups to qcow2 work on local volumes only (copy its export with nbdcopy or qemu-img instead)."
+                "Snapshot \(params.snapshot.guidString) is on a volume of backend \(provider.backend); backups to qcow2 work on local volumes only (copy its export with nbdcopy or qemu-img instead)."
             )
         }
         do {
@@ -190,7 +192,7 @@ struct DaemonRequests: ControlRequestHandler {
         guard params.file.hasPrefix("/") else {
             throw ShadowCopyError(.invalidParams, "The image's file must be an absolute path (got '\(params.file)').")
         }
-        guard store.volumes().allSatisfy({ $0.name != params.name }), rbd?.volume(named: params.name) == nil else {
+        guard store.volumes().allSatisfy({ $0.name != params.name }), others.provider(of: params.name) == nil else {
             throw controlError(EngineError.volumeExists(params.name))
         }
         // Not served until it holds the whole image: no client reads it half-written.
@@ -210,9 +212,8 @@ struct DaemonRequests: ControlRequestHandler {
 
     func revertVolume(_ params: RevertParams) async throws -> RevertResultInfo {
         let started = ContinuousClock.now
-        try refuseRBD(
-            params.name,
-            "cannot be reverted by Umbra; roll the image back with `rbd snap rollback` while nothing uses it")
+        try refuseOthers(
+            params.name, "cannot be reverted by Umbra; use its storage's own rollback while nothing uses it")
         do {
             // A revert refused before it starts must not end the volume's connections.
             try store.checkRevert(volume: params.name, to: params.snapshot)
@@ -234,13 +235,13 @@ struct DaemonRequests: ControlRequestHandler {
     }
 
     func deleteVolume(name: String, deletingImage: Bool) async throws {
-        if let rbd, rbd.volume(named: name) != nil {
-            try await rbd.deleteVolume(name: name, deletingImage: deletingImage)
+        if let provider = others.provider(of: name) {
+            try await provider.deleteVolume(name: name, deletingImage: deletingImage)
             await exports.settle()
             return
         }
         if deletingImage {
-            throw ShadowCopyError(.invalidArgument, "Volume \(name) is not an RBD volume: it has no image to delete.")
+            throw ShadowCopyError(.invalidArgument, "Volume \(name) is a local volume: it has no image to delete.")
         }
         do {
             try await store.deleteVolume(named: name)
@@ -252,8 +253,8 @@ struct DaemonRequests: ControlRequestHandler {
 
     func listSnapshots(volume: String?) async throws -> SnapshotList {
         do {
-            if let rbd, let volume, rbd.volume(named: volume) != nil {
-                return SnapshotList(snapshots: rbd.snapshots(volume: volume))
+            if let volume, let provider = others.provider(of: volume) {
+                return SnapshotList(snapshots: provider.snapshots(volume: volume))
             }
             let local = try store.snapshots(volume: volume).map { snapshot in
                 var failure: String?
@@ -264,7 +265,7 @@ struct DaemonRequests: ControlRequestHandler {
                     state: failure != nil ? "failed" : snapshot.isPending ? "pending" : "ready", failure: failure,
                     purpose: snapshot.purpose)
             }
-            let remote = volume == nil ? rbd?.snapshots(volume: nil) ?? [] : []
+            let remote = volume == nil ? others.flatMap { $0.snapshots(volume: nil) } : []
             return SnapshotList(snapshots: (local + remote).sorted { $0.createdAt < $1.createdAt })
         } catch {
             throw controlError(error)
@@ -274,7 +275,7 @@ struct DaemonRequests: ControlRequestHandler {
     func deleteSnapshots(ids: [UUID]) async throws -> DeleteSnapshotsResult {
         do {
             // Every id must name something before anything is deleted.
-            let remote = rbd?.snapshots(volume: nil) ?? []
+            let remote = others.flatMap { $0.snapshots(volume: nil) }
             let remoteIDs = ids.filter { id in remote.contains { $0.id == id || $0.set == id } }
             let local = try store.snapshots()
             let localIDs = ids.filter { id in local.contains { $0.id == id || $0.setID == id } }
@@ -282,7 +283,9 @@ struct DaemonRequests: ControlRequestHandler {
                 throw EngineError.snapshotNotFound(missing.guidString)
             }
             var deleted = localIDs.isEmpty ? [] : try await store.deleteSnapshots(ids: localIDs)
-            if let rbd, !remoteIDs.isEmpty { deleted += try await rbd.deleteSnapshots(ids: remoteIDs) }
+            for provider in others where !remoteIDs.isEmpty {
+                deleted += try await provider.deleteSnapshots(ids: remoteIDs)
+            }
             await exports.settle()
             return DeleteSnapshotsResult(deleted: deleted)
         } catch {
@@ -291,11 +294,7 @@ struct DaemonRequests: ControlRequestHandler {
     }
 
     func changes(_ params: ChangesParams) async throws -> ChangeList {
-        if let rbd, let volume = rbd.volume(named: params.volume) {
-            let changed = try await rbd.changes(volume: params.volume, since: params.since, until: params.until)
-            return ChangeList(
-                chunkSize: volume.objectSize, extents: changed.map { ByteExtent(offset: $0.offset, length: $0.count) })
-        }
+        if let provider = others.provider(of: params.volume) { return try await provider.changes(params) }
         do {
             let changes = try store.changes(volume: params.volume, since: params.since, until: params.until)
             return ChangeList(
@@ -341,14 +340,7 @@ extension DaemonRequests {
                     snapshots: volume.snapshotCount,
                     oldestSnapshotAgeSeconds: oldest.map { max(0, now.timeIntervalSince($0)) })
             }
-                + (rbd?.records() ?? []).map { record in
-                    let size = rbd?.volume(named: record.name)?.size ?? 0
-                    let oldest = record.snapshots.map(\.createdAt).min()
-                    return StatusResult.Volume(
-                        name: record.name, size: size, backend: "rbd", diffBytes: 0, diffLimit: nil,
-                        snapshots: record.snapshots.count,
-                        oldestSnapshotAgeSeconds: oldest.map { max(0, now.timeIntervalSince($0)) })
-                })
+                + others.flatMap { $0.status(now: now) })
     }
 
     func reload() async throws -> ReloadResult {
@@ -357,7 +349,9 @@ extension DaemonRequests {
 
     func verify(_ params: VerifyParams) async throws -> VerifyResult {
         for name in params.volumes {
-            try refuseRBD(name, "is checked by Ceph itself (`ceph pg deep-scrub`); Umbra keeps no checksums for it")
+            try refuseOthers(
+                name,
+                "is checked by its storage itself (for RBD, `ceph pg deep-scrub`); Umbra keeps no checksums for it")
         }
         do {
             let reports = try await store.verify(volumes: params.volumes)
@@ -397,22 +391,13 @@ extension DiffStoreFullPolicy {
     }
 }
 
-// RBD volumes in the requests that are not about sets.
+// The providers beside the engine in the requests that are not about sets.
 extension DaemonRequests {
-    /// `volume.create` with `rbd`: the volume is an RBD image (created when a size is given).
-    fileprivate func createRBDVolume(_ params: CreateVolumeParams, image: String) async throws -> ShadowCopy.VolumeInfo
-    {
-        guard let rbd else {
+    /// `volume.create` for a provider beside the engine (with `rbd`: Ceph RBD).
+    fileprivate func createElsewhere(_ params: CreateVolumeParams) async throws -> ShadowCopy.VolumeInfo {
+        guard let provider = others.first(where: { $0.claims(params) }) else {
             throw ShadowCopyError(
                 .invalidArgument, "RBD volumes need a daemon started with --ceph-conf (this one has no Ceph cluster).")
-        }
-        let parts = image.split(separator: "/", omittingEmptySubsequences: false)
-        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty, !image.contains("@") else {
-            throw ShadowCopyError(.invalidParams, "--rbd takes POOL/IMAGE (got '\(image)').")
-        }
-        guard params.chunkSize == nil, params.diffLimit == nil, params.whenFull == nil else {
-            throw ShadowCopyError(
-                .invalidParams, "An RBD volume has no chunk size or diff store: RBD keeps its snapshots itself.")
         }
         guard store.volumes().allSatisfy({ $0.name != params.name }) else {
             throw controlError(EngineError.volumeExists(params.name))
@@ -420,33 +405,14 @@ extension DaemonRequests {
         guard VolumeSpec.isValidName(params.name) else {
             throw controlError(EngineError.invalidVolumeName(params.name))
         }
-        let volume: RBDVolume
-        do {
-            volume = try await rbd.createVolume(
-                name: params.name, pool: String(parts[0]), image: String(parts[1]),
-                size: params.size == 0 ? nil : params.size)
-        } catch let error as RBDError {
-            let code: ControlErrorCode =
-                error.errno == ENOENT ? .notFound : error.errno == EEXIST ? .alreadyExists : .invalidArgument
-            throw ShadowCopyError(code, sentence(error.description))
-        }
+        let info = try await provider.createVolume(params)
         await exports.settle()
-        return Self.describe(volume)
+        return info
     }
 
-    static func describe(_ volume: RBDVolume) -> ShadowCopy.VolumeInfo {
-        ShadowCopy.VolumeInfo(
-            name: volume.name, size: volume.size, chunkSize: volume.objectSize, backend: "rbd", image: volume.path)
-    }
-
-    fileprivate func rbdVolumes() -> [ShadowCopy.VolumeInfo] {
-        guard let rbd else { return [] }
-        return rbd.volumeNames.compactMap { rbd.volume(named: $0).map(Self.describe) }
-    }
-
-    /// Throws if `name` is an RBD volume, saying why the request does not apply to it.
-    fileprivate func refuseRBD(_ name: String, _ why: String) throws {
-        guard rbd?.volume(named: name) != nil else { return }
-        throw ShadowCopyError(.invalidArgument, "Volume \(name) is an RBD volume and \(why).")
+    /// Throws if `name` is not a local volume, saying why the request does not apply to it.
+    fileprivate func refuseOthers(_ name: String, _ why: String) throws {
+        guard let provider = others.provider(of: name) else { return }
+        throw ShadowCopyError(.invalidArgument, "Volume \(name) is on \(provider.backend) and \(why).")
     }
 }

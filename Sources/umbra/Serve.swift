@@ -303,7 +303,7 @@ struct Serve: AsyncParsableCommand {
             }
             let coordinator = ShadowCopyCoordinator(
                 provider: ProviderSet(
-                    engine: EngineProvider(store: store, exports: exports), rbd: rbd,
+                    engine: EngineProvider(store: store, exports: exports), others: rbd.map { [$0] } ?? [],
                     holdLimit: configuration.holdLimit),
                 clock: ContinuousClock(),
                 configuration: CoordinatorConfiguration(
@@ -315,7 +315,7 @@ struct Serve: AsyncParsableCommand {
             // write when the kernel throttles dirty memory, and Thaw or Abort must not wait for that.
             let controlLoop = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             let requests = DaemonRequests(
-                store: store, exports: exports, rbd: rbd,
+                store: store, exports: exports, others: rbd.map { [$0] } ?? [],
                 daemon: DaemonFacts(
                     startedAt: startedAt, listeners: addresses, connections: { nbd.openConnections },
                     writers: { await coordinator.listWriters() }, reload: { try reloader.reload(nbd) },

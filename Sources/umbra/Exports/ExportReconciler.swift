@@ -19,7 +19,7 @@ import Synchronization
 final class ExportReconciler: Sendable {
     private let registry: NBDExportRegistry
     private let store = Mutex<SnapshotStore?>(nil)
-    private let rbd = Mutex<RBDProvider?>(nil)
+    private let others = Mutex<[any VolumeProvider]>([])
     private let logger: Logger
     /// The one export to keep (`umbra serve --stdio`), or nil for all of them.
     private let only: String?
@@ -41,8 +41,8 @@ final class ExportReconciler: Sendable {
         self.store.withLock { $0 = store }
     }
 
-    func attach(_ rbd: RBDProvider) {
-        self.rbd.withLock { $0 = rbd }
+    func attach(_ provider: any VolumeProvider) {
+        others.withLock { $0.append(provider) }
     }
 
     func storeChanged(_ event: StoreEvent) {
@@ -112,7 +112,7 @@ final class ExportReconciler: Sendable {
             guard let view = try? store.snapshot(id: info.id) else { continue }
             wanted[info.exportName] = SnapshotExport(snapshot: view, store: store)
         }
-        for export in rbd.withLock({ $0 })?.exports() ?? [] where offline[export.name] == nil {
+        for export in others.withLock({ $0 }).flatMap({ $0.exports() }) where offline[export.name] == nil {
             wanted[export.name] = export
         }
         if let only { wanted = wanted.filter { $0.key == only } }

@@ -1,11 +1,13 @@
-// The coordinator's one provider, made of the daemon's providers: the local engine, and Ceph RBD
-// when the daemon was given a cluster. A set splits its volumes by provider and stays one instant:
+// The coordinator's one provider, made of the daemon's providers: the local engine, and those beside
+// it (`VolumeProvider`: Ceph RBD when the daemon was given a cluster). A set splits its volumes by
+// provider and stays one instant:
 //
-//   prepare: the engine's prepare holds the local writes, then RBD writes are held (drained, flushed);
-//   commit:  take the RBD snapshots (recorded as pending, writes still held on every volume), then
-//            commit the engine's part (its catalog record is the set's commit point when it has
-//            local volumes), then let the RBD writes go and settle their records;
-//   abort:   release everything; RBD snapshots already taken are removed.
+//   prepare: the engine's prepare holds the local writes, then each other provider holds its own
+//            (drained, flushed);
+//   commit:  the other providers take their snapshots (recorded as pending, writes still held on
+//            every volume), then the engine commits its part (its catalog record is the set's commit
+//            point when it has local volumes), then the others let their writes go and settle;
+//   abort:   release everything; snapshots already taken are removed.
 //
 // The coordinator never learns which provider holds which volume.
 
@@ -22,30 +24,49 @@ import Synchronization
 
 /// One set's holds, one per provider that has volumes in it.
 final class ProviderSetHold: Sendable {
+    /// A provider beside the engine, its hold, and whether its snapshots were taken (an abort must
+    /// remove them).
+    final class Part: Sendable {
+        let provider: any VolumeProvider
+        let hold: any ProviderHold
+        let taken = Mutex(false)
+
+        init(provider: any VolumeProvider, hold: any ProviderHold) {
+            self.provider = provider
+            self.hold = hold
+        }
+    }
+
     let id: UUID
     let volumes: [String]
     let local: PreparedSnapshotSet?
-    let rbd: RBDProvider.Hold?
-    /// RBD snapshots were taken (and recorded as pending): an abort must remove them.
-    let rbdTaken = Mutex(false)
+    let others: [Part]
 
-    init(id: UUID, volumes: [String], local: PreparedSnapshotSet?, rbd: RBDProvider.Hold?) {
+    init(id: UUID, volumes: [String], local: PreparedSnapshotSet?, others: [Part]) {
         self.id = id
         self.volumes = volumes
         self.local = local
-        self.rbd = rbd
+        self.others = others
     }
 }
 
 struct ProviderSet: SnapshotProvider {
     let engine: EngineProvider
-    let rbd: RBDProvider?
+    /// The providers beside the engine; a volume none of them holds is the engine's.
+    let others: [any VolumeProvider]
     let holdLimit: Duration
 
-    private func split(_ volumes: [String]) -> (local: [String], rbd: [String]) {
-        guard let rbd else { return (volumes, []) }
-        let names = Set(rbd.volumeNames)
-        return (volumes.filter { !names.contains($0) }, volumes.filter { names.contains($0) })
+    /// The volumes of each provider beside the engine, and the engine's.
+    private func split(_ volumes: [String]) -> (local: [String], others: [(any VolumeProvider, [String])]) {
+        var local = volumes
+        var parts: [(any VolumeProvider, [String])] = []
+        for provider in others {
+            let names = Set(provider.volumeNames)
+            let mine = volumes.filter { names.contains($0) }
+            local.removeAll { names.contains($0) }
+            if !mine.isEmpty { parts.append((provider, mine)) }
+        }
+        return (local, parts)
     }
 
     func validateSnapshotSet(volumes: [String]) async throws {
@@ -53,25 +74,27 @@ struct ProviderSet: SnapshotProvider {
     }
 
     func flushVolumes(_ volumes: [String]) async throws {
-        let (local, remote) = split(volumes)
-        try await rbd?.flush(remote)
+        let (local, parts) = split(volumes)
+        for (provider, names) in parts { try await provider.flush(names) }
         if !local.isEmpty { try await engine.flushVolumes(local) }
     }
 
     func prepareSnapshotSet(id: UUID, volumes: [String], flushingFirst: Bool) async throws -> ProviderSetHold {
-        let (local, remote) = split(volumes)
-        // The engine first: it flushes before it holds, and RBD writes should not wait for that.
+        let (local, parts) = split(volumes)
+        // The engine first: it flushes before it holds, and the others' writes should not wait for that.
         let prepared =
             local.isEmpty
             ? nil : try await engine.prepareSnapshotSet(id: id, volumes: local, flushingFirst: flushingFirst)
+        var held: [ProviderSetHold.Part] = []
         do {
-            var rbdHold: RBDProvider.Hold?
-            if let rbd, !remote.isEmpty {
-                if flushingFirst { try await rbd.flush(remote) }
-                rbdHold = try await rbd.hold(setID: id, volumes: remote, limit: holdLimit)
+            for (provider, names) in parts {
+                if flushingFirst { try await provider.flush(names) }
+                let hold = try await provider.hold(setID: id, volumes: names, limit: holdLimit)
+                held.append(ProviderSetHold.Part(provider: provider, hold: hold))
             }
-            return ProviderSetHold(id: id, volumes: volumes, local: prepared, rbd: rbdHold)
+            return ProviderSetHold(id: id, volumes: volumes, local: prepared, others: held)
         } catch {
+            for part in held { part.hold.release() }
             if let prepared { await engine.abortSnapshotSet(prepared) }
             throw error
         }
@@ -80,28 +103,31 @@ struct ProviderSet: SnapshotProvider {
     func commitSnapshotSet(_ hold: ProviderSetHold, keep: Bool) async throws -> CommittedSnapshotSet {
         var createdAt = Date()
         var snapshots: [CreatedSnapshot] = []
-        if let rbd, let rbdHold = hold.rbd {
-            snapshots += try await rbd.takeSnapshots(rbdHold, createdAt: createdAt, decidedByCatalog: hold.local != nil)
-            hold.rbdTaken.withLock { $0 = true }
+        // Every provider's snapshots while every volume is still held; the engine's last, since its
+        // commit lets the local writes go.
+        for part in hold.others {
+            part.taken.withLock { $0 = true }
+            snapshots += try await part.provider.takeSnapshots(
+                part.hold, createdAt: createdAt, decidedByCatalog: hold.local != nil)
         }
         if let local = hold.local {
             let committed = try await engine.commitSnapshotSet(local, keep: keep)
             createdAt = committed.createdAt
             snapshots += committed.snapshots
         }
-        if let rbd, let rbdHold = hold.rbd {
-            rbdHold.release()
+        for part in hold.others {
+            part.hold.release()
             do {
-                try rbd.settleSet(rbdHold.setID, createdAt: createdAt, kept: keep)
+                try part.provider.settleSet(hold.id, createdAt: createdAt, kept: keep)
             } catch  where hold.local != nil {
                 // The local record decided the set: it is committed, and the next start settles the
-                // RBD records from the catalog. Failing here would roll back only the RBD half.
-                rbd.logger.error(
-                    "could not record an RBD snapshot's set as settled; the next start does it",
+                // provider's records from the catalog. Failing here would roll back one half.
+                Logger(label: "umbra.providers").error(
+                    "could not record a set as settled; the next start does it",
                     metadata: ["set.id": "\(hold.id.guidString)", "error": "\(error)"])
             }
+            await part.provider.announceSnapshots()
         }
-        if let rbd, hold.rbd != nil { await rbd.announceSnapshots() }
         let order = Dictionary(uniqueKeysWithValues: hold.volumes.enumerated().map { ($1, $0) })
         return CommittedSnapshotSet(
             id: hold.id,
@@ -110,33 +136,34 @@ struct ProviderSet: SnapshotProvider {
     }
 
     func keepSnapshotSet(id: UUID) async throws {
-        let rbdHasIt = rbd?.snapshots(volume: nil).contains { $0.set == id } ?? false
+        let holders = others.filter { $0.hasSet(id) }
         do {
             try await engine.keepSnapshotSet(id: id)
-        } catch let error as ShadowCopyError where error.code == .notFound && rbdHasIt {
-            // An RBD-only set: its own record decides it.
+        } catch let error as ShadowCopyError where error.code == .notFound && !holders.isEmpty {
+            // The engine has no part in it: the providers' own records decide it.
         }
-        if rbdHasIt { try rbd?.settleSet(id, createdAt: nil, kept: true) }
+        for provider in holders { try provider.settleSet(id, createdAt: nil, kept: true) }
     }
 
     func abortSnapshotSet(_ hold: ProviderSetHold) async {
         if let local = hold.local { await engine.abortSnapshotSet(local) }
-        if let rbd, let rbdHold = hold.rbd {
-            if hold.rbdTaken.withLock({ $0 }) {
-                await rbd.rollBack(rbdHold)
+        for part in hold.others {
+            if part.taken.withLock({ $0 }) {
+                await part.provider.rollBack(part.hold)
             } else {
-                rbdHold.release()
+                part.hold.release()
             }
         }
     }
 
     func deleteSnapshotSet(id: UUID) async throws {
-        if let rbd { _ = try await rbd.deleteSnapshots(ids: [id]) }
+        for provider in others { _ = try await provider.deleteSnapshots(ids: [id]) }
         try await engine.deleteSnapshotSet(id: id)
     }
 
     func holdDuration(of hold: ProviderSetHold) -> Duration? {
-        // The longer of the two: the local writes are held from before the RBD ones, the RBD ones until after.
-        [hold.local.flatMap { engine.holdDuration(of: $0) }, hold.rbd?.holdDuration].compactMap { $0 }.max()
+        // The longest: the local writes are held from before the others, the others until after.
+        ([hold.local.flatMap { engine.holdDuration(of: $0) }] + hold.others.map(\.hold.holdDuration)).compactMap { $0 }
+            .max()
     }
 }

@@ -205,7 +205,9 @@ final class RBDWriteGate: Sendable {
 }
 
 /// The RBD volumes of a daemon, and their part of every set.
-final class RBDProvider: Sendable {
+final class RBDProvider: VolumeProvider {
+    var backend: String { "rbd" }
+
     let cluster: RBDCluster
     private let directory: String
     /// Threads of its own for librbd's blocking calls.
@@ -311,8 +313,52 @@ final class RBDProvider: Sendable {
 
     func records() -> [RBDRegistry.Volume] { state.withLock { $0.registry.volumes } }
 
+    func describe(volume name: String) -> ShadowCopy.VolumeInfo? {
+        volume(named: name).map { volume in
+            ShadowCopy.VolumeInfo(
+                name: volume.name, size: volume.size, chunkSize: volume.objectSize, backend: backend,
+                image: volume.path)
+        }
+    }
+
+    func status(now: Date) -> [StatusResult.Volume] {
+        records().map { record in
+            let snapshots = record.snapshots.filter(\.isVisible)
+            let oldest = snapshots.map(\.createdAt).min()
+            return StatusResult.Volume(
+                name: record.name, size: volume(named: record.name)?.size ?? 0, backend: backend, diffBytes: 0,
+                diffLimit: nil, snapshots: snapshots.count,
+                oldestSnapshotAgeSeconds: oldest.map { max(0, now.timeIntervalSince($0)) })
+        }
+    }
+
+    func claims(_ params: CreateVolumeParams) -> Bool { params.rbd != nil }
+
+    /// `volume.create` with `rbd`: the volume is that image, created when a size is given.
+    func createVolume(_ params: CreateVolumeParams) async throws -> ShadowCopy.VolumeInfo {
+        let image = params.rbd ?? ""
+        let parts = image.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, !parts[0].isEmpty, !parts[1].isEmpty, !image.contains("@") else {
+            throw ShadowCopyError(.invalidParams, "--rbd takes POOL/IMAGE (got '\(image)').")
+        }
+        guard params.chunkSize == nil, params.diffLimit == nil, params.whenFull == nil else {
+            throw ShadowCopyError(
+                .invalidParams, "An RBD volume has no chunk size or diff store: RBD keeps its snapshots itself.")
+        }
+        do {
+            let volume = try await createVolume(
+                name: params.name, pool: String(parts[0]), image: String(parts[1]),
+                size: params.size == 0 ? nil : params.size)
+            return describe(volume: volume.name)!
+        } catch let error as RBDError {
+            let code: ControlErrorCode =
+                error.errno == ENOENT ? .notFound : error.errno == EEXIST ? .alreadyExists : .invalidArgument
+            throw ShadowCopyError(code, sentence(error.description))
+        }
+    }
+
     /// Puts a volume on `pool/image`, creating the image when `size` is given.
-    func createVolume(name: String, pool: String, image: String, size: UInt64?) async throws -> RBDVolume {
+    private func createVolume(name: String, pool: String, image: String, size: UInt64?) async throws -> RBDVolume {
         let volume = try await io.run { [cluster] in
             let opened = try cluster.pool(pool)
             if let size { try opened.createImage(image, size: size) }
@@ -380,7 +426,7 @@ final class RBDProvider: Sendable {
     // MARK: Sets
 
     /// Writes held on RBD volumes for one set.
-    final class Hold: Sendable {
+    final class Hold: ProviderHold {
         enum Phase {
             case held
             /// Snapshots are being taken: the watchdog no longer lets writes go.
@@ -408,10 +454,11 @@ final class RBDProvider: Sendable {
             }
         }
 
+        func release() { _ = letGo(ifStillHeld: false) }
+
         /// Lets the writes go on every volume (again, if a gate was held late); true the first time.
         /// With `ifStillHeld` (the watchdog), only before snapshots began.
-        @discardableResult
-        func release(ifStillHeld: Bool = false) -> Bool {
+        func letGo(ifStillHeld: Bool) -> Bool {
             let first = phase.withLock { phase in
                 switch phase {
                 case .released: return false
@@ -444,7 +491,7 @@ final class RBDProvider: Sendable {
     /// Holds new writes on the volumes, drains those in flight and flushes the images, so that the
     /// snapshots hold every write that completed. Writes are let go, and the set fails, if that
     /// takes longer than `limit`, or if the set is still not snapshotting once `limit` has passed.
-    func hold(setID: UUID, volumes names: [String], limit: Duration) async throws -> Hold {
+    func hold(setID: UUID, volumes names: [String], limit: Duration) async throws -> any ProviderHold {
         let volumes = try names.map { name in
             guard let volume = volume(named: name) else {
                 throw ShadowCopyError(.notFound, "No volume is named \(name).")
@@ -455,7 +502,7 @@ final class RBDProvider: Sendable {
         hold.watchdog.withLock { watchdog in
             watchdog = Task { [logger] in
                 try? await Task.sleep(for: limit)
-                if !Task.isCancelled, hold.release(ifStillHeld: true) {
+                if !Task.isCancelled, hold.letGo(ifStillHeld: true) {
                     logger.warning(
                         "the hold limit passed; RBD writes released", metadata: ["set.id": "\(setID.guidString)"])
                 }
@@ -481,8 +528,10 @@ final class RBDProvider: Sendable {
 
     /// Takes each held volume's RBD snapshot, recording it first (writes stay held throughout). The
     /// snapshots are pending until `settleSet`. On failure the snapshots taken are removed again.
-    func takeSnapshots(_ hold: Hold, createdAt: Date, decidedByCatalog: Bool) async throws -> [CreatedSnapshot] {
-        guard hold.beginSnapshots() else {
+    func takeSnapshots(_ hold: any ProviderHold, createdAt: Date, decidedByCatalog: Bool) async throws
+        -> [CreatedSnapshot]
+    {
+        guard let hold = hold as? Hold, hold.beginSnapshots() else {
             throw ShadowCopyError(.aborted, "The set took longer than the hold limit; it was abandoned.")
         }
         let ids = hold.volumes.map { _ in UUID() }
@@ -592,7 +641,7 @@ final class RBDProvider: Sendable {
     }
 
     /// Rolls back what `takeSnapshots` recorded for a set that did not commit, and lets writes go.
-    func rollBack(_ hold: Hold) async {
+    func rollBack(_ hold: any ProviderHold) async {
         hold.release()
         do {
             _ = try await deleteSnapshots(ids: [hold.setID])
@@ -617,8 +666,11 @@ final class RBDProvider: Sendable {
         }.sorted { $0.createdAt < $1.createdAt }
     }
 
-    func hasSnapshot(_ id: UUID) -> Bool {
-        records().contains { $0.snapshots.contains { $0.id == id && $0.isVisible } }
+    func changes(_ params: ChangesParams) async throws -> ChangeList {
+        let changed = try await changes(volume: params.volume, since: params.since, until: params.until)
+        return ChangeList(
+            chunkSize: volume(named: params.volume)?.objectSize ?? 0,
+            extents: changed.map { ByteExtent(offset: $0.offset, length: $0.count) })
     }
 
     /// What changed since snapshot `since` until snapshot `until` (the live image when nil).
