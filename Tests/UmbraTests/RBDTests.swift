@@ -102,6 +102,12 @@ struct CephCluster {
             #expect(Array(bytes[4096..<8192]) == pattern(0x5a, 4096))
             #expect(Array(bytes[8192..<16384]) == pattern(0, 8192))
             #expect(Array(bytes[16384..<(4096 + 65536)]) == pattern(0x5a, 65536 - 12288))
+            // FUA, and TRIM of a whole object (4 MiB), which RBD deallocates.
+            try client.pwrite(pattern(0x6b, 4 << 20), offset: 4 << 20, flags: .fua)
+            #expect(try client.pread(count: 4096, offset: 6 << 20) == pattern(0x6b, 4096))
+            try client.trim(count: 4 << 20, offset: 4 << 20)
+            try client.flush()
+            #expect(try client.pread(count: 4096, offset: 6 << 20) == pattern(0, 4096))
 
             // An existing image, at its own size; the same image twice; names taken; bad input.
             try cluster.rbd("create", "--size", "4M", "rbd/existing")
@@ -203,6 +209,18 @@ struct CephCluster {
                 position += UInt64(extent.length)
             }
             #expect(dirtyRanges == expected)
+            // A second set: what changed between the two snapshots is RBD's diff between them, on
+            // `snapshot changes --until` and as a dirty bitmap on the newer snapshot's export.
+            let second = try await control.createSnapshotSet(CreateSetParams(volumes: ["remote"], writers: false))
+            let newer = try #require(second.snapshots.first)
+            let between = try await control.changes(volume: "remote", since: rbdSnapshot.id, until: newer.id)
+            #expect(between.extents == (try cluster.diff("rbd/remote", since: rbdSnapshot.id, until: newer.id)))
+            #expect(between.extents == expected, "nothing was written between the second set and now")
+            let context = "qemu:dirty-bitmap:" + rbdSnapshot.id.guidString
+            let onSnapshot = try daemon.connect(newer.export, contexts: [context]).blockStatus(
+                count: 16 << 20, offset: 0)[context]
+            #expect(onSnapshot?.contains { $0.flags & 1 != 0 } == true)
+            _ = try await control.deleteSnapshots(ids: [second.set])
             writerTask.cancel()
             _ = try? await writerTask.value
             await control.close()
@@ -261,6 +279,34 @@ struct CephCluster {
             #expect(names.contains("someone-elses"))
             #expect(names.contains(try #require(kept.snapshots.first { $0.volume == "remote" }).id.guidString))
             await again.close()
+            await control.close()
+            #expect(daemon.stop() == 0)
+        }
+    }
+
+    /// A set taken while the cluster does not answer fails, within the Ceph timeout, and lets writes
+    /// go; once the cluster is back a set succeeds.
+    @Test func aSetFailsCleanlyWhileTheClusterIsAway() async throws {
+        try await CephCluster.with { cluster in
+            let daemon = try cluster.daemon(
+                volumes: ["local:4M"], extraArguments: ["--hold-limit", "2", "--ceph-timeout", "4"])
+            let control = try await daemon.control()
+            _ = try await control.createVolume(name: "remote", size: 4 << 20, rbd: "rbd/away")
+            let local = try daemon.connect("local")
+            try cluster.script("pause")
+            let started = ContinuousClock.now
+            await #expect(throws: ShadowCopyError.self) {
+                _ = try await control.createSnapshotSet(CreateSetParams(volumes: ["local", "remote"], writers: false))
+            }
+            let took = ContinuousClock.now - started
+            // The local volume's writes were let go.
+            try local.pwrite(pattern(3, 4096), offset: 0)
+            try cluster.script("resume")
+            #expect(took < .seconds(30), "the failed set took \(took)")
+            #expect(try await control.listSnapshots().snapshots.isEmpty)
+            let set = try await control.createSnapshotSet(
+                CreateSetParams(volumes: ["local", "remote"], writers: false))
+            #expect(set.snapshots.count == 2)
             await control.close()
             #expect(daemon.stop() == 0)
         }
