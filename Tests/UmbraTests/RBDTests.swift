@@ -278,7 +278,19 @@ struct CephCluster {
             for snapshot in open.snapshots { #expect(!names.contains(snapshot.id.guidString)) }
             #expect(names.contains("someone-elses"))
             #expect(names.contains(try #require(kept.snapshots.first { $0.volume == "remote" }).id.guidString))
+
+            // An image removed behind Umbra's back: the daemon still starts and serves the rest, and
+            // the volume can be forgotten.
+            _ = try await again.createVolume(name: "doomed", size: 4 << 20, rbd: "rbd/doomed")
             await again.close()
+            #expect(daemon.stop(keepingDirectory: true) == 0)
+            try cluster.rbd("rm", "rbd/doomed")
+            daemon = try cluster.daemon(in: directory)
+            let third = try await daemon.control()
+            #expect(try await third.listVolumes().volumes.map(\.name) == ["local", "remote"])
+            try await third.deleteVolume(name: "doomed")
+            await expectControlError(.notFound, "doomed") { try await third.deleteVolume(name: "doomed") }
+            await third.close()
             await control.close()
             #expect(daemon.stop() == 0)
         }

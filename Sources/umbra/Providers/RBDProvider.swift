@@ -245,9 +245,21 @@ final class RBDProvider: VolumeProvider {
             var volumes: [String: RBDVolume] = [:]
             for index in registry.volumes.indices {
                 let record = registry.volumes[index]
-                let volume = try RBDVolume(name: record.name, image: try cluster.pool(record.pool).open(record.image))
+                let volume: RBDVolume
+                let present: Set<String>
+                do {
+                    volume = try RBDVolume(name: record.name, image: try cluster.pool(record.pool).open(record.image))
+                    present = Set(try volume.image.snapshotNames())
+                } catch {
+                    // The others are served; this one stays recorded, as it was, for a later start.
+                    logger.error(
+                        "an RBD volume cannot be served: its image did not open; it stays recorded and is served again once it opens at a later start",
+                        metadata: [
+                            "volume": "\(record.name)", "image": "\(record.pool)/\(record.image)", "error": "\(error)",
+                        ])
+                    continue
+                }
                 volumes[record.name] = volume
-                let present = Set(try volume.image.snapshotNames())
                 var kept: [RBDRegistry.Snapshot] = []
                 for var snapshot in record.snapshots {
                     let name = snapshot.id.guidString
@@ -312,6 +324,8 @@ final class RBDProvider: VolumeProvider {
     var volumeNames: [String] { state.withLock { $0.registry.volumes.map(\.name) } }
 
     func records() -> [RBDRegistry.Volume] { state.withLock { $0.registry.volumes } }
+
+    func hasVolume(_ name: String) -> Bool { volumeNames.contains(name) }
 
     func describe(volume name: String) -> ShadowCopy.VolumeInfo? {
         volume(named: name).map { volume in
@@ -397,8 +411,14 @@ final class RBDProvider: VolumeProvider {
     /// Removes the volume's snapshots and forgets it; removes the image too with `deletingImage`.
     /// Refused while a set holds its writes.
     func deleteVolume(name: String, deletingImage: Bool) async throws {
-        guard let volume = volume(named: name), let record = records().first(where: { $0.name == name }) else {
+        guard let record = records().first(where: { $0.name == name }) else {
             throw ShadowCopyError(.notFound, "No volume is named \(name).")
+        }
+        guard let volume = volume(named: name) else {
+            // Recorded but not served (its image did not open at start): there is nothing to remove
+            // in RBD through it, only the record to forget.
+            try update { registry in registry.volumes.removeAll { $0.name == name } }
+            return
         }
         guard !volume.gate.isHeld else {
             throw ShadowCopyError(

@@ -24,7 +24,10 @@ protocol ProviderHold: AnyObject, Sendable {
 protocol VolumeProvider: Sendable {
     /// What `volume.list` and `status` show as the volumes' backend (`rbd`).
     var backend: String { get }
+    /// Every volume it records, served or not.
     var volumeNames: [String] { get }
+    /// Whether it records `name` (a name no other provider may take).
+    func hasVolume(_ name: String) -> Bool
     /// A volume as `volume.list` shows it; nil if it is not this provider's.
     func describe(volume: String) -> ShadowCopy.VolumeInfo?
     /// Its volumes as `status` shows them.
@@ -70,8 +73,6 @@ protocol VolumeProvider: Sendable {
 }
 
 extension VolumeProvider {
-    func hasVolume(_ name: String) -> Bool { describe(volume: name) != nil }
-
     func hasSnapshot(_ id: UUID) -> Bool { snapshots(volume: nil).contains { $0.id == id } }
 
     func hasSet(_ id: UUID) -> Bool { snapshots(volume: nil).contains { $0.set == id } }
