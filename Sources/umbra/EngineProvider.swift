@@ -5,7 +5,6 @@
 import BlockIO
 import Foundation
 import QCOW2
-import RBD
 import ShadowCopy
 import SnapshotEngine
 
