@@ -235,8 +235,8 @@ struct DaemonRequests: ControlRequestHandler {
 
     func deleteVolume(name: String, deletingImage: Bool) async throws {
         if let provider = others.provider(of: name) {
+            // The provider takes the volume's exports away itself, before it closes the volume.
             try await provider.deleteVolume(name: name, deletingImage: deletingImage)
-            await exports.settle()
             return
         }
         if deletingImage {
@@ -404,9 +404,8 @@ extension DaemonRequests {
         guard VolumeSpec.isValidName(params.name) else {
             throw controlError(EngineError.invalidVolumeName(params.name))
         }
-        let info = try await provider.createVolume(params)
-        await exports.settle()
-        return info
+        // The provider brings its exports in step itself.
+        return try await provider.createVolume(params)
     }
 
     /// Throws if `name` is not a local volume, saying why the request does not apply to it.

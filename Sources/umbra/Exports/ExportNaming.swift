@@ -55,6 +55,18 @@ enum ExportNaming {
         return extents
     }
 
+    /// One dirty-bitmap context per snapshot GUID.
+    static func dirtyBitmapContexts(_ ids: [UUID]) -> [String] {
+        ids.map { dirtyBitmapPrefix + $0.guidString }
+    }
+
+    /// What a snapshot's export offers: a context for each snapshot of its volume older than it
+    /// (`ids`, oldest first).
+    static func dirtyBitmapContexts(olderThan id: UUID, among ids: [UUID]) -> [String] {
+        guard let position = ids.firstIndex(of: id) else { return [] }
+        return dirtyBitmapContexts(Array(ids[..<position]))
+    }
+
     static func snapshotID(fromContext context: String) -> UUID? {
         guard context.hasPrefix(dirtyBitmapPrefix) else { return nil }
         return UUID(uuidString: String(context.dropFirst(dirtyBitmapPrefix.count)))

@@ -26,9 +26,8 @@ struct LiveVolumeExport: NBDExport {
     var blockSize: NBDBlockSize { ExportNaming.blockSize(chunkSize: volume.chunkSize) }
     var supportsFastZero: Bool { true }
     var metaContexts: [String] {
-        ((try? store.snapshots(volume: volume.name)) ?? []).filter { $0.state == .ready }.map {
-            ExportNaming.dirtyBitmapPrefix + $0.id.guidString
-        }
+        ExportNaming.dirtyBitmapContexts(
+            ((try? store.snapshots(volume: volume.name)) ?? []).filter { $0.state == .ready }.map(\.id))
     }
 
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {

@@ -76,9 +76,7 @@ struct RBDLiveExport: NBDExport {
     var isReadOnly: Bool { false }
     var blockSize: NBDBlockSize { NBDBlockSize(minimum: 1, preferred: 4096, maximum: .max) }
     var metaContexts: [String] {
-        provider.snapshots(volume: volume.name).map {
-            ExportNaming.dirtyBitmapPrefix + $0.id.guidString
-        }
+        ExportNaming.dirtyBitmapContexts(provider.snapshots(volume: volume.name).map(\.id))
     }
 
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {
@@ -146,9 +144,8 @@ struct RBDSnapshotExport: ReadOnlySnapshotExport {
     var size: UInt64 { volume.size }
     var blockSize: NBDBlockSize { NBDBlockSize(minimum: 1, preferred: 4096, maximum: .max) }
     var metaContexts: [String] {
-        let all = provider.snapshots(volume: volume.name)
-        guard let position = all.firstIndex(where: { $0.id == snapshot.id }) else { return [] }
-        return all[..<position].map { ExportNaming.dirtyBitmapPrefix + $0.id.guidString }
+        ExportNaming.dirtyBitmapContexts(
+            olderThan: snapshot.id, among: provider.snapshots(volume: volume.name).map(\.id))
     }
 
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {

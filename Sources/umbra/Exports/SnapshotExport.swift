@@ -31,8 +31,7 @@ struct SnapshotExport: ReadOnlySnapshotExport {
     /// Older snapshots of the same volume: what changed between each of them and this one.
     var metaContexts: [String] {
         let all = ((try? store.snapshots(volume: snapshot.volumeName)) ?? []).filter { $0.state == .ready }
-        guard let position = all.firstIndex(where: { $0.id == snapshot.id }) else { return [] }
-        return all[..<position].map { ExportNaming.dirtyBitmapPrefix + $0.id.guidString }
+        return ExportNaming.dirtyBitmapContexts(olderThan: snapshot.id, among: all.map(\.id))
     }
 
     func read(offset: UInt64, length: UInt32, buffers: NBDBufferPool) async throws -> NBDReadResult {

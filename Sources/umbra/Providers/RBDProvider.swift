@@ -575,14 +575,7 @@ final class RBDProvider: VolumeProvider {
                 }
             }
             let taken = Set(ids)
-            try update { registry in
-                for volume in registry.volumes.indices {
-                    for snapshot in registry.volumes[volume].snapshots.indices
-                    where taken.contains(registry.volumes[volume].snapshots[snapshot].id) {
-                        registry.volumes[volume].snapshots[snapshot].taking = nil
-                    }
-                }
-            }
+            try updateSnapshots(where: { taken.contains($0.id) }) { $0.taking = nil }
         } catch {
             _ = try? await deleteSnapshots(ids: ids)
             throw error
@@ -599,29 +592,14 @@ final class RBDProvider: VolumeProvider {
 
     /// Gives a set's snapshots the set's time, and with `kept` keeps them for good.
     func settleSet(_ id: UUID, createdAt: Date?, kept: Bool) throws {
-        try update { registry in
-            for volume in registry.volumes.indices {
-                for snapshot in registry.volumes[volume].snapshots.indices
-                where registry.volumes[volume].snapshots[snapshot].set == id {
-                    if kept { registry.volumes[volume].snapshots[snapshot].pending = false }
-                    if let createdAt { registry.volumes[volume].snapshots[snapshot].createdAt = createdAt }
-                }
-            }
+        try updateSnapshots(where: { $0.set == id }) { snapshot in
+            if kept { snapshot.pending = false }
+            if let createdAt { snapshot.createdAt = createdAt }
         }
     }
 
     func labelSet(_ id: UUID, purpose: String) throws -> Bool {
-        var found = false
-        try update { registry in
-            for volume in registry.volumes.indices {
-                for snapshot in registry.volumes[volume].snapshots.indices
-                where registry.volumes[volume].snapshots[snapshot].set == id {
-                    registry.volumes[volume].snapshots[snapshot].purpose = purpose
-                    found = true
-                }
-            }
-        }
-        return found
+        try !updateSnapshots(where: { $0.set == id }) { $0.purpose = purpose }.isEmpty
     }
 
     /// Deletes the snapshots named (or all of the sets named) that are RBD snapshots; returns their
@@ -629,16 +607,8 @@ final class RBDProvider: VolumeProvider {
     /// then removed from RBD, then forgotten.
     func deleteSnapshots(ids: [UUID]) async throws -> [UUID] {
         let wanted = Set(ids)
-        var doomed: [(volume: String, id: UUID)] = []
-        try update { registry in
-            for volume in registry.volumes.indices {
-                for snapshot in registry.volumes[volume].snapshots.indices {
-                    let record = registry.volumes[volume].snapshots[snapshot]
-                    guard wanted.contains(record.id) || wanted.contains(record.set) else { continue }
-                    registry.volumes[volume].snapshots[snapshot].deleting = true
-                    doomed.append((registry.volumes[volume].name, record.id))
-                }
-            }
+        let doomed = try updateSnapshots(where: { wanted.contains($0.id) || wanted.contains($0.set) }) {
+            $0.deleting = true
         }
         guard !doomed.isEmpty else { return [] }
         await settleExports()
@@ -722,6 +692,29 @@ final class RBDProvider: VolumeProvider {
             }
         } catch let error as RBDError {
             throw ShadowCopyError(error.errno == ENOENT ? .notFound : .providerFailed, sentence(error.description))
+        }
+    }
+
+    /// Applies `change` to every recorded snapshot that `matches`, in one registry write (none when
+    /// nothing matches); returns the volume and GUID of each.
+    @discardableResult
+    private func updateSnapshots(
+        where matches: (RBDRegistry.Snapshot) -> Bool, _ change: (inout RBDRegistry.Snapshot) -> Void
+    ) throws -> [(volume: String, id: UUID)] {
+        try state.withLock { state in
+            var registry = state.registry
+            var changed: [(volume: String, id: UUID)] = []
+            for volume in registry.volumes.indices {
+                for snapshot in registry.volumes[volume].snapshots.indices
+                where matches(registry.volumes[volume].snapshots[snapshot]) {
+                    change(&registry.volumes[volume].snapshots[snapshot])
+                    changed.append((registry.volumes[volume].name, registry.volumes[volume].snapshots[snapshot].id))
+                }
+            }
+            guard !changed.isEmpty else { return [] }
+            try registry.save(to: directory)
+            state.registry = registry
+            return changed
         }
     }
 

@@ -35,8 +35,10 @@ protocol VolumeProvider: Sendable {
 
     /// Whether `volume.create` with these parameters is for this provider, and creating it.
     func claims(_ params: CreateVolumeParams) -> Bool
+    /// Creates the volume and returns once its export is served.
     func createVolume(_ params: CreateVolumeParams) async throws -> ShadowCopy.VolumeInfo
-    /// Removes the volume's snapshots and forgets it (`deletingImage`: its backing storage too).
+    /// Removes the volume's snapshots and forgets it (`deletingImage`: its backing storage too); its
+    /// exports are gone, and their clients disconnected, before it closes the volume.
     func deleteVolume(name: String, deletingImage: Bool) async throws
 
     // Sets, in this order: flush (optional), hold, takeSnapshots while every provider holds,
