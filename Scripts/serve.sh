@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the build needs (Debian's libisal-dev; root or sudo), builds Umbra (release) and runs
+# Installs what the build needs (Debian's libisal-dev, librbd-dev, librados-dev; root or sudo), builds Umbra (release) and runs
 # the daemon with a 1 GiB volume named `disk` in ./umbra-data, serving NBD on tcp://127.0.0.1:10809.
 # Extra arguments go to `umbra serve`.
 set -euo pipefail
