@@ -16,7 +16,8 @@ packages=(
     nbdkit nbd-server nbd-client                   # peer servers (benchmarks) and nbd-client -l
     qemu-utils fio gcc                             # qemu-img, qemu-io, fio --ioengine=nbd; Scripts/bench/chunk-writes.c
     prometheus                                     # promtool: the metrics endpoint's text is checked with it
-    e2fsprogs fuse3 util-linux                     # mkfs.ext4, fsck, fusermount3, losetup
+    e2fsprogs fuse3 util-linux                     # mkfs.ext4, fsck, filefrag, fusermount3, losetup
+    xfsprogs                                       # mkfs.xfs: XFS with reflink, where copies are clones (tests, benchmarks)
     python3 python3-fusepy                         # the Python writer and nbdsh; Scripts/testing/faultfs.py
     openssl                                        # certificates made at test time (test-tls.sh)
     ceph-mon ceph-osd ceph-common                  # the single-node Ceph cluster of Scripts/ceph-cluster.sh (RBD tests)

@@ -16,7 +16,9 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-WORK = os.path.join(tempfile.gettempdir(), "umbra-bench")
+# Where the benchmarks keep their files; UMBRA_BENCH_DIR puts them on another file system
+# (Scripts/bench/on-xfs-reflink.sh).
+WORK = os.environ.get("UMBRA_BENCH_DIR") or os.path.join(tempfile.gettempdir(), "umbra-bench")
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -39,9 +41,10 @@ def base_image(size=1 << 30):
 
 
 def fresh_copy(base, directory):
-    """A private writable copy of the base image, in the page cache like the base."""
+    """A private writable copy of the base image with blocks of its own (never a reflink), in the page
+    cache like the base."""
     image = os.path.join(directory, "disk.img")
-    shutil.copyfile(base, image)
+    subprocess.run(["cp", "--reflink=never", base, image], check=True)
     subprocess.run(["cat", image], stdout=subprocess.DEVNULL, check=True)
     return image
 

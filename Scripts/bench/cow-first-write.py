@@ -14,9 +14,12 @@ Servers:
   nbdkit-cow  nbdkit --filter=cow file BASE (an overlay in memory/temp, never synced).
   umbra       umbra serve --volume-file disk:IMG, then `umbra snapshot create disk --no-writers`.
   umbra-nosnap  the same without a snapshot (rand only): the cost of a copy per write.
-Several --umbra binaries are measured side by side (NAME=PATH), for before/after comparisons.
+Several --umbra binaries are measured side by side (NAME=PATH [SERVE-ARGS]), for before/after comparisons
+or options (e.g. --umbra "write=PATH --write-copies").
 
 Usage: Scripts/bench/cow-first-write.py [-r REPS] [-w "seq rand"] [--umbra NAME=PATH ...] [--json FILE]
+Every file lives under UMBRA_BENCH_DIR (default $TMPDIR/umbra-bench); Scripts/bench/on-xfs-reflink.sh
+runs it on XFS with reflink, where Umbra's copies are clones (the table says which copy method ran).
 Needs fio (with the nbd engine), nbdkit, a C compiler and libnbd-dev (Scripts/install-dependencies.sh
 installs them).
 """
@@ -47,7 +50,7 @@ def run_workload(workload, sock, export, scratch):
     return json.loads(result.stdout)
 
 
-def run_server(kind, binary, workload, base, scratch):
+def run_server(kind, binary, workload, base, scratch, extra=()):
     """Starts one server, runs the workload against it, stops it; returns {workload: figures}: for
     seq on a server, also "seq-rewrite", the same writes again (every chunk already copied)."""
     sock = os.path.join(scratch, "nbd.sock")
@@ -61,15 +64,23 @@ def run_server(kind, binary, workload, base, scratch):
         export = ""
     else:
         image = benchlib.fresh_copy(base, scratch)
-        server = benchlib.Server(benchlib.umbra_command(binary, scratch, sock, image), sock, scratch)
+        server = benchlib.Server(benchlib.umbra_command(binary, scratch, sock, image, extra), sock, scratch)
         export = "disk"
     try:
+        copy_method = None
+        if kind.startswith("umbra"):
+            control = ["--control", os.path.join(scratch, "control.sock")]
+            status = subprocess.run([binary, "status", "--json", *control], check=True, capture_output=True, text=True)
+            copy_method = json.loads(status.stdout)["volumes"][0].get("copyMethod")
         if kind == "umbra":
-            subprocess.run([binary, "snapshot", "create", "disk", "--no-writers", "--control",
-                            os.path.join(scratch, "control.sock")], check=True, capture_output=True)
+            subprocess.run([binary, "snapshot", "create", "disk", "--no-writers", *control], check=True,
+                           capture_output=True)
         figures = {workload: run_workload(workload, sock, export, scratch)}
         if workload == "seq":
             figures["seq-rewrite"] = run_workload(workload, sock, export, scratch)
+        if copy_method:
+            for measured in figures.values():
+                measured["copyMethod"] = copy_method
         return figures
     finally:
         server.stop()
@@ -83,7 +94,7 @@ def main():
     parser.add_argument("--settle", type=float, default=3.0, help="idle seconds before each server (default 3)")
     parser.add_argument("--json", help="raw results file (default Benchmarks/results/cow-first-write-TIME.json)")
     options = parser.parse_args()
-    umbras = [(name, path) for name, path, _ in benchlib.parse_umbras(options.umbra)]
+    umbras = [(name, (path, args)) for name, path, args in benchlib.parse_umbras(options.umbra)]
     benchlib.require("fio", "nbdkit")
     base = benchlib.base_image()
 
@@ -96,14 +107,14 @@ def main():
             for server in servers[workload]:
                 time.sleep(options.settle)
                 kind = server
-                binary = None
+                binary, extra = None, ()
                 if server.endswith("-nosnap"):
-                    kind, binary = "umbra-nosnap", binaries[server[:-len("-nosnap")]]
+                    kind, (binary, extra) = "umbra-nosnap", binaries[server[:-len("-nosnap")]]
                 elif server in binaries:
-                    kind, binary = "umbra", binaries[server]
+                    kind, (binary, extra) = "umbra", binaries[server]
                 scratch = tempfile.mkdtemp(prefix=f"{server}-", dir=benchlib.WORK)
                 try:
-                    measured = run_server(kind, binary, workload, base, scratch)
+                    measured = run_server(kind, binary, workload, base, scratch, extra)
                 finally:
                     shutil.rmtree(scratch, ignore_errors=True)
                 for name, figures in measured.items():
@@ -113,6 +124,8 @@ def main():
     def median(workload, server, key):
         return benchlib.median([r[key] for r in results if r["workload"] == workload and r["server"] == server])
 
+    methods = sorted({r["copyMethod"] for r in results if "copyMethod" in r})
+    print(f"files on {benchlib.machine()['workFileSystem']} ({benchlib.WORK}); Umbra's copies: {', '.join(methods)}")
     print(f"{'workload':12} {'server':18} {'MiB/s':>8} {'IOPS':>8} {'p99 ms':>8}   (medians of {options.reps})")
     shown = [(w, s) for w in options.workloads.split() for s in servers[w]]
     if "seq" in options.workloads.split():

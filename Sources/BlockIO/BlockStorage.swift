@@ -61,6 +61,19 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// stay as they are. Returns false if the storage cannot (a file system without fallocate).
     func reserve(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) -> Bool
 
+    /// Whether `clone` can work from `source`: both are regular files on one file system whose files
+    /// can share blocks (XFS with reflink, Btrfs). Asks the file system with a clone of nothing.
+    func canClone(from source: any BlockStorage) -> Bool
+
+    /// Makes the `count` bytes at `offset` the bytes of `source` at `sourceOffset`, by sharing the
+    /// file system's blocks instead of writing data (FICLONERANGE): a copy that costs metadata only.
+    /// Like a write, it is durable only after `synchronize`, and later writes to either file leave the
+    /// other unchanged. Both ranges must be whole file-system blocks. Returns false, having changed
+    /// nothing, where the storage cannot; the caller then copies by reading and writing.
+    func clone(
+        from source: any BlockStorage, at sourceOffset: ByteOffset, count: ByteCount, to offset: ByteOffset
+    ) throws(BlockIOError) -> Bool
+
     /// The start of the next allocated data at or after `offset`, or nil if only holes follow
     /// (SEEK_DATA). Storage that cannot tell reports everything as data.
     func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset?
@@ -90,6 +103,13 @@ extension BlockStorage {
     }
 
     public var fileDescriptor: Int32? { nil }
+
+    /// Storage that cannot share blocks.
+    public func canClone(from source: any BlockStorage) -> Bool { false }
+
+    public func clone(
+        from source: any BlockStorage, at sourceOffset: ByteOffset, count: ByteCount, to offset: ByteOffset
+    ) throws(BlockIOError) -> Bool { false }
 
     /// Writes zeros with plain writes, a megabyte at a time.
     func writeZeroesByWriting(at offset: ByteOffset, count: ByteCount) throws(BlockIOError) {

@@ -18,6 +18,8 @@ public final class FileStorage: BlockStorage {
     /// Set once punching holes failed with EOPNOTSUPP, so later discards write zeros directly.
     private let cannotPunchHoles = Atomic<Bool>(false)
     private let cannotZeroRanges = Atomic<Bool>(false)
+    /// Set once a clone failed because these files cannot share blocks, so later copies write at once.
+    private let cannotClone = Atomic<Bool>(false)
 
     public init(path: String, mode: StorageOpenMode) throws(BlockIOError) {
         var flags = O_RDWR
@@ -187,6 +189,33 @@ public final class FileStorage: BlockStorage {
         try checkOpen("fallocate")
         guard count.rawValue > 0, !isBlockDevice else { return true }
         return try Syscall.allocate(descriptor, offset: offset.rawValue, length: count.rawValue, path: path)
+    }
+
+    public func canClone(from source: any BlockStorage) -> Bool {
+        guard !cannotClone.load(ordering: .relaxed), let source = source as? FileStorage,
+            !closed.load(ordering: .acquiring), !source.closed.load(ordering: .acquiring),
+            let end = try? Syscall.status(source.descriptor, path: source.path).size
+        else { return false }
+        // A clone from the end of the source to its end clones nothing, after every check that
+        // matters here (one file system, shared extents, regular files).
+        let cloned =
+            (try? Syscall.cloneRange(descriptor, from: source.descriptor, at: end, length: 0, to: 0, path: path))
+        if cloned != true { cannotClone.store(true, ordering: .relaxed) }
+        return cloned == true
+    }
+
+    public func clone(
+        from source: any BlockStorage, at sourceOffset: ByteOffset, count: ByteCount, to offset: ByteOffset
+    ) throws(BlockIOError) -> Bool {
+        try checkOpen("ioctl(FICLONERANGE)")
+        guard count.rawValue > 0 else { return true }
+        guard !cannotClone.load(ordering: .relaxed), let source = source as? FileStorage else { return false }
+        try source.checkOpen("ioctl(FICLONERANGE)")
+        let cloned = try Syscall.cloneRange(
+            descriptor, from: source.descriptor, at: sourceOffset.rawValue, length: count.rawValue, to: offset.rawValue,
+            path: path)
+        if !cloned { cannotClone.store(true, ordering: .relaxed) }
+        return cloned
     }
 
     public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {

@@ -98,6 +98,10 @@ public final class SimulatedDisk: Sendable {
         var durableDirectories: Set<String> = [""]
         /// Teeth (tests only): directory syncs do nothing, as if the directory never fsynced its parent.
         var skipsDirectorySync = false
+        /// Whether its files can share blocks (`SimulatedStorage.clone`), like XFS with reflink.
+        var sharesBlocks = false
+        /// Clones taken on this disk and the disks it was recovered from.
+        var cloneCount = 0
         var locked = false
         var operationCount = 0
         var crashAtOperation: Int?
@@ -119,6 +123,21 @@ public final class SimulatedDisk: Sendable {
     /// recovered from it; the simulation must then notice files and renames lost at a crash.
     public func skipDirectorySyncs() {
         state.withLock { $0.skipsDirectorySync = true }
+    }
+
+    /// From now on files on this disk, and on the disks recovered from it, can share blocks: a
+    /// clone copies the bytes as a write would, volatile until a sync (what FICLONERANGE promises).
+    public func shareBlocks() {
+        state.withLock { $0.sharesBlocks = true }
+    }
+
+    public var sharesBlocks: Bool { state.withLock { $0.sharesBlocks } }
+
+    /// How many clones files on this disk (and the disks it was recovered from) took.
+    public var cloneCount: Int { state.withLock { $0.cloneCount } }
+
+    func noteClone() {
+        state.withLock { $0.cloneCount += 1 }
     }
 
     init(state: State) {
@@ -183,7 +202,8 @@ public final class SimulatedDisk: Sendable {
         let snapshot = state.withLock { $0 }
         var recovered = State(
             directories: snapshot.durableDirectories, durableDirectories: snapshot.durableDirectories,
-            skipsDirectorySync: snapshot.skipsDirectorySync)
+            skipsDirectorySync: snapshot.skipsDirectorySync, sharesBlocks: snapshot.sharesBlocks,
+            cloneCount: snapshot.cloneCount)
         recovered.nextInode = snapshot.nextInode
         // Only files named in a synced directory survive a reboot (an unlinked file that was still
         // open is gone, and so is a new name whose directory was not synced).

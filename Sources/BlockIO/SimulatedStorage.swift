@@ -121,6 +121,27 @@ public final class SimulatedStorage: BlockStorage {
         return true
     }
 
+    public func canClone(from source: any BlockStorage) -> Bool {
+        (source as? SimulatedStorage)?.disk === disk && disk.sharesBlocks
+    }
+
+    /// A clone on a disk that shares blocks: the source's bytes read, then written here as one
+    /// pending write (a crash keeps it or not, like any write not yet synced).
+    public func clone(
+        from source: any BlockStorage, at sourceOffset: ByteOffset, count: ByteCount, to offset: ByteOffset
+    ) throws(BlockIOError) -> Bool {
+        guard canClone(from: source) else { return false }
+        let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(count.rawValue), alignment: 8)
+        defer { bytes.deallocate() }
+        try source.read(fromAbsoluteOffset: sourceOffset, into: bytes)
+        let operation = SimulatedDisk.PendingOperation.write(offset: Int(offset.rawValue), bytes: Array(bytes))
+        try withFile("ioctl(FICLONERANGE)", onCrash: { $0.pending.append(operation) }, faultKind: .write) {
+            $0.apply(operation)
+        }
+        disk.noteClone()
+        return true
+    }
+
     public func nextData(from offset: ByteOffset) throws(BlockIOError) -> ByteOffset? {
         try withFile("lseek") { offset.rawValue < UInt64($0.current.count) ? offset : nil }
     }

@@ -158,6 +158,20 @@ enum Syscall {
         throw lastError("fallocate(ZERO_RANGE)", path)
     }
 
+    /// ioctl(FICLONERANGE) from `source` into `fd` (a length of 0 clones to the end of `source`).
+    /// Returns false when these two files cannot share blocks: a file system without shared extents
+    /// (EOPNOTSUPP), two file systems (EXDEV), something other than two regular files or ranges the
+    /// file system cannot share (EINVAL), or no such ioctl (ENOTTY).
+    static func cloneRange(
+        _ fd: Int32, from source: Int32, at sourceOffset: UInt64, length: UInt64, to offset: UInt64, path: String
+    ) throws(BlockIOError) -> Bool {
+        if retryingInterrupts({ umbra_clone_range(fd, source, sourceOffset, length, offset) }) == 0 { return true }
+        switch Glibc.errno {
+        case EOPNOTSUPP, EXDEV, EINVAL, ENOTTY, ENOSYS: return false
+        default: throw lastError("ioctl(FICLONERANGE)", path)
+        }
+    }
+
     struct FileStatus {
         var size: UInt64
         var isBlockDevice: Bool

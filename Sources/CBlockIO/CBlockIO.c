@@ -27,6 +27,12 @@ int umbra_block_device_size(int fd, uint64_t *size) {
     return ioctl(fd, BLKGETSIZE64, size);
 }
 
+int umbra_clone_range(int destination, int source, uint64_t source_offset, uint64_t length, uint64_t destination_offset) {
+    struct file_clone_range range = {
+        .src_fd = source, .src_offset = source_offset, .src_length = length, .dest_offset = destination_offset};
+    return ioctl(destination, FICLONERANGE, &range);
+}
+
 int64_t umbra_seek_data(int fd, int64_t offset) {
     return lseek(fd, offset, SEEK_DATA);
 }

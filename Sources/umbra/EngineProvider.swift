@@ -337,7 +337,8 @@ extension DaemonRequests {
                     name: volume.name, size: volume.size.rawValue, backend: "local",
                     diffBytes: volume.diffBytes.rawValue, diffLimit: volume.diffLimit?.rawValue,
                     snapshots: volume.snapshotCount,
-                    oldestSnapshotAgeSeconds: oldest.map { max(0, now.timeIntervalSince($0)) })
+                    oldestSnapshotAgeSeconds: oldest.map { max(0, now.timeIntervalSince($0)) },
+                    copyMethod: volume.copyMethod.rawValue)
             }
                 + others.flatMap { $0.status(now: now) })
     }

@@ -88,6 +88,12 @@ struct Serve: AsyncParsableCommand {
             """)
     var offloadWrites = false
 
+    @Flag(
+        help: """
+            Copy chunks into the diff store by writing them, even where the file system lets the live data             and the diff store share blocks (XFS with reflink, Btrfs), where copies are otherwise clones.
+            """)
+    var writeCopies = false
+
     @OptionGroup(title: "Limits on NBD clients")
     var limits: ServeLimitOptions
 
@@ -254,6 +260,7 @@ struct Serve: AsyncParsableCommand {
         configuration.logger = Logger(label: "umbra.engine")
         configuration.ioThreadCount = max(1, ioThreads)
         configuration.writesLiveDataInline = !offloadWrites
+        configuration.clonesCopies = !writeCopies
         configuration.eventHandler = { event in exports.storeChanged(event) }
         let store = try await SnapshotStore.open(path: data, configuration: configuration)
         exports.attach(store)
@@ -344,6 +351,13 @@ struct Serve: AsyncParsableCommand {
                 throw error
             }
             let metricsPart = metricsEndpoint.map { " metrics=\($0.address)" } ?? ""
+            for volume in store.volumes() {
+                logger.info(
+                    volume.copyMethod == .reflink
+                        ? "copy-on-write shares blocks with the live data (reflink): copies write no data"
+                        : "copy-on-write writes its copies: the file system cannot share blocks between the live data and the diff store",
+                    metadata: ["volume": "\(volume.name)", "copyMethod": "\(volume.copyMethod.rawValue)"])
+            }
             logger.info(
                 "serving",
                 metadata: [

@@ -121,3 +121,67 @@ import UmbraTestSupport
     try await slept
     #expect(clock.sleeperCount == 0)
 }
+
+/// Clones (FICLONERANGE) on a real XFS file system with reflink, and refusals where files cannot share
+/// blocks.
+@Suite struct CloneTests {
+    @Test(.enabled(if: ReflinkFileSystem.unavailableReason == nil, "needs root, xfsprogs and a loop device"))
+    func clonesShareBlocksUntilEitherSideIsWritten() async throws {
+        try await ReflinkFileSystem.with { fileSystem in
+            let source = try FileStorage(path: fileSystem.path + "/source", mode: .createNew)
+            let target = try FileStorage(path: fileSystem.path + "/target", mode: .createNew)
+            var random = SeededRandom(seed: 9)
+            var original = [UInt8](repeating: 0, count: 64 << 10)
+            original.withUnsafeMutableBytes { random.fill($0) }
+            try original.withUnsafeBytes { try source.write(toAbsoluteOffset: .zero, $0) }
+            try source.synchronize()
+            #expect(target.canClone(from: source))
+
+            // Three blocks from 4 KiB into the target at 8 KiB, past its end.
+            #expect(
+                try target.clone(from: source, at: ByteOffset(4096), count: ByteCount(3 * 4096), to: ByteOffset(8192)))
+            try target.synchronize()
+            #expect(try target.size() == ByteCount(5 * 4096))
+            #expect(try ReflinkFileSystem.hasSharedExtents(fileSystem.path + "/target"))
+            var read = [UInt8](repeating: 1, count: 3 * 4096)
+            try read.withUnsafeMutableBytes { try target.read(fromAbsoluteOffset: ByteOffset(8192), into: $0) }
+            #expect(read == Array(original[4096..<(4 * 4096)]))
+
+            // A write to the source leaves the clone as it was.
+            try [UInt8](repeating: 0xEE, count: 3 * 4096).withUnsafeBytes {
+                try source.write(toAbsoluteOffset: ByteOffset(4096), $0)
+            }
+            try source.synchronize()
+            try read.withUnsafeMutableBytes { try target.read(fromAbsoluteOffset: ByteOffset(8192), into: $0) }
+            #expect(read == Array(original[4096..<(4 * 4096)]))
+
+            // Files on two file systems cannot share blocks: refused, nothing changed.
+            let elsewhere = try TemporaryDirectory("umbra-blockio")
+            defer { elsewhere.remove() }
+            let other = try FileStorage(path: elsewhere.path + "/other", mode: .createNew)
+            try original.withUnsafeBytes { try other.write(toAbsoluteOffset: .zero, $0) }
+            #expect(!target.canClone(from: other))
+            #expect(try !target.clone(from: other, at: .zero, count: ByteCount(4096), to: .zero))
+            try read.withUnsafeMutableBytes { try target.read(fromAbsoluteOffset: ByteOffset(0), into: $0) }
+            #expect(read[..<8192].allSatisfy { $0 == 0 })
+            #expect(try target.size() == ByteCount(5 * 4096))
+        }
+    }
+
+    /// Storage of another kind never clones: the caller copies.
+    @Test func simulatedDisksCloneOnlyWhenTheyShareBlocks() throws {
+        let disk = SimulatedDisk()
+        let directory = disk.directory()
+        let source = try directory.openFile("source", mode: .createNew)
+        let target = try directory.openFile("target", mode: .createNew)
+        try [UInt8](repeating: 5, count: 8192).withUnsafeBytes { try source.write(toAbsoluteOffset: .zero, $0) }
+        #expect(!target.canClone(from: source))
+        #expect(try !target.clone(from: source, at: .zero, count: ByteCount(4096), to: .zero))
+        disk.shareBlocks()
+        #expect(target.canClone(from: source))
+        #expect(try target.clone(from: source, at: ByteOffset(4096), count: ByteCount(4096), to: .zero))
+        var read = [UInt8](repeating: 0, count: 4096)
+        try read.withUnsafeMutableBytes { try target.read(fromAbsoluteOffset: .zero, into: $0) }
+        #expect(read.allSatisfy { $0 == 5 })
+    }
+}

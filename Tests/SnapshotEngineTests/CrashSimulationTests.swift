@@ -51,24 +51,26 @@ import UmbraTestSupport
         let seeds = Self.seeds.enumerated().filter { $0.offset % Self.batches == batch }.map(\.element)
         // The simulation drives its executor on the calling thread; give it a thread of its own rather
         // than blocking one of Swift's few cooperative threads for the whole batch.
-        let (crashPoints, faults, phases, failure) = await onOwnThread {
-            () -> (Int, Int, [SetPhase: Int], String?) in
+        let (crashPoints, faults, phases, clones, failure) = await onOwnThread {
+            () -> (Int, Int, [SetPhase: Int], Int, String?) in
             var crashPoints = 0
             var faults = 0
             var phases: [SetPhase: Int] = [:]
+            var clones = 0
             for seed in seeds {
                 var simulation = Simulation(seed: seed)
                 do {
                     crashPoints += try simulation.run()
                     faults += simulation.faultsInWorkload
+                    clones += simulation.disk.cloneCount
                     phases.merge(simulation.setPhasesAtCrashes, uniquingKeysWith: +)
                 } catch {
                     let message =
                         "simulation seed \(seed) failed: \(error) (replay: UMBRA_SIMULATION_SEED=\(seed) swift test --filter CrashSimulation)"
-                    return (crashPoints, faults, phases, message)
+                    return (crashPoints, faults, phases, clones, message)
                 }
             }
-            return (crashPoints, faults, phases, nil)
+            return (crashPoints, faults, phases, clones, nil)
         }
         if let failure { Issue.record(Comment(rawValue: failure)) }
         // Most cycles crash inside the workload (the crash point is drawn within the operations a
@@ -79,9 +81,10 @@ import UmbraTestSupport
             let missed = SetPhase.allCases.filter { phases[$0, default: 0] == 0 }
             #expect(missed.isEmpty, "no crash while a set was \(missed); crashes by phase: \(phases)")
             #expect(faults > 0, "no injected I/O error happened in the workload")
+            #expect(clones > 0, "no copy was a clone on the seeds whose disks share blocks")
         }
         print(
-            "crash simulation batch \(batch): \(seeds.count) seeds, \(crashPoints) crashes inside the workload, \(faults) of them after an injected I/O error; crashes while a set was \(SetPhase.allCases.map { "\($0) \(phases[$0, default: 0])" }.joined(separator: ", "))"
+            "crash simulation batch \(batch): \(seeds.count) seeds, \(crashPoints) crashes inside the workload, \(faults) of them after an injected I/O error, \(clones) clones; crashes while a set was \(SetPhase.allCases.map { "\($0) \(phases[$0, default: 0])" }.joined(separator: ", "))"
         )
     }
 }
@@ -114,9 +117,11 @@ extension CrashSimulationTests {
     /// Teeth: with one durability ordering broken, the simulation fails within the seeds a default
     /// run uses (the live write before its copy's record is durable; the record made durable without
     /// syncing the diff store that holds the copy; a failed fdatasync retried and its success believed;
-    /// a flush that does not wait for writes answered before their copy was done).
+    /// a flush that does not wait for writes answered before their copy was done; a FUA write answered
+    /// without a sync).
     @Test(arguments: [
         BrokenOrdering.liveWriteBeforeCopyCommit, .noDiffStoreSync, .retryFailedSync, .flushIgnoresHeldWrites,
+        .fuaWithoutSync,
     ])
     func catchesBrokenOrderings(_ ordering: BrokenOrdering) async throws {
         let failure = await Self.firstFailure { $0.brokenOrdering = ordering }
@@ -128,6 +133,20 @@ extension CrashSimulationTests {
         #expect(
             caught.contains("snapshot") || caught.contains("live") || caught.contains("is corrupt at byte"),
             "\(caught)")
+    }
+
+    /// Teeth: with copies made as clones on every seed, a record made durable before the diff store
+    /// that holds the clone is synced is caught as well: a clone is volatile until that sync, like a
+    /// write.
+    @Test func catchesUnsyncedClones() async throws {
+        let failure = await Self.firstFailure {
+            $0.brokenOrdering = .noDiffStoreSync
+            $0.sharesBlocks = true
+        }
+        let caught = try #require(failure, "no seed noticed a clone recorded before it was synced")
+        print("unsynced clone caught: \(caught.prefix(200))")
+        #expect(!caught.contains("deadlock"), "\(caught)")
+        #expect(caught.contains("snapshot") || caught.contains("is corrupt at byte"), "\(caught)")
     }
 
     /// Teeth: with directory syncs skipped from the first workload on (new files and renames stay
@@ -183,9 +202,13 @@ struct Simulation {
     var brokenOrdering: BrokenOrdering?
     /// Teeth: directory syncs do nothing once the volumes are set up.
     var skipsDirectorySyncs = false
+    /// Whether the disk's files share blocks, so copies are clones (`CopyMethod.reflink`): half the
+    /// seeds, by a hash of the seed that spreads them over every batch.
+    var sharesBlocks: Bool
 
     init(seed: UInt64) {
         self.seed = seed
+        self.sharesBlocks = (seed &* 0x9E37_79B9_7F4A_7C15) >> 63 == 0
         var random = SeededRandom(seed: seed)
         let chunkSize = random.chance(1, in: 2) ? 4096 : 8192
         let volumeSize = random.chance(1, in: 2) ? 32768 : 65536
@@ -218,6 +241,9 @@ struct Simulation {
             if case .snapshotFailed(let id, _) = event { model.noteFailure(of: id) }
         }
         configuration.brokenOrderingForTesting = brokenOrdering
+        // Every run of copies is cloned where the disk shares blocks (the default clones only long runs,
+        // longer than these volumes).
+        configuration.minimumCloneBytes = .zero
         if ProcessInfo.processInfo.environment["UMBRA_SIMULATION_DEBUG"] != nil {
             configuration.logger = Logger(label: "sim") { StreamLogHandler.standardOutput(label: $0) }
             configuration.logger.logLevel = .trace
@@ -230,6 +256,7 @@ struct Simulation {
     /// Runs the seed; returns how many of its crashes came inside the workload (a cycle whose workload
     /// ends before its crash point is crashed after a clean close, which counts for nothing).
     mutating func run() throws -> Int {
+        if sharesBlocks { disk.shareBlocks() }
         try setUp()
         if skipsDirectorySyncs { disk.skipDirectorySyncs() }
         var crashesInWorkload = 0

@@ -186,7 +186,9 @@ extension SimulationModel {
         }
         // The recovered state is the new certainty.
         for name in Simulation.volumeNames {
-            volumes[name] = VolumeModel(content: liveContents[name]!, baseline: liveContents[name]!)
+            volumes[name] = VolumeModel(
+                content: liveContents[name]!, baseline: liveContents[name]!,
+                baselineStart: Array(repeating: Int.min, count: volumeSize))
         }
         pendingSets = [:]
         pendingDeletions = []

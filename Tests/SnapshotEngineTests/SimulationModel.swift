@@ -25,6 +25,10 @@ final class SimulationModel: @unchecked Sendable {
         var content: [UInt8]
         /// The contents that are certainly durable.
         var baseline: [UInt8]
+        /// For each byte of `baseline`, when the write that made it durable started: a FUA write is
+        /// durable before the older writes a later flush or set makes durable, which must not
+        /// overwrite its bytes in the baseline.
+        var baselineStart: [Int]
         /// Writes since the baseline (completed or not), oldest first.
         var writes: [Write] = []
         /// Ranges that a write or read in flight owns (concurrent writes stay disjoint so the model is exact).
@@ -100,7 +104,14 @@ final class SimulationModel: @unchecked Sendable {
         self.policy = policy
         self.seed = seed
         let zeros = [UInt8](repeating: 0, count: volumeSize)
-        volumes = Dictionary(uniqueKeysWithValues: names.map { ($0, VolumeModel(content: zeros, baseline: zeros)) })
+        volumes = Dictionary(
+            uniqueKeysWithValues: names.map {
+                (
+                    $0,
+                    VolumeModel(
+                        content: zeros, baseline: zeros, baselineStart: Array(repeating: Int.min, count: volumeSize))
+                )
+            })
     }
 
     func tick() -> Int {
@@ -210,8 +221,9 @@ final class SimulationModel: @unchecked Sendable {
         volumes[name]!.writes[position].end = end
         overwrite(&volumes[name]!.content, at: range.lowerBound, with: bytes)
         if fua {
-            // A FUA write is durable by itself, and its flush covers what completed before it started.
-            promote(name, completedBefore: start, including: start)
+            // A FUA write is durable by itself; it does not wait for writes answered early to other
+            // bytes, so it vouches for nothing else.
+            promote(name, completedBefore: Int.min, including: start)
         }
         release(name, owner: owner, keepForSets: true)
     }
@@ -225,7 +237,13 @@ final class SimulationModel: @unchecked Sendable {
             return end < start || write.start == including
         }
         let done = volume.writes.filter(isDurable).sorted { $0.end! < $1.end! }
-        for write in done { overwrite(&volume.baseline, at: write.range.lowerBound, with: write.bytes) }
+        for write in done {
+            for (index, byte) in write.bytes.enumerated()
+            where volume.baselineStart[write.range.lowerBound + index] < write.start {
+                volume.baseline[write.range.lowerBound + index] = byte
+                volume.baselineStart[write.range.lowerBound + index] = write.start
+            }
+        }
         volume.writes.removeAll(where: isDurable)
         volumes[name] = volume
     }

@@ -309,6 +309,7 @@ import UmbraTestSupport
             #expect(disk?.keys.contains("diffLimit") == true && disk?["diffLimit"] is NSNull)
             #expect(disk?["snapshots"] as? Int == 0)
             #expect(disk?["oldestSnapshotAgeSeconds"] is NSNull)
+            #expect(["write", "reflink"].contains(disk?["copyMethod"] as? String))
             let limited = volumes?.last
             #expect(limited?["diffLimit"] as? Int == 128 << 10)
             #expect(limited?["diffBytes"] as? Int == 128 << 10)
@@ -322,6 +323,53 @@ import UmbraTestSupport
             #expect(!table.contains("volume 'disk' holds"), "\(table)")
             _ = client
             await requester.close()
+        }
+    }
+
+    /// A data directory on XFS with reflink: the daemon says at start and in `status` that copies
+    /// share blocks, first writes through NBD after a snapshot leave the snapshot's export reading what
+    /// the volume held, and so does a restart after kill -9. On the test's own temporary directory
+    /// (ext4 or tmpfs here) `status` says copies are written.
+    @Test(.enabled(if: ReflinkFileSystem.unavailableReason == nil, "needs root, xfsprogs and a loop device"))
+    func reflinkCopiesThroughTheDaemon() async throws {
+        try await ReflinkFileSystem.with { fileSystem in
+            let data = fileSystem.path + "/data"
+            let directory = try TemporaryDirectory("umbra-daemon")
+            defer { directory.remove() }
+            var daemon = try DaemonFixture.start(volumes: ["disk:4M"], in: directory, data: data, capturingLog: true)
+            let requester = try await daemon.control()
+            #expect(try await requester.status().volumes.map(\.copyMethod) == ["reflink"])
+            var random = SeededRandom(seed: 31)
+            var original = [UInt8](repeating: 0, count: 4 << 20)
+            original.withUnsafeMutableBytes { random.fill($0) }
+            let live = try daemon.connect("disk")
+            try live.pwrite(original, offset: 0)
+            let set = try await requester.createSnapshotSet(CreateSetParams(volumes: ["disk"], writers: false))
+            let export = "disk@\(set.snapshots[0].id.uuidString.lowercased())"
+            // Two 1 MiB writes from the middle of a chunk (runs of 17 chunks, cloned; the rest of the
+            // first and last chunk stays shared), then 4 KiB into every chunk of the last MiB (each
+            // copy written: too short to clone).
+            var overwritten = [UInt8](repeating: 0, count: 4 << 20)
+            overwritten.withUnsafeMutableBytes { random.fill($0) }
+            for offset in [32 << 10, (3 << 19) + (32 << 10)] {
+                try live.pwrite(Array(overwritten[offset..<(offset + (1 << 20))]), offset: UInt64(offset))
+            }
+            for offset in stride(from: 3 << 20, to: 4 << 20, by: 64 << 10) {
+                try live.pwrite(Array(overwritten[offset..<(offset + 4096)]), offset: UInt64(offset))
+            }
+            try live.flush()
+            #expect(try ReflinkFileSystem.hasSharedExtents(data + "/volumes/1/diff"))
+            #expect(try daemon.connect(export).pread(count: 4 << 20, offset: 0) == original)
+            await requester.close()
+
+            daemon.killNine()
+            #expect(daemon.log.contains("copy-on-write shares blocks with the live data (reflink)"), "\(daemon.log)")
+            daemon = try DaemonFixture.start(volumes: ["disk:4M"], in: directory, data: data)
+            #expect(try daemon.connect(export).pread(count: 4 << 20, offset: 0) == original)
+            let after = try await daemon.control()
+            #expect(try await after.verify(volumes: ["disk"]).volumes.first?.damaged.isEmpty == true)
+            await after.close()
+            #expect(daemon.stop(keepingDirectory: true) == 0)
         }
     }
 

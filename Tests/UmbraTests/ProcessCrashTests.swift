@@ -88,11 +88,28 @@ import UmbraTestSupport
 
     /// kill -9 during writes with several snapshots: after reopening, every snapshot is exact and every completed write present.
     @Test func survivesKillNine() async throws {
+        try await TemporaryDirectory.with("umbra-kill") { directory in
+            try await killNineRounds(data: directory.path + "/data", expecting: nil)
+        }
+    }
+
+    /// The same on XFS with reflink, where copies share the live data's blocks instead of being
+    /// written: a crash between a clone and its sync, or during the live write that then gets new
+    /// blocks, never changes a snapshot.
+    @Test(.enabled(if: ReflinkFileSystem.unavailableReason == nil, "needs root, xfsprogs and a loop device"))
+    func survivesKillNineWithReflinkCopies() async throws {
+        try await ReflinkFileSystem.with { fileSystem in
+            try await killNineRounds(data: fileSystem.path + "/data", expecting: .reflink)
+        }
+    }
+
+    /// Rounds of operations on two volumes in `data`, each ended by kill -9 and checked by reopening;
+    /// `expecting`, the copy method both volumes must report.
+    func killNineRounds(data: String, expecting method: CopyMethod?) async throws {
         let umbra = builtProduct("umbra")
         try #require(
             FileManager.default.isExecutableFile(atPath: umbra), "the umbra executable was not built at \(umbra)")
-        try await TemporaryDirectory.with("umbra-kill") { directory in
-            let data = directory.path + "/data"
+        do {
             var random = SeededRandom(seed: 20_261_121)
             var model = Model(
                 content: Dictionary(
@@ -123,7 +140,8 @@ import UmbraTestSupport
                 }
                 child.kill()
                 try await verify(
-                    data: data, model: &model, uncertain: Array(operations.dropFirst(answered)), round: round)
+                    data: data, model: &model, uncertain: Array(operations.dropFirst(answered)), round: round,
+                    expecting: method)
             }
         }
     }
@@ -154,9 +172,12 @@ import UmbraTestSupport
 
     /// Reopens the data directory and checks it against the model, given the operations that were sent
     /// but not answered (a prefix of them ran, the next one perhaps partly).
-    func verify(data: String, model: inout Model, uncertain: [Operation], round: Int) async throws {
+    func verify(
+        data: String, model: inout Model, uncertain: [Operation], round: Int, expecting method: CopyMethod? = nil
+    ) async throws {
         let store = try await SnapshotStore.open(path: data)
         do {
+            if let method { #expect(store.volumes().map(\.copyMethod) == [method, method]) }
             try await check(store, model: &model, uncertain: uncertain, round: round)
         } catch {
             try? await store.close()

@@ -19,6 +19,11 @@ int umbra_zero_range(int fd, int64_t offset, int64_t length);
 /// ioctl(BLKGETSIZE64). Returns 0 or -1 with errno set.
 int umbra_block_device_size(int fd, uint64_t *size);
 
+/// ioctl(FICLONERANGE): makes `length` bytes of `destination` at `destination_offset` share the file
+/// system's blocks with `source`'s at `source_offset` (a length of 0 means "to the end of source").
+/// Returns 0 or -1 with errno set.
+int umbra_clone_range(int destination, int source, uint64_t source_offset, uint64_t length, uint64_t destination_offset);
+
 /// lseek(2) with SEEK_DATA / SEEK_HOLE. Returns the offset or -1 with errno set.
 int64_t umbra_seek_data(int fd, int64_t offset);
 int64_t umbra_seek_hole(int fd, int64_t offset);

@@ -377,10 +377,13 @@ public struct StatusResult: Codable, Sendable, Hashable {
         public var snapshots: Int
         /// Seconds since the oldest snapshot was taken; null without snapshots.
         public var oldestSnapshotAgeSeconds: Double?
+        /// How copy-on-write copies chunks: "reflink" (the diff store shares the live data's blocks)
+        /// or "write"; null where the backend copies by itself (RBD).
+        public var copyMethod: String?
 
         public init(
             name: String, size: UInt64, backend: String, diffBytes: UInt64, diffLimit: UInt64?, snapshots: Int,
-            oldestSnapshotAgeSeconds: Double?
+            oldestSnapshotAgeSeconds: Double?, copyMethod: String? = nil
         ) {
             self.name = name
             self.size = size
@@ -389,6 +392,7 @@ public struct StatusResult: Codable, Sendable, Hashable {
             self.diffLimit = diffLimit
             self.snapshots = snapshots
             self.oldestSnapshotAgeSeconds = oldestSnapshotAgeSeconds
+            self.copyMethod = copyMethod
         }
 
         // Unknown values are written as null, not left out: scripts see every key.
@@ -401,6 +405,7 @@ public struct StatusResult: Codable, Sendable, Hashable {
             try container.encode(diffLimit, forKey: .diffLimit)
             try container.encode(snapshots, forKey: .snapshots)
             try container.encode(oldestSnapshotAgeSeconds, forKey: .oldestSnapshotAgeSeconds)
+            try container.encode(copyMethod, forKey: .copyMethod)
         }
     }
 

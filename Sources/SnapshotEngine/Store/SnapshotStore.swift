@@ -248,7 +248,7 @@ public final class SnapshotStore: Sendable {
         return VolumeInfo(
             name: volume.name, id: volume.guid, size: volume.size, chunkSize: volume.chunkSize, backing: volume.backing,
             diffLimit: volume.diffLimit, policy: volume.metadata.withLock { $0.policy }, snapshotCount: count,
-            diffBytes: ByteCount(dataSlots << volume.chunkShift))
+            diffBytes: ByteCount(dataSlots << volume.chunkShift), copyMethod: volume.copyMethod)
     }
 
     /// Creates a volume. Its files exist before the catalog names it, so a crash in between leaves

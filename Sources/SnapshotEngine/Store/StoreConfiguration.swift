@@ -46,6 +46,15 @@ public struct StoreConfiguration: Sendable {
     /// keep until their live write (their payloads and the buffers for their copies; see
     /// `Volume.write`). Zero answers every write only once its copy is durable and its data written.
     public var heldWriteBytes: ByteCount = .mebibytes(64)
+    /// Copy-on-write clones chunks into the diff store where the file system lets the two files share
+    /// blocks (`CopyMethod.reflink`); false writes every copy.
+    public var clonesCopies = true
+    /// Only runs of consecutive chunks at least this long are cloned; shorter ones are written. A clone
+    /// has a fixed cost (XFS locks both files, flushes the range and logs the remap) and leaves the rest
+    /// of a partly overwritten chunk shared, so every later write there copies again. Measured on XFS
+    /// with reflink (docs/performance.md): 1 MiB sequential first writes 4.9x faster cloned, one 4 KiB
+    /// write per 64 KiB chunk 2.8x slower.
+    public var minimumCloneBytes: ByteCount = .kibibytes(256)
     /// The most snapshots one volume may have.
     public var maximumSnapshotsPerVolume = 2048
     /// Compact the catalog when this many bytes were appended since it was last written whole, and
@@ -90,6 +99,8 @@ enum BrokenOrdering: Sendable {
     case retryFailedSync
     /// A flush does not wait for writes answered before their copy-on-write was done (HeldWrites).
     case flushIgnoresHeldWrites
+    /// A FUA write is answered without syncing the live data.
+    case fuaWithoutSync
     /// A revert writes the live data before its start is recorded.
     case revertWritesBeforeRecord
     /// A revert records that it finished before its writes are durable.

@@ -21,6 +21,17 @@ public struct VolumeInfo: Sendable, Equatable {
     public var snapshotCount: Int
     /// Bytes the diff store holds for this volume's snapshots.
     public var diffBytes: ByteCount
+    /// How copy-on-write copies this volume's chunks.
+    public var copyMethod: CopyMethod
+}
+
+/// How copy-on-write puts a chunk's old contents into the diff store.
+public enum CopyMethod: String, Sendable, Equatable {
+    /// The diff store shares the live data's blocks (FICLONERANGE, on XFS with reflink or Btrfs): the
+    /// copy is metadata, and the live write that follows gets new blocks from the file system.
+    case reflink
+    /// The chunk is read and written to the diff store.
+    case write
 }
 
 public struct SnapshotInfo: Sendable, Equatable {

@@ -1,7 +1,9 @@
 // Copy-on-write: the claimed chunks' old contents are read from the live data into a pooled
 // buffer, those that are not all zeros checksummed (CRC-32C) and written to diff slots (consecutive
 // slots in one write), and the copies recorded in the catalog with their checksums, whose append syncs
-// the diff store first and then itself, group-committed with every other writer's copies.
+// the diff store first and then itself, group-committed with every other writer's copies. Where the
+// file system shares blocks between files (`CopyMethod.reflink`), a run of chunks is cloned into its
+// slots instead of written: the same order of syncs, with no data written.
 
 import BlockIO
 import Synchronization
@@ -20,14 +22,21 @@ extension Volume {
         defer { copyBuffers.give(buffer) }
         var placed: [(copy: PlacedCopy, bufferIndex: Int)] = []
         var unplaced: [UInt64] = []
+        var clonedBytes = 0
         do {
             let (live, diff) = (self.live, self.diff)
             let shift = chunkShift
+            let cloneEnd = clonesCopies.load(ordering: .relaxed) ? size.rawValue : 0
+            let minimumClone = Int(context.configuration.minimumCloneBytes.rawValue)
             // One trip to the I/O threads: read the chunks, place and checksum them, write the copies.
-            (placed, unplaced) = try await context.io.run {
+            let written = try await context.io.run {
                 try Self.readPlaceAndWrite(
-                    chunks, slots: slots, buffer: buffer, chunkBytes: chunkBytes, shift: shift, live: live, diff: diff)
+                    chunks, slots: slots, buffer: buffer, chunkBytes: chunkBytes, shift: shift, live: live, diff: diff,
+                    cloningBelow: cloneEnd, cloningAtLeast: minimumClone)
             }
+            (placed, unplaced, clonedBytes) = (written.placed, written.unplaced, written.clonedBytes)
+            if clonedBytes > 0 { bytesCloned.increment(by: clonedBytes) }
+            if written.cloneRefused { noteCloneRefused() }
             if !placed.isEmpty {
                 context.logger.trace(
                     "preserving chunks",
@@ -45,7 +54,7 @@ extension Volume {
                     Self.records(for: placed.map(\.copy), volume: id, sequence: sequence),
                     syncingFirst: syncsDiff ? [diffSync] : [], failsCleanly: true)
                 copiesMade.increment(by: placed.count)
-                bytesCopied.increment(by: placed.count { !$0.copy.slot.isZero } * chunkBytes)
+                bytesCopied.increment(by: placed.count { !$0.copy.slot.isZero } * chunkBytes - clonedBytes)
             }
         } catch {
             // Unless the catalog failed with durability unknown, no record names these slots: give
@@ -86,12 +95,20 @@ extension Volume {
 
     /// The I/O of a copy: reads `chunks` (ascending) from the live data into `buffer`, gives each that
     /// is not all zeros the next of `slots` and its CRC-32C, and writes those to the diff store
-    /// (copies whose slots are consecutive in one vectored write). Returns the placed copies with their
-    /// index in the buffer, and the chunks left without a slot.
+    /// (copies whose slots are consecutive in one vectored write). A run of consecutive chunks in
+    /// consecutive slots, `cloningAtLeast` bytes long or more, that ends at or below `cloningBelow` is
+    /// cloned from the live data instead, where the diff store allows: the claimed chunks cannot
+    /// change between the read that
+    /// checksummed them and the clone. Returns the placed copies with their index in the buffer, the
+    /// chunks left without a slot, the bytes cloned, and whether a clone was refused (the run was
+    /// written instead).
     static func readPlaceAndWrite(
         _ chunks: [UInt64], slots: [DiffSlot], buffer: AlignedBuffer, chunkBytes: Int, shift: UInt64,
-        live: any BlockStorage, diff: any BlockStorage
-    ) throws -> (placed: [(copy: PlacedCopy, bufferIndex: Int)], unplaced: [UInt64]) {
+        live: any BlockStorage, diff: any BlockStorage, cloningBelow cloneEnd: UInt64 = 0,
+        cloningAtLeast minimumClone: Int = 0
+    ) throws -> (
+        placed: [(copy: PlacedCopy, bufferIndex: Int)], unplaced: [UInt64], clonedBytes: Int, cloneRefused: Bool
+    ) {
         for run in runs(of: chunks) {
             try buffer.withUnsafeMutableBytes((run.index * chunkBytes)..<((run.index + run.count) * chunkBytes)) {
                 try live.read(fromAbsoluteOffset: ByteOffset(run.first << shift), into: $0)
@@ -120,10 +137,26 @@ extension Volume {
                 groups.append((copy.slot.rawValue, [bufferIndex]))
             }
         }
+        var clonedBytes = 0
+        var cloneRefused = false
         for run in groups {
             // Consecutive pieces are consecutive in the buffer too, so one range covers them.
             let first = run.pieces[0]
             let last = run.pieces[run.pieces.count - 1]
+            let adjacentChunks = chunks[last] - chunks[first] == UInt64(last - first)
+            let count = run.pieces.count * chunkBytes
+            if !cloneRefused, last - first + 1 == run.pieces.count, adjacentChunks, count >= minimumClone,
+                (chunks[last] + 1) << shift <= cloneEnd
+            {
+                if try diff.clone(
+                    from: live, at: ByteOffset(chunks[first] << shift), count: ByteCount(UInt64(count)),
+                    to: ByteOffset(run.slot << shift))
+                {
+                    clonedBytes += count
+                    continue
+                }
+                cloneRefused = true
+            }
             if last - first + 1 == run.pieces.count {
                 try buffer.withUnsafeBytes((first * chunkBytes)..<((last + 1) * chunkBytes)) {
                     try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), $0)
@@ -135,7 +168,7 @@ extension Volume {
                 }
             }
         }
-        return (placed, unplaced)
+        return (placed, unplaced, clonedBytes, cloneRefused)
     }
 
     /// Logs once when copies start failing for want of space, not once per write.
@@ -145,6 +178,14 @@ extension Volume {
         context.logger.warning(
             "copy-on-write is failing: no space left for the diff store; writes that need a copy fail with ENOSPC until space is freed\(policy)",
             metadata: ["volume": "\(name)", "error": "\(error)"])
+    }
+
+    /// Logs once, and reports from then on, that copies are written: the file system refused a clone.
+    func noteCloneRefused() {
+        guard clonesCopies.exchange(false, ordering: .relaxed) else { return }
+        context.logger.warning(
+            "copy-on-write writes its copies from now on: the file system refused to share blocks between the live data and the diff store",
+            metadata: ["volume": "\(name)", "live": "\(live.path)", "diff": "\(diff.path)"])
     }
 
     func noteSpaceAvailable() {

@@ -59,6 +59,11 @@ public final class Volume: Sendable {
     /// recorded without any), through swift-metrics: the application chooses the backend.
     let copiesMade: Counter
     let bytesCopied: Counter
+    /// The bytes of copies made by sharing blocks with the live data instead (`CopyMethod.reflink`).
+    let bytesCloned: Counter
+    /// Whether copies share blocks with the live data (see `copyMethod`); cleared for good if the file
+    /// system stops allowing it.
+    let clonesCopies: Atomic<Bool>
 
     init(
         definition: VolumeDefinition, metadata: VolumeMetadata, live: any BlockStorage, diff: any BlockStorage,
@@ -81,9 +86,22 @@ public final class Volume: Sendable {
         self.diffReservedEnd = Atomic(metadata.slots.highWater << UInt64(definition.chunkShift))
         self.copiesMade = Counter(label: "umbra_cow_copies_total", dimensions: [("volume", definition.name)])
         self.bytesCopied = Counter(label: "umbra_cow_copied_bytes_total", dimensions: [("volume", definition.name)])
+        self.bytesCloned = Counter(label: "umbra_cow_cloned_bytes_total", dimensions: [("volume", definition.name)])
+        // One ioctl that clones nothing: whether the diff store and the live data share a file
+        // system whose files can share blocks.
+        let clones = context.configuration.clonesCopies && diff.canClone(from: live)
+        self.clonesCopies = Atomic(clones)
+        context.logger.debug(
+            clones
+                ? "copy-on-write shares blocks with the live data (reflink): copies write no data"
+                : "copy-on-write writes its copies (the file system cannot share blocks between the live data and the diff store)",
+            metadata: ["volume": "\(definition.name)", "copyMethod": "\(clones ? CopyMethod.reflink : .write)"])
     }
 
     var chunkBytes: Int { Int(chunkSize.rawValue) }
+
+    /// How copy-on-write copies a chunk into the diff store.
+    public var copyMethod: CopyMethod { clonesCopies.load(ordering: .relaxed) ? .reflink : .write }
 
     // MARK: - Checks
 
@@ -177,7 +195,7 @@ public final class Volume: Sendable {
         try checkRange(offset, ByteCount(count))
         guard count > 0 else { return }
         try await mutate(offset, ByteCount(count), mayAnswerEarly: !fua, apply)
-        if fua { try await flush() }
+        if fua { try await synchronizeForFUA() }
     }
 
     /// Where bytes of the live volume sit in its backing file, for sending them straight from the
@@ -207,6 +225,19 @@ public final class Volume: Sendable {
         try checkWritable()
         // A store whose catalog failed is read-only: its syncs may have dropped this volume's pages too.
         if let failure = context.catalog.failure { throw failure }
+        try await synchronizeLive()
+    }
+
+    /// Makes a FUA write durable once it is done: its copies were made durable before it (it is never
+    /// answered early), so one sync of the live data covers it. Unlike `flush`, it does not wait for
+    /// writes answered early to other bytes (those it overlaps, it waited for before it started):
+    /// FUA covers its own write, and FLUSH everything completed.
+    func synchronizeForFUA() async throws {
+        try checkUsable()
+        try checkNotReverting()
+        try checkWritable()
+        if let failure = context.catalog.failure { throw failure }
+        if context.configuration.brokenOrderingForTesting == .fuaWithoutSync { return }
         try await synchronizeLive()
     }
 
@@ -254,7 +285,7 @@ public final class Volume: Sendable {
                 try live.writeZeroes(at: offset, count: count)
             }
         }
-        if fua { try await flush() }
+        if fua { try await synchronizeForFUA() }
     }
 
     /// Which parts of a range of the live volume hold data and which are holes.

@@ -27,10 +27,10 @@ struct StatusCommand: AsyncParsableCommand {
         if status.volumes.isEmpty { return print("No volumes.") }
         print("")
         printTable(
-            ["VOLUME", "SIZE", "BACKEND", "DIFF", "LIMIT", "SNAPSHOTS", "OLDEST"],
+            ["VOLUME", "SIZE", "BACKEND", "COPIES", "DIFF", "LIMIT", "SNAPSHOTS", "OLDEST"],
             status.volumes.map {
                 [
-                    $0.name, Size.format($0.size), $0.backend, Size.format($0.diffBytes),
+                    $0.name, Size.format($0.size), $0.backend, $0.copyMethod ?? "-", Size.format($0.diffBytes),
                     $0.diffLimit.map { Size.format($0) } ?? "none", String($0.snapshots),
                     $0.oldestSnapshotAgeSeconds.map(Self.duration) ?? "-",
                 ]

@@ -42,6 +42,9 @@ enum MetricsCatalog {
             kind: .counter, help: "Chunks preserved by copy-on-write before a write replaced them, by volume."),
         "umbra_cow_copied_bytes_total": Entry(
             kind: .counter, help: "Bytes written to the diff store by copy-on-write (all-zero chunks take none)."),
+        "umbra_cow_cloned_bytes_total": Entry(
+            kind: .counter,
+            help: "Bytes copy-on-write put in the diff store as clones sharing the live data's blocks (reflink)."),
         "umbra_catalog_commit_appends": Entry(
             kind: .histogram, help: "Appends made durable together by one catalog group commit.",
             buckets: [1, 2, 4, 8, 16, 32, 64, 128, 256]),
