@@ -14,7 +14,8 @@
 #   6. server-cpu.sh       server CPU per 4 KiB request, with and without --metrics
 #   7. backup.py           full and incremental backups against nbdcopy
 #   8. rbd-compare.sh      an RBD volume through Umbra against rbd bench and fio's librbd engine
-#   9. swift package benchmark (Benchmarks/): the engine without NBD (skipped with --no-engine)
+#   9. fua-latency.py      FUA writes while another connection writes
+#  10. swift package benchmark (Benchmarks/): the engine without NBD (skipped with --no-engine)
 #
 # Takes about 40 minutes with 3 reps (the engine suite builds in release first). Run it on a quiet
 # machine; every figure is a ratio measured within the run. Needs what Scripts/install-dependencies.sh
@@ -39,42 +40,46 @@ step() { echo "=== $* ($(date +%H:%M:%S))" >&2; }
 
 /usr/bin/python3 -c 'import json, sys; sys.path.insert(0, "Scripts/bench"); import benchlib; print(json.dumps(benchlib.machine(), indent=1))' >"$out/machine.json"
 
-step "1/9 nbd-compare"
+step "1/10 nbd-compare"
 /usr/bin/python3 Scripts/bench/nbd-compare.py -r "$reps" --umbra "umbra=$umbra" \
     --umbra "offload-writes=$umbra --offload-writes" --umbra "io-threads-16=$umbra --io-threads 16" \
     --json "$out/nbd-compare.json" | tee "$out/nbd-compare.txt"
 
-step "2/9 cow-first-write"
+step "2/10 cow-first-write"
 /usr/bin/python3 Scripts/bench/cow-first-write.py -r "$reps" --umbra "umbra=$umbra" \
     --json "$out/cow-first-write.json" | tee "$out/cow-first-write.txt"
 
-step "3/9 cow-first-write on XFS with reflink"
+step "3/10 cow-first-write on XFS with reflink"
 Scripts/bench/on-xfs-reflink.sh /usr/bin/python3 Scripts/bench/cow-first-write.py -r "$reps" --umbra "umbra=$umbra" \
     --json "$out/cow-first-write-xfs-reflink.json" | tee "$out/cow-first-write-xfs-reflink.txt"
 
-step "4/9 set-latency"
+step "4/10 set-latency"
 for flush in 0 16; do
     /usr/bin/python3 Scripts/bench/set-latency.py --umbra "$umbra" --sets 200 --flush-every $flush --json \
         | tee "$out/set-latency-flush-$flush.json"
 done
 
-step "5/9 snapshot-reads"
+step "5/10 snapshot-reads"
 Scripts/bench/snapshot-reads.sh -r "$reps" "$umbra" | tee "$out/snapshot-reads.txt"
 
-step "6/9 server-cpu"
+step "6/10 server-cpu"
 Scripts/bench/server-cpu.sh -n 6 "$umbra" "$umbra --metrics tcp://127.0.0.1:0" | tee "$out/server-cpu.txt"
 
-step "7/9 backup"
+step "7/10 backup"
 /usr/bin/python3 Scripts/bench/backup.py -r "$reps" --umbra "$umbra" --json "$out/backup.json" \
     | tee "$out/backup.txt"
 
-step "8/9 rbd-compare"
+step "8/10 rbd-compare"
 Scripts/bench/rbd-compare.sh -r "$reps" "$umbra" | tee "$out/rbd-compare.txt"
 
+step "9/10 fua-latency"
+/usr/bin/python3 Scripts/bench/fua-latency.py -r "$reps" --umbra "umbra=$umbra" --json "$out/fua-latency.json" \
+    | tee "$out/fua-latency.txt"
+
 if [ $engine = 1 ]; then
-    step "9/9 engine (swift package benchmark)"
+    step "10/10 engine (swift package benchmark)"
     (cd Benchmarks && swift package benchmark --no-progress) | tee "$out/engine.txt"  # engine and metrics
 else
-    step "9/9 engine: skipped (--no-engine)"
+    step "10/10 engine: skipped (--no-engine)"
 fi
 echo "results: $out" >&2

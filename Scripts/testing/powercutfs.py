@@ -5,7 +5,8 @@
 
 BACKING is the platter: it holds only what was made durable. A write or truncate waits in memory,
 per file, until fsync or fdatasync of that file writes it to BACKING (and syncs it there);
-reads see it meanwhile. A directory change (create, mkdir, rename, unlink, rmdir) is applied to
+reads see it meanwhile. A write through a descriptor opened with O_DSYNC or O_SYNC syncs its file
+before it returns, as POSIX promises (the kernel leaves that to a direct_io file system). A directory change (create, mkdir, rename, unlink, rmdir) is applied to
 BACKING at once but journaled, and undone at a power cut unless fsyncdir of its directory came after
 it. The kernel's page cache is bypassed (direct_io) and attributes are not cached, so what a process
 reads after a power cut is what the platter holds.
@@ -50,6 +51,7 @@ class PowerCut(Passthrough):
         self.ignore_fsync = ignore_fsync
         self.mutex = threading.RLock()
         self.pending = {}  # backing inode -> PendingFile
+        self.synchronous = set()  # descriptors opened with O_DSYNC or O_SYNC
         self.journal = []  # (directory, undo) for directory changes not yet synced, oldest first
         self.stash = os.path.join(self.backing, ".powercut-stash")
         os.makedirs(self.stash, exist_ok=True)
@@ -106,6 +108,12 @@ class PowerCut(Passthrough):
         return bytes(out)
 
     def write(self, path, data, offset, fh):
+        written = self._write(fh, data, offset)
+        if fh in self.synchronous:
+            self._sync(fh)
+        return written
+
+    def _write(self, fh, data, offset):
         inode = self._inode(fh)
         position = offset
         view = memoryview(data)
@@ -195,7 +203,10 @@ class PowerCut(Passthrough):
         # comes as its own (pending) operation.
         writable = flags & (os.O_WRONLY | os.O_RDWR)
         kept = flags & ~(os.O_DIRECT | os.O_TRUNC | os.O_APPEND | os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_EXCL)
-        return os.open(self._path(path), kept | (os.O_RDWR if writable else os.O_RDONLY))
+        descriptor = os.open(self._path(path), kept | (os.O_RDWR if writable else os.O_RDONLY))
+        if flags & (os.O_DSYNC | os.O_SYNC):
+            self.synchronous.add(descriptor)
+        return descriptor
 
 
 
@@ -206,6 +217,10 @@ class PowerCut(Passthrough):
         kept = os.path.join(self.stash, str(self.stashed))
         os.link(real, kept)
         return kept
+
+    def release(self, path, fh):
+        self.synchronous.discard(fh)
+        return super().release(path, fh)
 
     def create(self, path, mode, fi=None):
         real = self._path(path)

@@ -27,6 +27,17 @@ public protocol BlockStorage: AnyObject, Sendable {
     /// Writes `pieces` back to back at `offset` (pwritev), extending the file if needed.
     func write(toAbsoluteOffset offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer]) throws(BlockIOError)
 
+    /// Whether `writeDurably` works here.
+    var writesDurably: Bool { get }
+
+    /// Writes `pieces` back to back at `offset` and returns once they are durable (FUA): through a
+    /// descriptor of its own opened with O_DSYNC, so only these bytes (and what the file system needs
+    /// to find them) are synced, not every dirty page of the file, and a writeback error it reports
+    /// is still reported to the next `synchronize` as well (Linux reports an error once per open file).
+    /// Storage that cannot (`writesDurably` false) throws ENOTSUP, having written nothing.
+    func writeDurably(toAbsoluteOffset offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer])
+        throws(BlockIOError)
+
     /// The open file descriptor, for callers that send straight from the file (sendfile); nil for
     /// storage that has none.
     var fileDescriptor: Int32? { get }
@@ -103,6 +114,14 @@ extension BlockStorage {
     }
 
     public var fileDescriptor: Int32? { nil }
+
+    public var writesDurably: Bool { false }
+
+    public func writeDurably(toAbsoluteOffset offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer])
+        throws(BlockIOError)
+    {
+        throw BlockIOError(.system(.notSupported), operation: "write with O_DSYNC", path: path)
+    }
 
     /// Storage that cannot share blocks.
     public func canClone(from source: any BlockStorage) -> Bool { false }

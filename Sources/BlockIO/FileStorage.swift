@@ -20,6 +20,10 @@ public final class FileStorage: BlockStorage {
     private let cannotZeroRanges = Atomic<Bool>(false)
     /// Set once a clone failed because these files cannot share blocks, so later copies write at once.
     private let cannotClone = Atomic<Bool>(false)
+    /// A second descriptor of the same file, opened with O_DSYNC on the first `writeDurably` (-1 until
+    /// then); closed in deinit.
+    private let durableDescriptor = Mutex<Int32>(-1)
+    private let writable: Bool
 
     public init(path: String, mode: StorageOpenMode) throws(BlockIOError) {
         var flags = O_RDWR
@@ -44,10 +48,13 @@ public final class FileStorage: BlockStorage {
         self.path = path
         self.descriptor = fd
         self.isBlockDevice = status.isBlockDevice
+        self.writable = mode != .readOnly
     }
 
     deinit {
         Syscall.close(descriptor)
+        let durable = durableDescriptor.withLock { $0 }
+        if durable >= 0 { Syscall.close(durable) }
     }
 
     /// Refuses further I/O. The descriptor itself closes when the last reference is dropped.
@@ -99,6 +106,27 @@ public final class FileStorage: BlockStorage {
             try Syscall.write(descriptor, toAbsoluteOffset: offset.rawValue, pieces[0], path: path)
         } else {
             try Syscall.write(descriptor, toAbsoluteOffset: offset.rawValue, gathering: pieces, path: path)
+        }
+    }
+
+    public var writesDurably: Bool { writable }
+
+    public func writeDurably(toAbsoluteOffset offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer])
+        throws(BlockIOError)
+    {
+        try checkOpen("pwritev (O_DSYNC)")
+        guard writable else {
+            throw BlockIOError(.system(.badFileDescriptor), operation: "pwritev (O_DSYNC)", path: path)
+        }
+        let fd = try durableDescriptor.withLock { (durable: inout Int32) throws(BlockIOError) -> Int32 in
+            // The same open file again through /proc, so the path may have changed since.
+            if durable < 0 { durable = try Syscall.open("/proc/self/fd/\(descriptor)", flags: O_RDWR | O_DSYNC) }
+            return durable
+        }
+        if pieces.count == 1 {
+            try Syscall.write(fd, toAbsoluteOffset: offset.rawValue, pieces[0], path: path)
+        } else {
+            try Syscall.write(fd, toAbsoluteOffset: offset.rawValue, gathering: pieces, path: path)
         }
     }
 

@@ -23,6 +23,13 @@ public final class NBDServer: Sendable {
         public var writeBufferHighWaterMark = 4 * 1024 * 1024
         /// Largest buffer one socket read fills.
         public var maximumReadBytes = 1024 * 1024
+        /// SO_SNDBUF of each connection over a Unix socket (0: the kernel's default, 208 KiB on
+        /// Linux). Big reads then go out in fewer, longer `sendfile` calls with fewer wake-ups: one
+        /// connection's 1 MiB reads measured 2.1 times faster with 4 MiB (docs/performance.md).
+        /// Linux caps it at net.core.wmem_max. TCP keeps the kernel's own tuning. (A bigger receive
+        /// buffer did not speed writes up, and would let each connection park more of a client's
+        /// bytes in the kernel.)
+        public var unixSocketSendBufferBytes = 4 * 1024 * 1024
         /// Idle big buffers kept for reuse, per event loop (see `NBDBufferPool`).
         public var maximumPooledBytesPerEventLoop = 64 * 1024 * 1024
         /// Count requests, bytes, latency, refusals and TLS handshakes through swift-metrics
@@ -371,6 +378,9 @@ public final class NBDServer: Sendable {
         // until the export is done, so keep several.
         try options.setOption(.maxMessagesPerRead, value: 16)
         try options.setOption(.writeBufferWaterMark, value: .init(low: high / 2, high: high))
+        if configuration.unixSocketSendBufferBytes > 0, case .unixDomainSocket = channel.localAddress {
+            try options.setOption(.socketOption(.so_sndbuf), value: configuration.unixSocketSendBufferBytes)
+        }
         try options.setOption(
             .recvAllocator,
             value: AdaptiveRecvByteBufferAllocator(

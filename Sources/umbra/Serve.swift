@@ -292,6 +292,7 @@ struct Serve: AsyncParsableCommand {
             }
             exports.reconcile()
             limits.apply(to: &nbdConfiguration.limits)
+            nbdConfiguration.unixSocketSendBufferBytes = Int(limits.unixSendBuffer.bytes)
             limits.raiseDescriptorLimit(logger: logger)
             let nbd = NBDServer(registry: registry, configuration: nbdConfiguration, logger: Logger(label: "umbra.nbd"))
             if let only {

@@ -7,6 +7,7 @@ import ArgumentParser
 import BlockIO
 import Logging
 import NBDProtocol
+import NBDServer
 
 struct ServeLimitOptions: ParsableArguments {
     private static let defaults = NBDLimits()
@@ -41,7 +42,17 @@ struct ServeLimitOptions: ParsableArguments {
     @Option(help: "The largest NBD read or write accepted (advertised to clients as the maximum block size).")
     var maxRequest: Size = Size(bytes: UInt64(defaults.maximumRequestBytes))
 
+    @Option(
+        help: """
+            The send buffer (SO_SNDBUF) of each NBD connection over a Unix socket; 0 keeps the kernel's \
+            default. Linux caps it at net.core.wmem_max.
+            """)
+    var unixSendBuffer: Size = Size(bytes: UInt64(NBDServer.Configuration().unixSocketSendBufferBytes))
+
     func validate() throws {
+        guard unixSendBuffer.bytes <= 1 << 30 else {
+            throw ValidationError("--unix-send-buffer must be at most 1G (got \(unixSendBuffer)).")
+        }
         guard (1...1_000_000).contains(maxConnections) else {
             throw ValidationError("--max-connections must be from 1 to 1000000.")
         }

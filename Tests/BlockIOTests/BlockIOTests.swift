@@ -5,6 +5,31 @@ import UmbraTestSupport
 @testable import BlockIO
 
 @Suite struct FileStorageTests {
+    /// A durable write (through the file's O_DSYNC descriptor) lands where a plain write would, is read
+    /// back through the main descriptor, extends the file, and is refused on read-only storage.
+    @Test func writesDurably() throws {
+        let directory = try TemporaryDirectory("umbra-blockio")
+        defer { directory.remove() }
+        let storage = try FileStorage(path: directory.path + "/file", mode: .createNew)
+        #expect(storage.writesDurably)
+        let first = [UInt8](repeating: 3, count: 4096)
+        let second = [UInt8](repeating: 4, count: 100)
+        try first.withUnsafeBytes { a in
+            try second.withUnsafeBytes { b in
+                try storage.writeDurably(toAbsoluteOffset: ByteOffset(8192), gathering: [a, b])
+            }
+        }
+        #expect(try storage.size() == ByteCount(8192 + 4196))
+        var read = [UInt8](repeating: 0, count: 4196)
+        try read.withUnsafeMutableBytes { try storage.read(fromAbsoluteOffset: ByteOffset(8192), into: $0) }
+        #expect(read == first + second)
+        let readOnly = try FileStorage(path: directory.path + "/file", mode: .readOnly)
+        #expect(!readOnly.writesDurably)
+        #expect(throws: BlockIOError.self) {
+            try first.withUnsafeBytes { try readOnly.writeDurably(toAbsoluteOffset: .zero, gathering: [$0]) }
+        }
+    }
+
     /// Reads past the end of a file come back as zeros; writes extend it; discard makes ranges read as zeros.
     @Test func readsWritesAndDiscards() throws {
         let directory = try TemporaryDirectory("umbra-blockio")

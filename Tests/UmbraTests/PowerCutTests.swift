@@ -25,6 +25,45 @@ import UmbraTestSupport
         #expect(lostPages == 256, "\(lostPages) of the 256 unflushed pages were lost")
     }
 
+    /// A FUA write is durable by itself: with no FLUSH after it, a power cut keeps its bytes (written
+    /// through the live file's O_DSYNC descriptor) and the snapshot it copied chunks for stays exact.
+    /// Written without O_DSYNC, the bytes are lost and this fails.
+    @Test func aFUAWriteSurvivesAPowerCutWithoutAFlush() async throws {
+        let disk = try PowerCutDisk(ignoringSyncs: false)
+        defer { disk.unmount() }
+        let sockets = try TemporaryDirectory("umbra-powercut")
+        defer { sockets.remove() }
+        let data = disk.mountpoint + "/data"
+        var daemon = try DaemonFixture.start(volumes: ["disk:4M"], in: sockets, data: data)
+        let original = Self.pattern(1, count: Self.volumeSize)
+        let fua = Self.pattern(6, count: 256 << 10)
+        let snapshot: UUID
+        do {
+            let client = try daemon.connect("disk")
+            let control = try await daemon.control()
+            try client.pwrite(original, offset: 0)
+            try client.flush()
+            snapshot = try await Self.takeSet(control)
+            await control.close()
+            try client.pwrite(fua, offset: 96 << 10, flags: .fua)
+        }
+        daemon.killNine()
+        _ = daemon.process.finish()
+        try await disk.cutPower()
+
+        daemon = try DaemonFixture.start(volumes: ["disk:4M"], in: sockets, data: data)
+        defer { daemon.stop() }
+        // Compared first: a failed #expect on two big arrays would diff them element by element.
+        let after = try daemon.connect("disk").pread(count: Self.volumeSize, offset: 0)
+        let fuaSurvived = after[(96 << 10)..<((96 << 10) + fua.count)].elementsEqual(fua)
+        #expect(fuaSurvived, "the FUA write did not survive the power cut")
+        let unchanged = after[..<(64 << 10)].elementsEqual(original[..<(64 << 10)])
+        #expect(unchanged, "bytes the FUA write did not touch changed")
+        let reader = try daemon.connect("disk@" + snapshot.uuidString.lowercased())
+        let exact = try reader.pread(count: Self.volumeSize, offset: 0) == original
+        #expect(exact, "the snapshot reads differently after the power cut")
+    }
+
     /// Teeth: on a file system that ignores syncs, the same power cut loses acknowledged data, and
     /// the check above notices.
     @Test func aDiskThatIgnoresSyncsFailsTheCheck() async throws {

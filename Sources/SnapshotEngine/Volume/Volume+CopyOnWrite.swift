@@ -97,11 +97,10 @@ extension Volume {
     /// is not all zeros the next of `slots` and its CRC-32C, and writes those to the diff store
     /// (copies whose slots are consecutive in one vectored write). A run of consecutive chunks in
     /// consecutive slots, `cloningAtLeast` bytes long or more, that ends at or below `cloningBelow` is
-    /// cloned from the live data instead, where the diff store allows: the claimed chunks cannot
-    /// change between the read that
-    /// checksummed them and the clone. Returns the placed copies with their index in the buffer, the
-    /// chunks left without a slot, the bytes cloned, and whether a clone was refused (the run was
-    /// written instead).
+    /// cloned from the live data instead, where the diff store allows: claimed chunks cannot change
+    /// between the read that checksummed them and the clone. Returns the placed copies with their
+    /// index in the buffer, the chunks left without a slot, the bytes cloned, and whether a clone was
+    /// refused (that run was written instead).
     static func readPlaceAndWrite(
         _ chunks: [UInt64], slots: [DiffSlot], buffer: AlignedBuffer, chunkBytes: Int, shift: UInt64,
         live: any BlockStorage, diff: any BlockStorage, cloningBelow cloneEnd: UInt64 = 0,

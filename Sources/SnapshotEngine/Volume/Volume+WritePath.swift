@@ -25,14 +25,16 @@ extension Volume {
     /// (`answerEarly`): the copy and `apply` go on in the background, in order, and reads and later
     /// writes of its bytes wait for it (HeldWrites.swift).
     /// `forRevert`: a write of the revert itself, the only kind let through while it runs.
+    /// `mayRunInline` false: `apply` always runs on the I/O executor (it waits for the disk).
     func mutate(
-        _ offset: ByteOffset, _ count: ByteCount, mayAnswerEarly: Bool = false, forRevert: Bool = false,
-        _ apply: @escaping @Sendable () throws -> Void
+        _ offset: ByteOffset, _ count: ByteCount, mayAnswerEarly: Bool = false, mayRunInline: Bool = true,
+        forRevert: Bool = false, _ apply: @escaping @Sendable () throws -> Void
     ) async throws {
         let touched = chunks(offset, count)
         let bytes = offset.rawValue..<(offset.rawValue + count.rawValue)
         let inline =
-            context.configuration.writesLiveDataInline && count < context.configuration.inlineLiveWriteLimit
+            mayRunInline && context.configuration.writesLiveDataInline
+            && count < context.configuration.inlineLiveWriteLimit
         // Answered writes land in order: wait for held ones in these bytes (outside the gate, which
         // they may have to leave and take again to reclaim space).
         try await heldWrites.wait(for: bytes)

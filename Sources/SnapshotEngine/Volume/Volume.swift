@@ -170,6 +170,11 @@ public final class Volume: Sendable {
     /// for it and fails if it was lost), so `bytes` may be kept until then.
     public func write<Bytes: IOBytes>(at offset: ByteOffset, _ bytes: Bytes, fua: Bool = false) async throws {
         let live = self.live
+        if fua && live.writesDurably {
+            return try await writeLive(at: offset, count: bytes.count, fua: true, durably: true) {
+                try bytes.withUnsafeBytes { try live.writeDurably(toAbsoluteOffset: offset, gathering: [$0]) }
+            }
+        }
         try await writeLive(at: offset, count: bytes.count, fua: fua) {
             try bytes.withUnsafeBytes { try live.write(toAbsoluteOffset: offset, $0) }
         }
@@ -183,19 +188,29 @@ public final class Volume: Sendable {
         // Most writes arrive in one buffer: no arrays of pieces or pointers for them.
         if pieces.count == 1 { return try await write(at: offset, pieces[0], fua: fua) }
         let live = self.live
-        try await writeLive(at: offset, count: pieces.reduce(0) { $0 + $1.count }, fua: fua) {
+        let count = pieces.reduce(0) { $0 + $1.count }
+        if fua && live.writesDurably {
+            return try await writeLive(at: offset, count: count, fua: true, durably: true) {
+                try withUnsafeBytes(of: pieces) { try live.writeDurably(toAbsoluteOffset: offset, gathering: $0) }
+            }
+        }
+        try await writeLive(at: offset, count: count, fua: fua) {
             try withUnsafeBytes(of: pieces) { try live.write(toAbsoluteOffset: offset, gathering: $0) }
         }
     }
 
     /// The checks, the write path and FUA around `apply`, which writes `count` bytes at `offset`.
+    /// `durably`: `apply` makes its bytes durable itself (a FUA write through `writeDurably`, which
+    /// syncs only those bytes); otherwise a FUA write syncs the live data after it.
     private func writeLive(
-        at offset: ByteOffset, count: Int, fua: Bool, _ apply: @escaping @Sendable () throws -> Void
+        at offset: ByteOffset, count: Int, fua: Bool, durably: Bool = false,
+        _ apply: @escaping @Sendable () throws -> Void
     ) async throws {
         try checkRange(offset, ByteCount(count))
         guard count > 0 else { return }
-        try await mutate(offset, ByteCount(count), mayAnswerEarly: !fua, apply)
-        if fua { try await synchronizeForFUA() }
+        // A durable write waits for the disk: never on the caller's thread (an event loop).
+        try await mutate(offset, ByteCount(count), mayAnswerEarly: !fua, mayRunInline: !durably, apply)
+        if fua && !durably { try await synchronizeForFUA() }
     }
 
     /// Where bytes of the live volume sit in its backing file, for sending them straight from the
@@ -228,8 +243,9 @@ public final class Volume: Sendable {
         try await synchronizeLive()
     }
 
-    /// Makes a FUA write durable once it is done: its copies were made durable before it (it is never
-    /// answered early), so one sync of the live data covers it. Unlike `flush`, it does not wait for
+    /// Makes a FUA write durable once it is done, where the storage cannot write durably by itself
+    /// (`BlockStorage.writesDurably`), and a FUA trim or zero: its copies were made durable before it
+    /// (it is never answered early), so one sync of the live data covers it. Unlike `flush`, it does not wait for
     /// writes answered early to other bytes (those it overlaps, it waited for before it started):
     /// FUA covers its own write, and FLUSH everything completed.
     func synchronizeForFUA() async throws {
