@@ -20,8 +20,8 @@ public final class FileStorage: BlockStorage {
     private let cannotZeroRanges = Atomic<Bool>(false)
     /// Set once a clone failed because these files cannot share blocks, so later copies write at once.
     private let cannotClone = Atomic<Bool>(false)
-    /// A second descriptor of the same file, opened with O_DSYNC on the first `writeDurably` (-1 until
-    /// then); closed in deinit.
+    /// A second descriptor of the same file, opened with O_DSYNC on first use (-1 until then, -2 if
+    /// that failed); closed in deinit. Its lock is held across each durable write.
     private let durableDescriptor = Mutex<Int32>(-1)
     private let writable: Bool
 
@@ -109,24 +109,36 @@ public final class FileStorage: BlockStorage {
         }
     }
 
-    public var writesDurably: Bool { writable }
+    /// Opens the O_DSYNC descriptor on first use; false (for good) where that fails, as without
+    /// /proc, so callers write and sync instead.
+    public var writesDurably: Bool {
+        guard writable else { return false }
+        return durableDescriptor.withLock { durable in
+            if durable == -1 {
+                // The same open file again through /proc (so a rename since does not matter): a new
+                // open file description, with its own cursor of writeback errors.
+                durable = (try? Syscall.open("/proc/self/fd/\(descriptor)", flags: O_RDWR | O_DSYNC)) ?? -2
+            }
+            return durable >= 0
+        }
+    }
 
     public func writeDurably(toAbsoluteOffset offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer])
         throws(BlockIOError)
     {
         try checkOpen("pwritev (O_DSYNC)")
-        guard writable else {
-            throw BlockIOError(.system(.badFileDescriptor), operation: "pwritev (O_DSYNC)", path: path)
+        guard writesDurably else {
+            throw BlockIOError(.system(.notSupported), operation: "pwritev (O_DSYNC)", path: path)
         }
-        let fd = try durableDescriptor.withLock { (durable: inout Int32) throws(BlockIOError) -> Int32 in
-            // The same open file again through /proc, so the path may have changed since.
-            if durable < 0 { durable = try Syscall.open("/proc/self/fd/\(descriptor)", flags: O_RDWR | O_DSYNC) }
-            return durable
-        }
-        if pieces.count == 1 {
-            try Syscall.write(fd, toAbsoluteOffset: offset.rawValue, pieces[0], path: path)
-        } else {
-            try Syscall.write(fd, toAbsoluteOffset: offset.rawValue, gathering: pieces, path: path)
+        // One at a time: Linux reports a writeback error once per open file description, so of two
+        // overlapping syncs through this descriptor one could take the error that belongs to the
+        // other's pages, and that one would be answered as durable.
+        try durableDescriptor.withLock { (fd: inout Int32) throws(BlockIOError) in
+            if pieces.count == 1 {
+                try Syscall.write(fd, toAbsoluteOffset: offset.rawValue, pieces[0], path: path)
+            } else {
+                try Syscall.write(fd, toAbsoluteOffset: offset.rawValue, gathering: pieces, path: path)
+            }
         }
     }
 

@@ -84,9 +84,18 @@ public struct FileSystemDirectory: StorageDirectory {
         let lockPath = absolute(Self.lockFileName)
         let fd = try Syscall.open(lockPath, flags: O_RDWR | O_CREAT)
         do {
-            guard try Syscall.lockExclusive(fd, path: lockPath) else {
-                Syscall.close(fd)
-                return nil
+            // A lock released a moment ago can still be held for a moment by a child this process
+            // is spawning: between fork and exec it holds a copy of every descriptor, the lock's
+            // too (close-on-exec closes it only at the exec). So a refusal is believed only after
+            // a second of asking again; another process that holds the lock holds it for longer.
+            var attempts = 0
+            while try !Syscall.lockExclusive(fd, path: lockPath) {
+                attempts += 1
+                if attempts == 100 {
+                    Syscall.close(fd)
+                    return nil
+                }
+                usleep(10_000)
             }
         } catch {
             Syscall.close(fd)

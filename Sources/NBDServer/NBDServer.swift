@@ -25,7 +25,7 @@ public final class NBDServer: Sendable {
         public var maximumReadBytes = 1024 * 1024
         /// SO_SNDBUF of each connection over a Unix socket (0: the kernel's default, 208 KiB on
         /// Linux). Big reads then go out in fewer, longer `sendfile` calls with fewer wake-ups: one
-        /// connection's 1 MiB reads measured 2.1 times faster with 4 MiB (docs/performance.md).
+        /// connection's 1 MiB reads measured 1.7 times faster with 4 MiB (docs/performance.md).
         /// Linux caps it at net.core.wmem_max. TCP keeps the kernel's own tuning. (A bigger receive
         /// buffer did not speed writes up, and would let each connection park more of a client's
         /// bytes in the kernel.)

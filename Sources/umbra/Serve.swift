@@ -90,7 +90,8 @@ struct Serve: AsyncParsableCommand {
 
     @Flag(
         help: """
-            Copy chunks into the diff store by writing them, even where the file system lets the live data             and the diff store share blocks (XFS with reflink, Btrfs), where copies are otherwise clones.
+            Copy chunks into the diff store by writing them, even where the file system lets the live data \
+            and the diff store share blocks (XFS with reflink, Btrfs), where copies are otherwise clones.
             """)
     var writeCopies = false
 

@@ -185,8 +185,9 @@ import UmbraTestSupport
             defer { elsewhere.remove() }
             let other = try FileStorage(path: elsewhere.path + "/other", mode: .createNew)
             try original.withUnsafeBytes { try other.write(toAbsoluteOffset: .zero, $0) }
-            #expect(!target.canClone(from: other))
+            // The clone first: `canClone` remembers a refusal, which would answer for it.
             #expect(try !target.clone(from: other, at: .zero, count: ByteCount(4096), to: .zero))
+            #expect(!target.canClone(from: other))
             try read.withUnsafeMutableBytes { try target.read(fromAbsoluteOffset: ByteOffset(0), into: $0) }
             #expect(read[..<8192].allSatisfy { $0 == 0 })
             #expect(try target.size() == ByteCount(5 * 4096))

@@ -68,8 +68,11 @@ extension SimulationModel {
                 !bytesEqual(bytes[$0..<($0 + 512)], model.baseline[$0..<($0 + 512)])
             }
             for offset in differing.flatMap({ $0..<($0 + 512) }) where bytes[offset] != model.baseline[offset] {
+                // A write older than the one that made this byte durable (a FUA write after it) cannot
+                // explain it.
                 let explained = model.writes.contains { write in
-                    write.range.contains(offset) && write.bytes[offset - write.range.lowerBound] == bytes[offset]
+                    write.range.contains(offset) && write.start > model.baselineStart[offset]
+                        && write.bytes[offset - write.range.lowerBound] == bytes[offset]
                 }
                 if !explained {
                     throw SimulationFailure(

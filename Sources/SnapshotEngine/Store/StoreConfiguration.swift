@@ -52,7 +52,7 @@ public struct StoreConfiguration: Sendable {
     /// Only runs of consecutive chunks at least this long are cloned; shorter ones are written. A clone
     /// has a fixed cost (XFS locks both files, flushes the range and logs the remap) and leaves the rest
     /// of a partly overwritten chunk shared, so every later write there copies again. Measured on XFS
-    /// with reflink (docs/performance.md): 1 MiB sequential first writes 4.9x faster cloned, one 4 KiB
+    /// with reflink (docs/performance.md): 1 MiB sequential first writes 4.4x faster cloned, one 4 KiB
     /// write per 64 KiB chunk 2.8x slower.
     public var minimumCloneBytes: ByteCount = .kibibytes(256)
     /// The most snapshots one volume may have.
@@ -94,6 +94,8 @@ enum BrokenOrdering: Sendable {
     case liveWriteBeforeCopyCommit
     /// The copy's record is made durable without syncing the diff store holding its data first.
     case noDiffStoreSync
+    /// The same, only for copies that were all clones (written copies are still synced first).
+    case noDiffStoreSyncForClones
     /// A failed fdatasync is retried, and the retry's success taken to cover what the failed one was
     /// writing (after a failed sync Linux drops those pages from the way to the disk, so it does not).
     case retryFailedSync

@@ -36,7 +36,7 @@ extension Volume {
             }
             (placed, unplaced, clonedBytes) = (written.placed, written.unplaced, written.clonedBytes)
             if clonedBytes > 0 { bytesCloned.increment(by: clonedBytes) }
-            if written.cloneRefused { noteCloneRefused() }
+            if let refusal = written.cloneRefusal { noteCloneRefused(refusal) }
             if !placed.isEmpty {
                 context.logger.trace(
                     "preserving chunks",
@@ -47,14 +47,16 @@ extension Volume {
                         "unplaced": "\(unplaced)",
                     ])
                 if let beforeCommit { try await context.io.run(beforeCommit) }
+                let writtenBytes = placed.count { !$0.copy.slot.isZero } * chunkBytes - clonedBytes
+                let broken = context.configuration.brokenOrderingForTesting
                 let syncsDiff =
-                    placed.contains { !$0.copy.slot.isZero }
-                    && context.configuration.brokenOrderingForTesting != .noDiffStoreSync
+                    placed.contains { !$0.copy.slot.isZero } && broken != .noDiffStoreSync
+                    && !(broken == .noDiffStoreSyncForClones && writtenBytes == 0)
                 try await context.catalog.append(
                     Self.records(for: placed.map(\.copy), volume: id, sequence: sequence),
                     syncingFirst: syncsDiff ? [diffSync] : [], failsCleanly: true)
                 copiesMade.increment(by: placed.count)
-                bytesCopied.increment(by: placed.count { !$0.copy.slot.isZero } * chunkBytes - clonedBytes)
+                bytesCopied.increment(by: writtenBytes)
             }
         } catch {
             // Unless the catalog failed with durability unknown, no record names these slots: give
@@ -99,14 +101,16 @@ extension Volume {
     /// consecutive slots, `cloningAtLeast` bytes long or more, that ends at or below `cloningBelow` is
     /// cloned from the live data instead, where the diff store allows: claimed chunks cannot change
     /// between the read that checksummed them and the clone. Returns the placed copies with their
-    /// index in the buffer, the chunks left without a slot, the bytes cloned, and whether a clone was
-    /// refused (that run was written instead).
+    /// index in the buffer, the chunks left without a slot, the bytes cloned, and why a clone was
+    /// refused or failed, if one was (that run, and every later one, was written instead: into the
+    /// slot whose space is already allocated, so a write answered early cannot fail here for want of
+    /// the space a clone needs).
     static func readPlaceAndWrite(
         _ chunks: [UInt64], slots: [DiffSlot], buffer: AlignedBuffer, chunkBytes: Int, shift: UInt64,
         live: any BlockStorage, diff: any BlockStorage, cloningBelow cloneEnd: UInt64 = 0,
         cloningAtLeast minimumClone: Int = 0
     ) throws -> (
-        placed: [(copy: PlacedCopy, bufferIndex: Int)], unplaced: [UInt64], clonedBytes: Int, cloneRefused: Bool
+        placed: [(copy: PlacedCopy, bufferIndex: Int)], unplaced: [UInt64], clonedBytes: Int, cloneRefusal: String?
     ) {
         for run in runs(of: chunks) {
             try buffer.withUnsafeMutableBytes((run.index * chunkBytes)..<((run.index + run.count) * chunkBytes)) {
@@ -137,24 +141,28 @@ extension Volume {
             }
         }
         var clonedBytes = 0
-        var cloneRefused = false
+        var cloneRefusal: String?
         for run in groups {
             // Consecutive pieces are consecutive in the buffer too, so one range covers them.
             let first = run.pieces[0]
             let last = run.pieces[run.pieces.count - 1]
             let adjacentChunks = chunks[last] - chunks[first] == UInt64(last - first)
             let count = run.pieces.count * chunkBytes
-            if !cloneRefused, last - first + 1 == run.pieces.count, adjacentChunks, count >= minimumClone,
+            if cloneRefusal == nil, last - first + 1 == run.pieces.count, adjacentChunks, count >= minimumClone,
                 (chunks[last] + 1) << shift <= cloneEnd
             {
-                if try diff.clone(
-                    from: live, at: ByteOffset(chunks[first] << shift), count: ByteCount(UInt64(count)),
-                    to: ByteOffset(run.slot << shift))
-                {
-                    clonedBytes += count
-                    continue
+                do {
+                    if try diff.clone(
+                        from: live, at: ByteOffset(chunks[first] << shift), count: ByteCount(UInt64(count)),
+                        to: ByteOffset(run.slot << shift))
+                    {
+                        clonedBytes += count
+                        continue
+                    }
+                    cloneRefusal = "the file system refused to share blocks between the live data and the diff store"
+                } catch {
+                    cloneRefusal = "a clone failed: \(error)"
                 }
-                cloneRefused = true
             }
             if last - first + 1 == run.pieces.count {
                 try buffer.withUnsafeBytes((first * chunkBytes)..<((last + 1) * chunkBytes)) {
@@ -167,7 +175,7 @@ extension Volume {
                 }
             }
         }
-        return (placed, unplaced, clonedBytes, cloneRefused)
+        return (placed, unplaced, clonedBytes, cloneRefusal)
     }
 
     /// Logs once when copies start failing for want of space, not once per write.
@@ -179,11 +187,12 @@ extension Volume {
             metadata: ["volume": "\(name)", "error": "\(error)"])
     }
 
-    /// Logs once, and reports from then on, that copies are written: the file system refused a clone.
-    func noteCloneRefused() {
+    /// Logs once, and reports from then on, that copies are written (until the volume is opened
+    /// again): a clone was refused or failed.
+    func noteCloneRefused(_ reason: String) {
         guard clonesCopies.exchange(false, ordering: .relaxed) else { return }
         context.logger.warning(
-            "copy-on-write writes its copies from now on: the file system refused to share blocks between the live data and the diff store",
+            "copy-on-write writes its copies from now on: \(reason)",
             metadata: ["volume": "\(name)", "live": "\(live.path)", "diff": "\(diff.path)"])
     }
 
