@@ -112,34 +112,36 @@ public final class FileStorage: BlockStorage {
     /// Opens the O_DSYNC descriptor on first use; false (for good) where that fails, as without
     /// /proc, so callers write and sync instead.
     public var writesDurably: Bool {
-        guard writable else { return false }
-        return durableDescriptor.withLock { durable in
-            if durable == -1 {
-                // The same open file again through /proc (so a rename since does not matter): a new
-                // open file description, with its own cursor of writeback errors.
-                durable = (try? Syscall.open("/proc/self/fd/\(descriptor)", flags: O_RDWR | O_DSYNC)) ?? -2
-            }
-            return durable >= 0
-        }
+        writable && durableDescriptor.withLock { Self.opened(&$0, from: descriptor) }
     }
 
     public func writeDurably(toAbsoluteOffset offset: ByteOffset, gathering pieces: [UnsafeRawBufferPointer])
         throws(BlockIOError)
     {
         try checkOpen("pwritev (O_DSYNC)")
-        guard writesDurably else {
-            throw BlockIOError(.system(.notSupported), operation: "pwritev (O_DSYNC)", path: path)
-        }
-        // One at a time: Linux reports a writeback error once per open file description, so of two
-        // overlapping syncs through this descriptor one could take the error that belongs to the
-        // other's pages, and that one would be answered as durable.
+        // Under the lock, one at a time: Linux reports a writeback error once per open file
+        // description, so of two overlapping syncs through this descriptor one could take the error
+        // that belongs to the other's pages, and that one would be answered as durable.
         try durableDescriptor.withLock { (fd: inout Int32) throws(BlockIOError) in
+            guard writable, Self.opened(&fd, from: descriptor) else {
+                throw BlockIOError(.system(.notSupported), operation: "pwritev (O_DSYNC)", path: path)
+            }
             if pieces.count == 1 {
                 try Syscall.write(fd, toAbsoluteOffset: offset.rawValue, pieces[0], path: path)
             } else {
                 try Syscall.write(fd, toAbsoluteOffset: offset.rawValue, gathering: pieces, path: path)
             }
         }
+    }
+
+    /// Opens `durable` (-1: not yet; -2: failed before) as the same open file again through /proc
+    /// (so a rename since does not matter), with O_DSYNC: a new open file description, with its own
+    /// cursor of writeback errors. Whether it is open.
+    private static func opened(_ durable: inout Int32, from descriptor: Int32) -> Bool {
+        if durable == -1 {
+            durable = (try? Syscall.open("/proc/self/fd/\(descriptor)", flags: O_RDWR | O_DSYNC)) ?? -2
+        }
+        return durable >= 0
     }
 
     /// Valid for as long as this object lives (it closes the descriptor only in deinit).

@@ -78,6 +78,24 @@ public final class ChildProcess: @unchecked Sendable {
         return (status, output, process.standardErrorText)
     }
 
+    /// Runs `executable` to its end and returns what it wrote to stdout; a non-zero exit status
+    /// throws `Failed` with what it wrote to stderr.
+    @discardableResult
+    public static func output(_ executable: String, _ arguments: [String]) throws -> String {
+        let result = try run(executable, arguments)
+        guard result.status == 0 else {
+            throw Failed(
+                description:
+                    "\(executable) \(arguments.joined(separator: " ")) failed (\(result.status)): \(result.errors)")
+        }
+        return result.output
+    }
+
+    /// A child that `output` ran exited with a non-zero status.
+    public struct Failed: Error, CustomStringConvertible {
+        public let description: String
+    }
+
     /// The rest of the child's standard output, until it closes it.
     public func readAll() -> String {
         var lines: [String] = []

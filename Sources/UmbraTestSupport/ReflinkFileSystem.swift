@@ -31,17 +31,17 @@ public final class ReflinkFileSystem: Sendable {
             _ = FileManager.default.createFile(atPath: image, contents: nil)
             try FileHandle(forWritingTo: URL(fileURLWithPath: image)).truncate(atOffset: size)
             try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true)
-            try Self.run("/usr/sbin/mkfs.xfs", ["-q", "-m", "reflink=1", image])
-            loopDevice = try Self.run("/usr/sbin/losetup", ["--find", "--show", image])
+            try ChildProcess.output("/usr/sbin/mkfs.xfs", ["-q", "-m", "reflink=1", image])
+            loopDevice = try ChildProcess.output("/usr/sbin/losetup", ["--find", "--show", image])
                 .trimmingCharacters(in: .whitespacesAndNewlines)
         } catch {
             base.remove()
             throw error
         }
         do {
-            try Self.run("/usr/bin/mount", [loopDevice, path])
+            try ChildProcess.output("/usr/bin/mount", [loopDevice, path])
         } catch {
-            _ = try? Self.run("/usr/sbin/losetup", ["--detach", loopDevice])
+            _ = try? ChildProcess.output("/usr/sbin/losetup", ["--detach", loopDevice])
             base.remove()
             throw error
         }
@@ -49,8 +49,8 @@ public final class ReflinkFileSystem: Sendable {
 
     /// Unmounts the file system, frees the loop device and removes the image.
     public func remove() {
-        _ = try? Self.run("/usr/bin/umount", [path])
-        _ = try? Self.run("/usr/sbin/losetup", ["--detach", loopDevice])
+        _ = try? ChildProcess.output("/usr/bin/umount", [path])
+        _ = try? ChildProcess.output("/usr/sbin/losetup", ["--detach", loopDevice])
         base.remove()
     }
 
@@ -64,18 +64,8 @@ public final class ReflinkFileSystem: Sendable {
     /// Whether any extent of the file at `path` shares its blocks with another file (FIEMAP's
     /// SHARED flag, as `filefrag -v` shows it).
     public static func hasSharedExtents(_ path: String) throws -> Bool {
-        let output = try run("/usr/sbin/filefrag", ["-v", path])
+        let output = try ChildProcess.output("/usr/sbin/filefrag", ["-v", path])
         return output.split(separator: "\n").contains { $0.contains("shared") }
-    }
-
-    @discardableResult
-    static func run(_ executable: String, _ arguments: [String]) throws -> String {
-        let result = try ChildProcess.run(executable, arguments)
-        guard result.status == 0 else {
-            throw Failure(
-                "\(executable) \(arguments.joined(separator: " ")) failed (\(result.status)): \(result.errors)")
-        }
-        return result.output
     }
 }
 

@@ -29,39 +29,28 @@ import UmbraTestSupport
     /// through the live file's O_DSYNC descriptor) and the snapshot it copied chunks for stays exact.
     /// Written without O_DSYNC, the bytes are lost and this fails.
     @Test func aFUAWriteSurvivesAPowerCutWithoutAFlush() async throws {
-        let disk = try PowerCutDisk(ignoringSyncs: false)
-        defer { disk.unmount() }
-        let sockets = try TemporaryDirectory("umbra-powercut")
-        defer { sockets.remove() }
-        let data = disk.mountpoint + "/data"
-        var daemon = try DaemonFixture.start(volumes: ["disk:4M"], in: sockets, data: data)
         let original = Self.pattern(1, count: Self.volumeSize)
         let fua = Self.pattern(6, count: 256 << 10)
-        let snapshot: UUID
-        do {
+        try await Self.acrossAPowerCut { daemon in
             let client = try daemon.connect("disk")
             let control = try await daemon.control()
             try client.pwrite(original, offset: 0)
             try client.flush()
-            snapshot = try await Self.takeSet(control)
+            let snapshot = try await Self.takeSet(control)
             await control.close()
             try client.pwrite(fua, offset: 96 << 10, flags: .fua)
+            return snapshot
+        } after: { daemon, snapshot in
+            // Compared first: a failed #expect on two big arrays would diff them element by element.
+            let after = try daemon.connect("disk").pread(count: Self.volumeSize, offset: 0)
+            let fuaSurvived = after[(96 << 10)..<((96 << 10) + fua.count)].elementsEqual(fua)
+            #expect(fuaSurvived, "the FUA write did not survive the power cut")
+            let unchanged = after[..<(64 << 10)].elementsEqual(original[..<(64 << 10)])
+            #expect(unchanged, "bytes the FUA write did not touch changed")
+            let reader = try daemon.connect("disk@" + snapshot.uuidString.lowercased())
+            let exact = try reader.pread(count: Self.volumeSize, offset: 0) == original
+            #expect(exact, "the snapshot reads differently after the power cut")
         }
-        daemon.killNine()
-        _ = daemon.process.finish()
-        try await disk.cutPower()
-
-        daemon = try DaemonFixture.start(volumes: ["disk:4M"], in: sockets, data: data)
-        defer { daemon.stop() }
-        // Compared first: a failed #expect on two big arrays would diff them element by element.
-        let after = try daemon.connect("disk").pread(count: Self.volumeSize, offset: 0)
-        let fuaSurvived = after[(96 << 10)..<((96 << 10) + fua.count)].elementsEqual(fua)
-        #expect(fuaSurvived, "the FUA write did not survive the power cut")
-        let unchanged = after[..<(64 << 10)].elementsEqual(original[..<(64 << 10)])
-        #expect(unchanged, "bytes the FUA write did not touch changed")
-        let reader = try daemon.connect("disk@" + snapshot.uuidString.lowercased())
-        let exact = try reader.pread(count: Self.volumeSize, offset: 0) == original
-        #expect(exact, "the snapshot reads differently after the power cut")
     }
 
     /// Teeth: on a file system that ignores syncs, the same power cut loses acknowledged data, and
@@ -74,17 +63,12 @@ import UmbraTestSupport
     /// Runs the scenario and returns what did not survive as it should, and how many pages of the
     /// write that was never flushed were lost.
     static func powerCut(ignoringSyncs: Bool) async throws -> (problems: [String], lostPages: Int) {
-        let disk = try PowerCutDisk(ignoringSyncs: ignoringSyncs)
-        defer { disk.unmount() }
-        let sockets = try TemporaryDirectory("umbra-powercut")
-        defer { sockets.remove() }
-        let data = disk.mountpoint + "/data"
-        var daemon = try DaemonFixture.start(volumes: ["disk:4M"], in: sockets, data: data)
         let size = volumeSize
-        var live = Self.pattern(1, count: size)
-        var snapshots: [(id: UUID, bytes: [UInt8])] = []
-        var unflushed: Range<Int>?
-        do {
+        // Acknowledged but never flushed: may be lost, page by page.
+        let unflushed = (2 << 20)..<(3 << 20)
+        return try await acrossAPowerCut(ignoringSyncs: ignoringSyncs) { daemon in
+            var live = Self.pattern(1, count: size)
+            var snapshots: [(id: UUID, bytes: [UInt8])] = []
             let client = try daemon.connect("disk")
             let control = try await daemon.control()
             try client.pwrite(live, offset: 0)
@@ -99,51 +83,74 @@ import UmbraTestSupport
             try client.flush()
             live.replaceSubrange((1 << 20)..<((1 << 20) + (512 << 10)), with: flushed)
             snapshots.append((try await Self.takeSet(control), live))
-            // Acknowledged but never flushed: may be lost, page by page.
-            let range = (2 << 20)..<(3 << 20)
-            try client.pwrite(Self.pattern(4, count: range.count), offset: UInt64(range.lowerBound))
-            unflushed = range
+            try client.pwrite(Self.pattern(4, count: unflushed.count), offset: UInt64(unflushed.lowerBound))
             await control.close()
+            return (live, snapshots)
+        } after: { daemon, before in
+            let (live, snapshots) = before
+            var problems: [String] = []
+            let control = try await daemon.control()
+            let listed = try await control.listSnapshots(volume: "disk").snapshots
+            await control.close()
+            for (id, bytes) in snapshots {
+                guard let snapshot = listed.first(where: { $0.id == id }) else {
+                    problems.append("snapshot \(id) was taken but is gone after the power cut")
+                    continue
+                }
+                if snapshot.state != "ready" { problems.append("snapshot \(id) is \(snapshot.state)") }
+                let reader = try daemon.connect("disk@" + id.uuidString.lowercased())
+                if try reader.pread(count: size, offset: 0) != bytes {
+                    problems.append("snapshot \(id) reads differently after the power cut")
+                }
+            }
+            let after = try daemon.connect("disk").pread(count: size, offset: 0)
+            let newer = Self.pattern(4, count: 1 << 20)
+            var lostPages = 0
+            for page in stride(from: 0, to: size, by: 4096) {
+                let bytes = after[page..<(page + 4096)]
+                if bytes.elementsEqual(live[page..<(page + 4096)]) {
+                    if unflushed.contains(page) { lostPages += 1 }
+                    continue
+                }
+                if unflushed.contains(page),
+                    bytes.elementsEqual(newer[(page - unflushed.lowerBound)..<(page - unflushed.lowerBound + 4096)])
+                {
+                    continue
+                }
+                problems.append("live byte range at \(page) lost a flushed write")
+                break
+            }
+            return (problems, lostPages)
         }
-        daemon.killNine()
-        _ = daemon.process.finish()
-        try await disk.cutPower()
+    }
 
-        daemon = try DaemonFixture.start(volumes: ["disk:4M"], in: sockets, data: data)
-        defer { daemon.stop() }
-        var problems: [String] = []
-        let control = try await daemon.control()
-        let listed = try await control.listSnapshots(volume: "disk").snapshots
-        await control.close()
-        for (id, bytes) in snapshots {
-            guard let snapshot = listed.first(where: { $0.id == id }) else {
-                problems.append("snapshot \(id) was taken but is gone after the power cut")
-                continue
-            }
-            if snapshot.state != "ready" { problems.append("snapshot \(id) is \(snapshot.state)") }
-            let reader = try daemon.connect("disk@" + id.uuidString.lowercased())
-            if try reader.pread(count: size, offset: 0) != bytes {
-                problems.append("snapshot \(id) reads differently after the power cut")
-            }
+    /// Starts a daemon with volume "disk" (4 MiB) on a fresh power-cut disk, runs `before`, kills the
+    /// daemon (-9) and cuts the power, starts it again on what the platter kept, and returns what
+    /// `after` makes of it, given what `before` returned.
+    static func acrossAPowerCut<State, Result>(
+        ignoringSyncs: Bool = false, _ before: (DaemonFixture) async throws -> State,
+        after: (DaemonFixture, State) async throws -> Result
+    ) async throws -> Result {
+        let disk = try PowerCutDisk(ignoringSyncs: ignoringSyncs)
+        defer { disk.unmount() }
+        let sockets = try TemporaryDirectory("umbra-powercut")
+        defer { sockets.remove() }
+        let data = disk.mountpoint + "/data"
+        let first = try DaemonFixture.start(volumes: ["disk:4M"], in: sockets, data: data)
+        let state: State
+        do {
+            state = try await before(first)
+        } catch {
+            first.killNine()
+            _ = first.process.finish()
+            throw error
         }
-        let after = try daemon.connect("disk").pread(count: size, offset: 0)
-        let newer = Self.pattern(4, count: 1 << 20)
-        var lostPages = 0
-        for page in stride(from: 0, to: size, by: 4096) {
-            let bytes = after[page..<(page + 4096)]
-            if bytes.elementsEqual(live[page..<(page + 4096)]) {
-                if unflushed?.contains(page) == true { lostPages += 1 }
-                continue
-            }
-            if let unflushed, unflushed.contains(page),
-                bytes.elementsEqual(newer[(page - unflushed.lowerBound)..<(page - unflushed.lowerBound + 4096)])
-            {
-                continue
-            }
-            problems.append("live byte range at \(page) lost a flushed write")
-            break
-        }
-        return (problems, lostPages)
+        first.killNine()
+        _ = first.process.finish()
+        try await disk.cutPower()
+        let second = try DaemonFixture.start(volumes: ["disk:4M"], in: sockets, data: data)
+        defer { second.stop() }
+        return try await after(second, state)
     }
 
     static func takeSet(_ control: ControlClient) async throws -> UUID {

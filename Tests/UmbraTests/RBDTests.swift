@@ -37,20 +37,13 @@ struct CephCluster {
 
     @discardableResult
     func script(_ command: String) throws -> String {
-        let result = try ChildProcess.run(
-            repositoryRoot + "/Scripts/ceph-cluster.sh", [command, directory.path + "/ceph"])
-        guard result.status == 0 else {
-            throw FixtureError("ceph-cluster.sh \(command) failed (\(result.status)): \(result.errors)")
-        }
-        return result.output
+        try ChildProcess.output(repositoryRoot + "/Scripts/ceph-cluster.sh", [command, directory.path + "/ceph"])
     }
 
     /// Runs the `rbd` tool against the cluster; its output.
     @discardableResult
     func rbd(_ arguments: String...) throws -> String {
-        let result = try ChildProcess.run("/usr/bin/rbd", ["-c", configuration] + arguments)
-        guard result.status == 0 else { throw FixtureError("rbd \(arguments) failed: \(result.errors)") }
-        return result.output
+        try ChildProcess.output("/usr/bin/rbd", ["-c", configuration] + arguments)
     }
 
     /// `rbd diff` of the image since a snapshot (or between two), as (offset, length) pairs.

@@ -143,12 +143,14 @@ extension Volume {
         var clonedBytes = 0
         var cloneRefusal: String?
         for run in groups {
-            // Consecutive pieces are consecutive in the buffer too, so one range covers them.
             let first = run.pieces[0]
             let last = run.pieces[run.pieces.count - 1]
+            // Pieces side by side in the buffer go out as one range (else as a gathered write), and
+            // may be one clone if their chunks are side by side too.
+            let contiguous = last - first + 1 == run.pieces.count
             let adjacentChunks = chunks[last] - chunks[first] == UInt64(last - first)
             let count = run.pieces.count * chunkBytes
-            if cloneRefusal == nil, last - first + 1 == run.pieces.count, adjacentChunks, count >= minimumClone,
+            if cloneRefusal == nil, contiguous, adjacentChunks, count >= minimumClone,
                 (chunks[last] + 1) << shift <= cloneEnd
             {
                 do {
@@ -164,7 +166,7 @@ extension Volume {
                     cloneRefusal = "a clone failed: \(error)"
                 }
             }
-            if last - first + 1 == run.pieces.count {
+            if contiguous {
                 try buffer.withUnsafeBytes((first * chunkBytes)..<((last + 1) * chunkBytes)) {
                     try diff.write(toAbsoluteOffset: ByteOffset(run.slot << shift), $0)
                 }

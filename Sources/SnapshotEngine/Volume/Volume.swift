@@ -89,13 +89,7 @@ public final class Volume: Sendable {
         self.bytesCloned = Counter(label: "umbra_cow_cloned_bytes_total", dimensions: [("volume", definition.name)])
         // One ioctl that clones nothing: whether the diff store and the live data share a file
         // system whose files can share blocks.
-        let clones = context.configuration.clonesCopies && diff.canClone(from: live)
-        self.clonesCopies = Atomic(clones)
-        context.logger.debug(
-            clones
-                ? "copy-on-write shares blocks with the live data (reflink): copies write no data"
-                : "copy-on-write writes its copies (the file system cannot share blocks between the live data and the diff store)",
-            metadata: ["volume": "\(definition.name)", "copyMethod": "\(clones ? CopyMethod.reflink : .write)"])
+        self.clonesCopies = Atomic(context.configuration.clonesCopies && diff.canClone(from: live))
     }
 
     var chunkBytes: Int { Int(chunkSize.rawValue) }
@@ -170,13 +164,14 @@ public final class Volume: Sendable {
     /// for it and fails if it was lost), so `bytes` may be kept until then.
     public func write<Bytes: IOBytes>(at offset: ByteOffset, _ bytes: Bytes, fua: Bool = false) async throws {
         let live = self.live
-        if fua && live.writesDurably {
-            return try await writeLive(at: offset, count: bytes.count, fua: true, durably: true) {
-                try bytes.withUnsafeBytes { try live.writeDurably(toAbsoluteOffset: offset, gathering: [$0]) }
+        try await writeLive(at: offset, count: bytes.count, fua: fua) { durably in
+            try bytes.withUnsafeBytes {
+                if durably {
+                    try live.writeDurably(toAbsoluteOffset: offset, gathering: [$0])
+                } else {
+                    try live.write(toAbsoluteOffset: offset, $0)
+                }
             }
-        }
-        try await writeLive(at: offset, count: bytes.count, fua: fua) {
-            try bytes.withUnsafeBytes { try live.write(toAbsoluteOffset: offset, $0) }
         }
     }
 
@@ -188,28 +183,31 @@ public final class Volume: Sendable {
         // Most writes arrive in one buffer: no arrays of pieces or pointers for them.
         if pieces.count == 1 { return try await write(at: offset, pieces[0], fua: fua) }
         let live = self.live
-        let count = pieces.reduce(0) { $0 + $1.count }
-        if fua && live.writesDurably {
-            return try await writeLive(at: offset, count: count, fua: true, durably: true) {
-                try withUnsafeBytes(of: pieces) { try live.writeDurably(toAbsoluteOffset: offset, gathering: $0) }
+        try await writeLive(at: offset, count: pieces.reduce(0) { $0 + $1.count }, fua: fua) { durably in
+            try withUnsafeBytes(of: pieces) {
+                if durably {
+                    try live.writeDurably(toAbsoluteOffset: offset, gathering: $0)
+                } else {
+                    try live.write(toAbsoluteOffset: offset, gathering: $0)
+                }
             }
-        }
-        try await writeLive(at: offset, count: count, fua: fua) {
-            try withUnsafeBytes(of: pieces) { try live.write(toAbsoluteOffset: offset, gathering: $0) }
         }
     }
 
-    /// The checks, the write path and FUA around `apply`, which writes `count` bytes at `offset`.
-    /// `durably`: `apply` makes its bytes durable itself (a FUA write through `writeDurably`, which
-    /// syncs only those bytes); otherwise a FUA write syncs the live data after it.
+    /// The checks, the write path and FUA around `apply`, which writes `count` bytes at `offset`;
+    /// `apply(true)` must make them durable itself. A FUA write does that where the storage can
+    /// (`BlockStorage.writesDurably`: only its bytes are synced); otherwise it syncs the live data
+    /// after.
     private func writeLive(
-        at offset: ByteOffset, count: Int, fua: Bool, durably: Bool = false,
-        _ apply: @escaping @Sendable () throws -> Void
+        at offset: ByteOffset, count: Int, fua: Bool, _ apply: @escaping @Sendable (_ durably: Bool) throws -> Void
     ) async throws {
         try checkRange(offset, ByteCount(count))
         guard count > 0 else { return }
+        let durably = fua && live.writesDurably
         // A durable write waits for the disk: never on the caller's thread (an event loop).
-        try await mutate(offset, ByteCount(count), mayAnswerEarly: !fua, mayRunInline: !durably, apply)
+        try await mutate(offset, ByteCount(count), mayAnswerEarly: !fua, mayRunInline: !durably) {
+            try apply(durably)
+        }
         if fua && !durably { try await synchronizeForFUA() }
     }
 
